@@ -1,0 +1,221 @@
+"""Reading labelled corpora: CoNLL files, Parquet / JSON Lines, or a dataset on the hub.
+
+Every reader returns a `Corpus`: a list of `Sentence` records (words, IOB2 tags and where they came
+from, so that errors can name a file and line) plus the label names the source declares, if any.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DOCSTART = "-DOCSTART-"
+TABULAR_SUFFIXES = {".parquet", ".jsonl", ".json"}
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file (and line or row) at fault."""
+
+
+@dataclass
+class Sentence:
+    words: list[str]
+    tags: list[str]
+    source: str  # a file path or "dataset[split]", for error messages
+    line: int | None = None  # CoNLL: line of the first word (one word per line)
+    row: int | None = None  # tabular and hub sources: row index
+
+    def where(self, word: int = 0) -> str:
+        """Name the location of word `word` of this sentence, e.g. `valid.txt:1042`."""
+        if self.line is not None:
+            return f"{self.source}:{self.line + word}"
+        return f"{self.source}: row {self.row}, word {word}"
+
+
+@dataclass
+class Corpus:
+    sentences: list[Sentence]
+    label_names: list[str] | None = None  # declared by the source (ClassLabel), else None
+    documents: int = 0
+    name: str = ""
+
+    def __len__(self) -> int:
+        return len(self.sentences)
+
+
+@dataclass
+class CorpusStats:
+    sentences: int
+    documents: int
+    tokens: int
+    entities: dict[str, int] = field(default_factory=dict)
+
+
+def load_corpus(spec: str, split: str = "train", tokens_column: str = "tokens",
+                tags_column: str = "ner_tags") -> Corpus:
+    """Load a labelled corpus from a local path (CoNLL, Parquet, JSON Lines) or a hub dataset name.
+
+    `spec` is a path when it exists on disk; otherwise it is a hub dataset name, optionally written
+    `name:split` to pick a split other than `split`.
+    """
+    path = Path(spec)
+    if path.exists():
+        if path.suffix in TABULAR_SUFFIXES:
+            return read_tabular(path, tokens_column, tags_column)
+        return read_conll(path)
+    if path.suffix in TABULAR_SUFFIXES | {".txt", ".conll"}:
+        raise DataError(f"{spec}: no such file")
+    name, _, explicit_split = spec.partition(":")
+    return read_hub(name, explicit_split or split, tokens_column, tags_column)
+
+
+def read_conll(path: str | Path) -> Corpus:
+    """Read a CoNLL file: `word ... tag` per line (4-column or 2-column), blank line between sentences.
+
+    `-DOCSTART-` lines start a new document. IOB1 tags are converted to IOB2.
+    """
+    path = Path(path)
+    sentences: list[Sentence] = []
+    words: list[str] = []
+    tags: list[str] = []
+    start_line = 0
+    documents = 0
+
+    def flush() -> None:
+        if words:
+            sentences.append(Sentence(words.copy(), to_iob2(tags), str(path), line=start_line))
+            words.clear()
+            tags.clear()
+
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            fields = line.split()
+            if not fields:
+                flush()
+                continue
+            if fields[0] == DOCSTART:
+                flush()
+                documents += 1
+                continue
+            if len(fields) < 2:
+                raise DataError(f"{path}:{lineno}: expected 'word ... tag', got {line.rstrip()!r}")
+            if not words:
+                start_line = lineno
+            words.append(fields[0])
+            tags.append(fields[-1])
+    flush()
+    return Corpus(sentences, None, documents or 1, str(path))
+
+
+def read_tabular(path: Path, tokens_column: str, tags_column: str) -> Corpus:
+    """Read Parquet or JSON Lines rows holding a list of words and a list of tags (ids or strings)."""
+    import pyarrow.parquet as pq
+
+    label_names = None
+    if path.suffix == ".parquet":
+        table = pq.read_table(path)
+        label_names = _classlabel_names(table.schema.metadata, tags_column)
+        rows = table.to_pylist()
+    else:
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    sentences = []
+    for i, row in enumerate(rows):
+        for column in (tokens_column, tags_column):
+            if column not in row:
+                raise DataError(f"{path}: row {i}: missing column {column!r} (columns: {sorted(row)})")
+        words, tags = row[tokens_column], row[tags_column]
+        if tags and isinstance(tags[0], int):
+            if label_names is None:
+                raise DataError(f"{path}: column {tags_column!r} holds integer ids but the file declares no "
+                                "label names (write tag strings, or Parquet saved by `datasets` with a ClassLabel)")
+            tags = [label_names[t] for t in tags]
+        sentences.append(_checked_sentence(words, tags, str(path), i))
+    return Corpus(sentences, label_names, 1, str(path))
+
+
+def read_hub(name: str, split: str, tokens_column: str, tags_column: str) -> Corpus:
+    """Read one split of a hub dataset (e.g. `conll2003`) through `datasets.load_dataset`."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # the hub raises many types; the user needs one clear message
+        raise DataError(f"could not load dataset {name!r} split {split!r} from the hub ({exc}); "
+                        "pass a local CoNLL/Parquet/JSONL path instead when offline") from exc
+    feature = ds.features.get(tags_column)
+    label_names = getattr(getattr(feature, "feature", None), "names", None)
+    sentences = []
+    for i, row in enumerate(ds):
+        tags = row[tags_column]
+        if label_names is not None:
+            tags = [label_names[t] for t in tags]
+        sentences.append(_checked_sentence(row[tokens_column], tags, f"{name}[{split}]", i))
+    return Corpus(sentences, label_names, 1, f"{name}[{split}]")
+
+
+def _checked_sentence(words, tags, source: str, row: int) -> Sentence:
+    if len(words) != len(tags):
+        raise DataError(f"{source}: row {row}: {len(words)} words but {len(tags)} tags")
+    return Sentence([str(w) for w in words], to_iob2([str(t) for t in tags]), source, row=row)
+
+
+def _classlabel_names(metadata: dict | None, column: str) -> list[str] | None:
+    """Label names that `datasets` stores in Parquet schema metadata for a Sequence(ClassLabel) column."""
+    if not metadata or b"huggingface" not in metadata:
+        return None
+    features = json.loads(metadata[b"huggingface"]).get("info", {}).get("features", {})
+    feature = features.get(column, {})
+    inner = feature.get("feature", feature)
+    if isinstance(inner, list):  # datasets writes a plain list for some Sequence features
+        inner = inner[0] if inner else {}
+    return inner.get("names")
+
+
+def to_iob2(tags: list[str]) -> list[str]:
+    """Convert IOB1 (an entity may open with `I-`) to IOB2 (every entity opens with `B-`).
+
+    A no-op on IOB2 input, so it is applied to every source.
+    """
+    out = []
+    previous = "O"
+    for tag in tags:
+        if tag.startswith("I-") and (previous == "O" or previous[2:] != tag[2:]):
+            tag = "B-" + tag[2:]
+        out.append(tag)
+        previous = tag
+    return out
+
+
+def build_label_list(corpus: Corpus) -> list[str]:
+    """The label list: the source's ClassLabel names, else the tags seen with `O` first.
+
+    Every entity type gets both `B-` and `I-` so that continuation subwords can always be labelled.
+    """
+    if corpus.label_names:
+        return list(corpus.label_names)
+    types = sorted({t[2:] for s in corpus.sentences for t in s.tags if t != "O"})
+    bare = sorted({t for s in corpus.sentences for t in s.tags if t != "O" and t[:2] not in ("B-", "I-")})
+    if bare:
+        raise DataError(f"{corpus.name}: tags {bare[:5]} are neither 'O' nor 'B-'/'I-' prefixed")
+    return ["O"] + [f"{p}-{t}" for t in types for p in ("B", "I")]
+
+
+def check_labels(corpus: Corpus, label2id: dict[str, int]) -> None:
+    """Raise a `DataError` naming the file and line of the first tag that is not in the label set."""
+    for sentence in corpus.sentences:
+        for offset, tag in enumerate(sentence.tags):
+            if tag not in label2id:
+                raise DataError(f"{sentence.where(offset)}: unknown tag {tag!r} on word {sentence.words[offset]!r}; "
+                                f"the training labels are {sorted(label2id)}")
+
+
+def corpus_stats(corpus: Corpus) -> CorpusStats:
+    """Sentence, document, token and entity counts (entities counted by their `B-` tags)."""
+    entities: dict[str, int] = {}
+    for sentence in corpus.sentences:
+        for tag in sentence.tags:
+            if tag.startswith("B-"):
+                entities[tag[2:]] = entities.get(tag[2:], 0) + 1
+    return CorpusStats(len(corpus), corpus.documents, sum(len(s.words) for s in corpus.sentences), entities)
