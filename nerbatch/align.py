@@ -20,6 +20,7 @@ class Feature:
     sentence: int  # index of the sentence this feature comes from
     first_word: int  # index of its first word within that sentence
     n_words: int
+    scored_words: list[int]  # words (relative to first_word) that have a first subword, in order
     token_type_ids: list[int] | None = None
 
     def to_model_input(self) -> dict:
@@ -79,9 +80,11 @@ def encode(tokenizer, sentences: list[Sentence], label2id: dict[str, int], max_l
     enc = tokenizer([c[2] for c in chunks], is_split_into_words=True, truncation=False)
     features = []
     for k, (i, first, words, ids) in enumerate(chunks):
-        aligned = align_labels(ids, enc.word_ids(k), b_to_i, label_all_subwords)
+        word_ids = enc.word_ids(k)
+        aligned = align_labels(ids, word_ids, b_to_i, label_all_subwords)
+        scored = sorted({w for w in word_ids if w is not None})
         token_types = enc["token_type_ids"][k] if "token_type_ids" in enc else None
-        features.append(Feature(enc["input_ids"][k], aligned, i, first, len(words), token_types))
+        features.append(Feature(enc["input_ids"][k], aligned, i, first, len(words), scored, token_types))
     return Encoded(features, split)
 
 

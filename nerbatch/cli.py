@@ -11,3 +11,105 @@ from nerbatch import __version__
 @click.version_option(__version__, prog_name="nerbatch")
 def main() -> None:
     """Train a transformer NER model and annotate large Parquet corpora with it."""
+
+
+def _fail(exc: Exception) -> None:
+    """Turn an expected user error into a one-line message and exit status 2."""
+    raise click.ClickException(str(exc)) from exc
+
+
+@main.command("train")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              help="A jobs/*.toml file; the options below override its keys.")
+@click.option("--model", help="Hub model id or local directory (default bert-base-cased).")
+@click.option("--train", "train_data", help="Training data: hub dataset name or a CoNLL/Parquet/JSONL path.")
+@click.option("--validation", help="Validation data: hub dataset name or a local path.")
+@click.option("--output-dir", help="Where epochs, checkpoints and the best model go.")
+@click.option("--epochs", type=int)
+@click.option("--batch-size", type=int, help="Per-process batch size.")
+@click.option("--lr", type=float, help="Peak learning rate of AdamW.")
+@click.option("--weight-decay", type=float)
+@click.option("--warmup-ratio", type=float, help="Fraction of updates with linear warm-up.")
+@click.option("--max-length", type=int, help="Subwords per feature (default: the model's limit).")
+@click.option("--seed", type=int)
+@click.option("--max-train-samples", type=int, help="Use only the first N training sentences.")
+@click.option("--max-eval-samples", type=int, help="Use only the first N validation sentences.")
+@click.option("--gradient-accumulation-steps", type=int)
+@click.option("--label-all-subwords/--label-first-subword", default=None,
+              help="Label continuation subwords with I- (reference) or ignore them.")
+@click.option("--group-by-length/--no-group-by-length", default=None, help="Batch sentences of similar length.")
+@click.option("--checkpoint-every", type=int, help="Optimizer steps between mid-epoch checkpoints.")
+@click.option("--report-to", help="An accelerate tracker (tensorboard, wandb, ...).")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --output-dir.")
+def train_cmd(config_path, resume, train_data, **options):
+    """Fine-tune a token classifier (run under `accelerate launch` for several processes)."""
+    from nerbatch.config import ConfigError, load_config
+    from nerbatch.data import DataError
+    from nerbatch.modeling import ModelError
+    from nerbatch.train import train
+
+    try:
+        cfg = load_config(config_path, {"train": train_data, **options})
+        train(cfg, resume=resume)
+    except (ConfigError, DataError, ModelError) as exc:
+        _fail(exc)
+
+
+@main.command("evaluate")
+@click.argument("model_dir")
+@click.argument("data")
+@click.option("--split", default="validation", show_default=True, help="Split name for hub datasets.")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--max-length", type=int)
+def evaluate_cmd(model_dir, data, split, batch_size, max_length):
+    """Score MODEL_DIR on labelled DATA; the last line printed is the metrics as one JSON object."""
+    import json
+
+    from accelerate import PartialState
+
+    from nerbatch.data import DataError
+    from nerbatch.evaluation import evaluate_dir
+    from nerbatch.modeling import ModelError
+
+    try:
+        metrics = evaluate_dir(model_dir, data, split, batch_size, max_length)
+    except (DataError, ModelError) as exc:
+        _fail(exc)
+    if PartialState().is_main_process:
+        print_table(metrics)
+        click.echo(json.dumps(metrics, sort_keys=True))
+
+
+def print_table(metrics: dict) -> None:
+    """Print per-type and overall precision / recall / F1 as an aligned table."""
+    types = sorted(k for k, v in metrics.items() if isinstance(v, dict))
+    click.echo(f"{'type':<10}{'precision':>10}{'recall':>10}{'f1':>10}{'number':>8}")
+    for name in types:
+        m = metrics[name]
+        click.echo(f"{name:<10}{m['precision']:>10.4f}{m['recall']:>10.4f}{m['f1']:>10.4f}{m['number']:>8}")
+    click.echo(f"{'overall':<10}{metrics['overall_precision']:>10.4f}{metrics['overall_recall']:>10.4f}"
+               f"{metrics['overall_f1']:>10.4f}   accuracy {metrics['overall_accuracy']:.4f}")
+
+
+@main.command("predict")
+@click.argument("model_dir")
+@click.argument("text")
+@click.option("--aggregation", default="first", show_default=True,
+              type=click.Choice(["first", "simple", "average", "max"]))
+def predict_cmd(model_dir, text, aggregation):
+    """Print the entities of TEXT as JSON lines (entity type, word, score, start, end)."""
+    import json
+
+    from transformers import AutoModelForTokenClassification
+
+    from nerbatch.inference import annotate_texts
+    from nerbatch.modeling import ModelError, load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(model_dir)
+    except ModelError as exc:
+        _fail(exc)
+    model = AutoModelForTokenClassification.from_pretrained(model_dir).eval()
+    for span in annotate_texts([text], model, tokenizer, aggregation=aggregation)[0]:
+        click.echo(json.dumps({"entity_group": span.label, "word": span.text, "score": round(float(span.score), 4),
+                               "start": span.start, "end": span.end}, ensure_ascii=False))

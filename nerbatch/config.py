@@ -1,0 +1,103 @@
+"""Job configuration: a dataclass of defaults, TOML job files, and command-line overrides.
+
+A job file is a flat TOML table whose keys are `TrainConfig` fields. Unknown keys and values of the
+wrong type are errors (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """An invalid job file or option; the message names the file and key."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on. Defaults are the reference recipe."""
+
+    model: str = "bert-base-cased"
+    train: str = "conll2003"  # hub dataset name (split "train") or a local file
+    validation: str = "conll2003"  # hub dataset name (split "validation") or a local file
+    output_dir: str = "runs/bert-base-cased-conll2003"
+    epochs: int = 3
+    batch_size: int = 8  # per process
+    eval_batch_size: int = 32
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0  # fraction of optimizer steps with linear warm-up
+    max_length: int | None = None  # subwords per feature; default: the model's limit
+    seed: int = 42
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    gradient_accumulation_steps: int = 1
+    label_all_subwords: bool = True  # False: continuation subwords get -100
+    group_by_length: bool = False  # batches of similar length (less padding)
+    checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints; 0: epoch ends only
+    keep_checkpoints: int = 2
+    tokens_column: str = "tokens"
+    tags_column: str = "ner_tags"
+    report_to: str | None = None  # an accelerate tracker: tensorboard, wandb, ...
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None, overrides: dict) -> TrainConfig:
+    """Build a `TrainConfig` from a TOML job file (optional) with `overrides` applied on top.
+
+    `overrides` holds command-line values; None means "not given" and leaves the file's value.
+    """
+    values: dict = {}
+    if path is not None:
+        with open(path, "rb") as f:
+            try:
+                values = tomllib.load(f)
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{path}: {exc}") from exc
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return build_config(values, source=str(path or "command line"))
+
+
+def build_config(values: dict, source: str = "config") -> TrainConfig:
+    """Validate keys and types of `values` and return the config."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    hints = typing.get_type_hints(TrainConfig)
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown key {key!r}; valid keys: {', '.join(sorted(fields))}")
+        if not _matches(value, hints[key]):
+            raise ConfigError(f"{source}: {key} = {value!r} should be {_describe(hints[key])}")
+        if hints[key] in (float, float | None) and isinstance(value, int):
+            values[key] = float(value)
+    return TrainConfig(**values)
+
+
+def _matches(value, hint) -> bool:
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for option in options:
+        if option is type(None) and value is None:
+            return True
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if option in (str, bool) and type(value) is option:
+            return True
+    return False
+
+
+def _describe(hint) -> str:
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    return " or ".join("none" if o is type(None) else o.__name__ for o in options)

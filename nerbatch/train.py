@@ -1,0 +1,186 @@
+"""Fine-tune a token classifier with Accelerate: one script for 1 CPU, 1 GPU, N GPUs or N nodes.
+
+The run reads top to bottom in `train`: set up, load data, build loaders, (resume), loop over
+epochs with evaluation and saving. Everything distributed goes through the `Accelerator`; the code
+never reads a rank itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import DataCollatorForTokenClassification, get_linear_schedule_with_warmup
+
+from nerbatch.align import encode
+from nerbatch.batching import make_loader, sort_by_length
+from nerbatch.config import TrainConfig
+from nerbatch.data import Corpus, build_label_list, check_labels, load_corpus
+from nerbatch.evaluation import evaluate_features
+from nerbatch.modeling import load_model, load_tokenizer, max_model_length
+
+# Keys that may change between a checkpoint and its resumption without changing the run.
+RESUMABLE_CHANGES = {"eval_batch_size", "checkpoint_every", "keep_checkpoints", "report_to"}
+
+
+def load_splits(cfg: TrainConfig) -> tuple[Corpus, Corpus]:
+    """Read the training and validation corpora, truncated to the configured sample counts."""
+    train = load_corpus(cfg.train, "train", cfg.tokens_column, cfg.tags_column)
+    validation = load_corpus(cfg.validation, "validation", cfg.tokens_column, cfg.tags_column)
+    if cfg.max_train_samples:
+        train.sentences = train.sentences[:cfg.max_train_samples]
+    if cfg.max_eval_samples:
+        validation.sentences = validation.sentences[:cfg.max_eval_samples]
+    return train, validation
+
+
+def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW without weight decay on biases and LayerNorm weights (the usual BERT recipe)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=torch.cuda.is_available() or None)
+
+
+def save_model(accelerator: Accelerator, model, tokenizer, directory: Path) -> None:
+    """`save_pretrained` the unwrapped model (through `accelerator.save`) and the tokenizer."""
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(directory, is_main_process=accelerator.is_main_process, save_function=accelerator.save)
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(directory)
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint (one whose progress.json was written last) or None."""
+    done = sorted(output_dir.glob("checkpoints/step_*/progress.json"))
+    return done[-1].parent if done else None
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, progress: dict, keep: int) -> None:
+    """`save_state` into checkpoints/step_N, then write progress.json last, marking it complete."""
+    directory = output_dir / "checkpoints" / f"step_{progress['global_step']:08d}"
+    accelerator.save_state(str(directory))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (directory / "progress.json").write_text(json.dumps(progress, indent=1))
+        for old in sorted(output_dir.glob("checkpoints/step_*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def check_resumable(saved: dict, cfg: TrainConfig, checkpoint: Path) -> None:
+    """Refuse to resume a checkpoint written with different settings (model, data, schedule...)."""
+    current = cfg.to_dict()
+    changed = {k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]}
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in sorted(changed))
+        raise ValueError(f"cannot resume from {checkpoint}: the run was started with other settings ({details})")
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Run the whole training job; returns the best epoch's metrics (main process writes files)."""
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              log_with=cfg.report_to, project_dir=cfg.output_dir)
+    set_seed(cfg.seed)
+    output_dir = Path(cfg.output_dir)
+    tokenizer = load_tokenizer(cfg.model)  # a slow tokenizer fails here, before any work
+
+    with accelerator.main_process_first():  # the main process fills the hub/dataset caches first
+        train_corpus, val_corpus = load_splits(cfg)
+    model, labels = load_model(cfg.model, build_label_list(train_corpus))
+    label2id = {label: i for i, label in enumerate(labels)}
+    check_labels(val_corpus, label2id)
+    check_labels(train_corpus, label2id)
+    max_length = cfg.max_length or max_model_length(tokenizer, model.config)
+    train_enc = encode(tokenizer, train_corpus.sentences, label2id, max_length, cfg.label_all_subwords)
+    val_enc = sort_by_length(encode(tokenizer, val_corpus.sentences, label2id, max_length, label_all_subwords=False))
+    accelerator.print(f"train: {len(train_corpus)} sentences -> {len(train_enc.features)} features "
+                      f"({train_enc.split_sentences} longer than {max_length} subwords, split between words); "
+                      f"validation: {len(val_corpus)} sentences ({val_enc.split_sentences} split); labels: {labels}")
+
+    pad8 = 8 if accelerator.mixed_precision in ("fp16", "bf16") else None
+    collator = DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=pad8)
+    train_dl = make_loader(train_enc, collator, cfg.batch_size, cfg.seed, train=True, group=cfg.group_by_length)
+    val_dl = make_loader(val_enc, collator, cfg.eval_batch_size, cfg.seed, train=False, group=False)
+    sampler = train_dl.batch_sampler
+    optimizer = make_optimizer(model, cfg)
+    # Counted on the unsharded loader: the prepared scheduler steps once per process per update.
+    updates_per_epoch = math.ceil(len(train_dl) / cfg.gradient_accumulation_steps)
+    total_updates = updates_per_epoch * cfg.epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_updates), total_updates)
+    model, optimizer, train_dl, val_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, val_dl, scheduler)
+
+    progress = {"epoch": 0, "batches_done": 0, "global_step": 0, "best_f1": -1.0, "best_epoch": None,
+                "history": [], "config": cfg.to_dict(), "labels": labels}
+    if resume:
+        checkpoint = latest_checkpoint(output_dir)
+        if checkpoint is None:
+            accelerator.print(f"--resume: no checkpoint under {output_dir}/checkpoints, starting from scratch")
+        else:
+            saved = json.loads((checkpoint / "progress.json").read_text())
+            check_resumable(saved["config"], cfg, checkpoint)
+            accelerator.load_state(str(checkpoint))
+            progress = saved | {"config": cfg.to_dict()}
+            accelerator.print(f"resumed from {checkpoint}: epoch {progress['epoch']}, "
+                              f"batch {progress['batches_done']}, step {progress['global_step']}")
+
+    if cfg.report_to:
+        accelerator.init_trackers("nerbatch", config={k: v for k, v in cfg.to_dict().items() if v is not None})
+    id2label = dict(enumerate(labels))
+    gold = [s.tags for s in val_corpus.sentences]
+    bar = tqdm(total=len(train_dl) * cfg.epochs, initial=progress["epoch"] * len(train_dl) + progress["batches_done"],
+               disable=not accelerator.is_local_main_process, desc="train", unit="batch")
+    for epoch in range(progress["epoch"], cfg.epochs):
+        sampler.set_epoch(epoch)  # our batch order; accelerate does not forward set_epoch to a batch sampler
+        train_dl.set_epoch(epoch)  # accelerate's own epoch counter, copied by skip_first_batches
+        model.train()
+        skip = progress["batches_done"] if epoch == progress["epoch"] else 0
+        batches = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
+        started, loss_sum = time.perf_counter(), torch.zeros((), device=accelerator.device)
+        for batch_index, batch in enumerate(batches, start=skip):
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()  # stays on device: no host sync per step
+            bar.update(1)
+            if not accelerator.sync_gradients:
+                continue
+            progress["global_step"] += 1
+            if progress["global_step"] % 50 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if cfg.checkpoint_every and progress["global_step"] % cfg.checkpoint_every == 0:
+                progress |= {"epoch": epoch, "batches_done": batch_index + 1}
+                save_checkpoint(accelerator, output_dir, progress, cfg.keep_checkpoints)
+
+        seconds = time.perf_counter() - started
+        metrics = evaluate_features(accelerator, model, val_dl, val_enc.features, gold, id2label)
+        train_loss = accelerator.reduce(loss_sum, reduction="mean").item() / max(len(train_dl) - skip, 1)
+        record = {"epoch": epoch + 1, "train_loss": train_loss, "train_seconds": seconds,
+                  "resumed_mid_epoch": bool(skip), **metrics}
+        progress["history"].append(record)
+        accelerator.print(f"epoch {epoch + 1}: f1 {metrics['overall_f1']:.4f} precision {metrics['overall_precision']:.4f} "
+                          f"recall {metrics['overall_recall']:.4f} loss {train_loss:.4f} ({seconds:.0f} s)")
+        accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=epoch + 1)
+        save_model(accelerator, model, tokenizer, output_dir / f"epoch_{epoch + 1}")
+        if metrics["overall_f1"] > progress["best_f1"]:
+            progress |= {"best_f1": metrics["overall_f1"], "best_epoch": epoch + 1}
+            save_model(accelerator, model, tokenizer, output_dir)
+        if accelerator.is_main_process:
+            (output_dir / "metrics.json").write_text(json.dumps(
+                {"best_epoch": progress["best_epoch"], "epochs": progress["history"]}, indent=1))
+        progress |= {"epoch": epoch + 1, "batches_done": 0}
+        save_checkpoint(accelerator, output_dir, progress, cfg.keep_checkpoints)
+    bar.close()
+    accelerator.end_training()
+    return progress["history"][progress["best_epoch"] - 1] if progress["best_epoch"] else {}

@@ -1,0 +1,42 @@
+"""Job files and option overrides."""
+
+from pathlib import Path
+
+import pytest
+
+from nerbatch.config import ConfigError, TrainConfig, load_config
+
+JOBS = sorted((Path(__file__).parents[1] / "jobs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("job", JOBS, ids=lambda p: p.name)
+def test_every_job_file_is_valid_and_says_how_to_run_it(job):
+    cfg = load_config(job, {})
+    assert isinstance(cfg, TrainConfig)
+    first_lines = job.read_text().splitlines()[:4]
+    assert any("nerbatch" in line and line.lstrip().startswith("#") for line in first_lines)
+
+
+def test_reference_job_is_the_reference_recipe():
+    cfg = load_config(Path(__file__).parents[1] / "jobs" / "conll2003-bert-base-cased.toml", {})
+    assert (cfg.model, cfg.train, cfg.epochs, cfg.batch_size, cfg.lr) == ("bert-base-cased", "conll2003", 3, 8, 2e-5)
+
+
+def test_command_line_overrides_file(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text('model = "m"\nepochs = 2\nlr = 1\n')
+    cfg = load_config(job, {"epochs": 5, "batch_size": None})
+    assert (cfg.model, cfg.epochs, cfg.batch_size, cfg.lr) == ("m", 5, 8, 1.0)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("epoch = 3\n", "unknown key 'epoch'"),
+    ('epochs = "3"\n', "epochs = '3' should be int"),
+    ("group_by_length = 1\n", "should be bool"),
+    ("lr = true\n", "should be float"),
+])
+def test_bad_keys_and_types_are_errors(tmp_path, text, message):
+    job = tmp_path / "job.toml"
+    job.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(job, {})
