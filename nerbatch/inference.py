@@ -1,0 +1,190 @@
+"""Running a token classifier over raw texts of any length: windows, batched forward, document-level decoding.
+
+A text is tokenized once, whole (fast tokenizer, character offsets, no special tokens). Its subwords
+are covered by overlapping windows of the model's length; each window gets the model's special
+tokens and goes through the model in length-sorted, token-budgeted batches. Every subword then
+takes its prediction from the window where it is most central (furthest from a cut), and the whole
+document is decoded once (`nerbatch.spans`), so no entity is cut at a window edge or emitted twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from nerbatch.modeling import max_model_length
+from nerbatch.spans import AGGREGATIONS, Span, decode_spans
+
+CPU_BATCH_TOKENS = 1024  # padded tokens per forward on CPU: bigger batches don't run faster there
+GPU_BATCH_TOKENS = 32768
+
+
+@dataclass
+class Document:
+    """One tokenized text: content subwords, their windows, and (after `Annotator.forward`) probabilities."""
+
+    offsets: list[tuple[int, int]]
+    word_ids: list[int | None]
+    ids: list[int]
+    windows: list[tuple[int, int]]  # content subword ranges [s, e) fed to the model
+    keeps: list[tuple[int, int]]  # the part of each window whose predictions are kept
+    probs: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.ids)
+
+
+def plan_windows(n: int, length: int, stride: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Cover `n` subwords with windows of `length` overlapping by at least `stride`.
+
+    Returns the windows and, for each, the range it owns: in an overlap, a subword belongs to the
+    window in which it is furthest from the cut (ties go to the earlier window). The last window is
+    aligned to the end of the text, so it is full-length too.
+    """
+    if n == 0:
+        return [], []
+    starts = [0]
+    while starts[-1] + length < n:
+        starts.append(min(starts[-1] + length - stride, n - length))
+    windows = [(s, min(s + length, n)) for s in starts]
+    cuts = [(windows[k][1] - 1 + windows[k + 1][0]) // 2 + 1 for k in range(len(windows) - 1)]
+    bounds = [0, *cuts, n]
+    return windows, [(bounds[k], bounds[k + 1]) for k in range(len(windows))]
+
+
+def special_tokens_around(backend) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer's post-processor puts before and after a single sequence ([CLS] / [SEP])."""
+    bare = backend.encode("a", add_special_tokens=False).ids
+    full = backend.encode("a", add_special_tokens=True).ids
+    for k in range(len(full) - len(bare) + 1):
+        if full[k:k + len(bare)] == bare:
+            return full[:k], full[k + len(bare):]
+    raise ValueError("cannot locate the content between the tokenizer's special tokens")
+
+
+class Annotator:
+    """Holds a model, its fast tokenizer and the windowing/batching/decoding settings."""
+
+    def __init__(self, model, tokenizer, aggregation: str = "first", max_length: int | None = None,
+                 stride: int | None = None, batch_size: int = 64, max_batch_tokens: int | None = None):
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
+        from tokenizers import Tokenizer
+
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        self.aggregation = aggregation
+        # A private copy of the Rust tokenizer: truncation/padding off, without touching the caller's.
+        self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self.backend.no_truncation()
+        self.backend.no_padding()
+        self.prefix, self.suffix = special_tokens_around(self.backend)
+        limit = max_model_length(tokenizer, model.config)
+        self.max_length = min(max_length or limit, limit)
+        self.length = self.max_length - len(self.prefix) - len(self.suffix)  # content subwords per window
+        if self.length < 2:
+            raise ValueError(f"max_length {self.max_length} leaves no room for text after special tokens")
+        self.stride = self.length // 4 if stride is None else stride
+        if not 0 <= self.stride <= self.length // 2:
+            raise ValueError(f"stride {self.stride} must be between 0 and half a window ({self.length // 2} "
+                             f"subwords with max_length {self.max_length}): it is the overlap between windows")
+        self.batch_size = batch_size
+        on_gpu = self.device.type == "cuda"
+        self.max_batch_tokens = max_batch_tokens or (GPU_BATCH_TOKENS if on_gpu else CPU_BATCH_TOKENS)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.autocast_dtype = None
+        if on_gpu:
+            self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def settings(self) -> dict:
+        """The options that determine the output (for run configs and Parquet metadata)."""
+        return {"aggregation": self.aggregation, "max_length": self.max_length, "stride": self.stride}
+
+    def encode(self, texts: list[str]) -> list[Document]:
+        """Tokenize texts in one batched call and plan their windows (safe to run in another thread)."""
+        docs = []
+        for enc in self.backend.encode_batch(texts, add_special_tokens=False):
+            windows, keeps = plan_windows(len(enc.ids), self.length, self.stride)
+            docs.append(Document(enc.offsets, enc.word_ids, enc.ids, windows, keeps))
+        return docs
+
+    def batches(self, docs: list[Document]) -> list[list[tuple[int, int]]]:
+        """Group all windows (doc index, window index) into length-sorted, token-budgeted batches."""
+        order = sorted(((d, k) for d, doc in enumerate(docs) for k in range(len(doc.windows))),
+                       key=lambda dk: -_width(docs[dk[0]].windows[dk[1]]))
+        batches, current, widest = [], [], 0
+        extra = len(self.prefix) + len(self.suffix)
+        for d, k in order:
+            width = _width(docs[d].windows[k]) + extra
+            widest = max(widest, width)
+            if current and (len(current) >= self.batch_size or (len(current) + 1) * widest > self.max_batch_tokens):
+                batches.append(current)
+                current, widest = [], width
+            current.append((d, k))
+        if current:
+            batches.append(current)
+        return batches
+
+    @torch.inference_mode()
+    def forward(self, docs: list[Document]) -> None:
+        """Run the model on every window and store each document's kept probabilities in `doc.probs`."""
+        for doc in docs:
+            doc.probs = np.zeros((doc.n_tokens, len(self.labels)), dtype=np.float32)
+        for batch in self.batches(docs):
+            rows = [self.prefix + docs[d].ids[slice(*docs[d].windows[k])] + self.suffix for d, k in batch]
+            width = max(map(len, rows))
+            ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, row in enumerate(rows):
+                ids[i, :len(row)] = torch.tensor(row)
+                mask[i, :len(row)] = 1
+            probs = self._probabilities(ids, mask)
+            for i, (d, k) in enumerate(batch):
+                doc = docs[d]
+                (s, _), (a, b) = doc.windows[k], doc.keeps[k]
+                first = len(self.prefix) + a - s
+                doc.probs[a:b] = probs[i, first:first + b - a]
+
+    def _probabilities(self, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+        ids, mask = ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
+        if self.autocast_dtype is not None:
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                logits = self.model(input_ids=ids, attention_mask=mask).logits
+        else:
+            logits = self.model(input_ids=ids, attention_mask=mask).logits
+        return torch.softmax(logits.float(), dim=-1).cpu().numpy()
+
+    def decode(self, doc: Document, text: str) -> list[Span]:
+        """The entity spans of one document whose probabilities `forward` has filled."""
+        if doc.n_tokens == 0:
+            return []
+        best = doc.probs.argmax(axis=1)
+        scores = doc.probs[np.arange(len(best)), best]
+        probs = doc.probs if self.aggregation == "average" else None
+        return decode_spans(text, doc.offsets, doc.word_ids, best.tolist(), scores.tolist(), self.labels,
+                            self.aggregation, probs)
+
+    def annotate(self, texts: list[str]) -> list[list[Span]]:
+        """Entity spans for each text (in memory; the batch job streams with `encode`/`forward`/`decode`)."""
+        docs = self.encode(texts)
+        self.forward(docs)
+        return [self.decode(doc, text) for doc, text in zip(docs, texts)]
+
+
+def _width(window: tuple[int, int]) -> int:
+    return window[1] - window[0]
+
+
+def annotate_texts(texts: list[str], model, tokenizer, aggregation: str = "first", max_length: int | None = None,
+                   stride: int | None = None, batch_size: int = 64) -> list[list[Span]]:
+    """Entity spans for each of `texts`, of any length, with a token-classification model.
+
+    `max_length` defaults to the model's limit; `stride` (overlap between windows, in subwords)
+    defaults to a quarter of a window. Offsets are Python string indices into each text.
+    """
+    annotator = Annotator(model, tokenizer, aggregation, max_length, stride, batch_size)
+    return annotator.annotate(list(texts))

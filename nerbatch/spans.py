@@ -1,0 +1,135 @@
+"""From subword predictions to entity spans: character offsets, words, aggregation, B/I grouping.
+
+Pure Python (no torch, no numpy required), so the offset contract can be property-tested on any
+string: every returned `Span` satisfies `text[span.start:span.end] == span.text`.
+
+Aggregation strategies mean what they mean in the transformers token-classification pipeline:
+
+- `simple`: every subword keeps its own argmax label; adjacent subwords are grouped by the B/I rule.
+- `first`: a word takes the label and score of its first subword.
+- `max`: a word takes the label and score of its most confident subword.
+- `average`: a word takes the argmax of its subwords' mean probability vector.
+
+Words are the tokenizer's own pre-tokenizer words (`word_ids`), so with `first`/`average`/`max`
+spans start and end on word boundaries. A group's score is the mean of its members' scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+AGGREGATIONS = ("first", "simple", "average", "max")
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """One entity: character offsets into the original text (end exclusive), type, text, score."""
+
+    start: int
+    end: int
+    label: str
+    text: str
+    score: float
+
+    def as_dict(self) -> dict:
+        """The row form written to Parquet (`entities` list items)."""
+        return {"start": self.start, "end": self.end, "label": self.label, "text": self.text, "score": self.score}
+
+
+def split_tag(label: str) -> tuple[str, str]:
+    """`B-PER` -> (`B`, `PER`); `I-PER` -> (`I`, `PER`); a bare `PER` or `O` counts as a continuation `I`."""
+    if label.startswith("B-") or label.startswith("I-"):
+        return label[0], label[2:]
+    return "I", label
+
+
+def decode_spans(text: str, offsets: Sequence[tuple[int, int]], word_ids: Sequence[int | None],
+                 best: Sequence[int], best_score: Sequence[float], labels: Sequence[str],
+                 aggregation: str = "first", probs: Sequence[Sequence[float]] | None = None) -> list[Span]:
+    """Decode the spans of one document from per-subword predictions.
+
+    `offsets`, `word_ids`, `best` (argmax label id) and `best_score` (its probability) have one entry
+    per content subword (no special tokens), in order. `probs` (one probability vector per subword)
+    is needed only for `average`.
+    """
+    if aggregation == "simple":
+        units = _token_units(offsets, best, best_score)
+    elif aggregation in ("first", "max", "average"):
+        if aggregation == "average" and probs is None:
+            raise ValueError("aggregation 'average' needs the probability vectors (probs)")
+        units = _word_units(offsets, word_ids, best, best_score, aggregation, probs)
+    else:
+        raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
+    return _group_units(text, units, labels)
+
+
+def _token_units(offsets, best, best_score) -> list[tuple[int, int, int, float]]:
+    """(start, end, label id, score) per subword."""
+    return [(s, e, lab, sc) for (s, e), lab, sc in zip(offsets, best, best_score)]
+
+
+def _word_units(offsets, word_ids, best, best_score, aggregation, probs) -> list[tuple[int, int, int, float]]:
+    """(start, end, label id, score) per word: runs of subwords with the same word id."""
+    units = []
+    n = len(offsets)
+    i = 0
+    while i < n:
+        j = i + 1
+        word = word_ids[i]
+        if word is not None:
+            while j < n and word_ids[j] == word:
+                j += 1
+        units.append((offsets[i][0], offsets[j - 1][1], *_word_label(i, j, best, best_score, aggregation, probs)))
+        i = j
+    return units
+
+
+def _word_label(i: int, j: int, best, best_score, aggregation, probs) -> tuple[int, float]:
+    """Label id and score of the word made of subwords [i, j)."""
+    if aggregation == "first" or j - i == 1 and aggregation == "max":
+        return best[i], best_score[i]
+    if aggregation == "max":
+        k = max(range(i, j), key=best_score.__getitem__)  # first on ties, like the pipeline
+        return best[k], best_score[k]
+    width = len(probs[i])
+    mean = [sum(probs[k][c] for k in range(i, j)) / (j - i) for c in range(width)]
+    label = max(range(width), key=mean.__getitem__)
+    return label, mean[label]
+
+
+def _group_units(text: str, units, labels: Sequence[str]) -> list[Span]:
+    """Group adjacent units of one type (a `B-` opens a new group), drop `O`, trim whitespace."""
+    spans = []
+    group_tag = None
+    group_start = group_end = 0
+    scores: list[float] = []
+
+    def close() -> None:
+        if group_tag is not None and group_tag != "O":
+            span = _trimmed_span(text, group_start, group_end, group_tag, sum(scores) / len(scores))
+            if span is not None:
+                spans.append(span)
+
+    for start, end, label_id, score in units:
+        bi, tag = split_tag(labels[label_id])
+        if group_tag is not None and tag == group_tag and bi != "B":
+            group_end = max(group_end, end)
+            scores.append(score)
+            continue
+        close()
+        group_tag, group_start, group_end, scores = tag, start, max(start, end), [score]
+    close()
+    return spans
+
+
+def _trimmed_span(text: str, start: int, end: int, label: str, score: float) -> Span | None:
+    """A span with leading/trailing whitespace removed (byte-level BPE offsets include the space
+    before a word); None when nothing but whitespace is left."""
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    if start >= end:
+        return None
+    return Span(start, end, label, text[start:end], float(score))

@@ -1,0 +1,128 @@
+"""Span decoding: B/I grouping, word aggregation, whitespace trimming, and the offset contract on any Unicode."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nerbatch.spans import Span, decode_spans, split_tag
+
+LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
+L = {name: i for i, name in enumerate(LABELS)}
+
+
+def decode(text, tokens, tags, scores=None, aggregation="simple", word_ids=None, probs=None):
+    offsets, pos = [], 0
+    for t in tokens:
+        start = text.index(t, pos)
+        offsets.append((start, start + len(t)))
+        pos = start + len(t)
+    scores = scores or [0.9] * len(tokens)
+    word_ids = word_ids if word_ids is not None else list(range(len(tokens)))
+    return decode_spans(text, offsets, word_ids, [L[t] for t in tags], scores, LABELS, aggregation, probs)
+
+
+def test_split_tag():
+    assert split_tag("B-PER") == ("B", "PER")
+    assert split_tag("I-LOC") == ("I", "LOC")
+    assert split_tag("O") == ("I", "O")
+    assert split_tag("PER") == ("I", "PER")
+
+
+def test_simple_groups_b_then_i_and_splits_on_b():
+    text = "John Smith met Mary Jones"
+    tags = ["B-PER", "I-PER", "O", "B-PER", "B-PER"]
+    spans = decode(text, text.split(), tags, scores=[0.8, 0.6, 0.9, 0.5, 0.7])
+    assert [(s.text, s.label) for s in spans] == [("John Smith", "PER"), ("Mary", "PER"), ("Jones", "PER")]
+    assert spans[0].score == pytest.approx(0.7)
+    assert spans[0] == Span(0, 10, "PER", "John Smith", spans[0].score)
+
+
+def test_simple_starts_an_entity_on_a_dangling_i():
+    text = "in New York now"
+    spans = decode(text, text.split(), ["O", "I-LOC", "I-LOC", "O"])
+    assert [(s.start, s.end, s.label) for s in spans] == [(3, 11, "LOC")]
+
+
+def test_first_takes_the_first_subword_of_each_word():
+    text = "Volkswagen rose"
+    tokens = ["Volks", "wagen", "rose"]
+    spans = decode(text, tokens, ["B-ORG", "O", "O"], word_ids=[0, 0, 1], aggregation="first")
+    assert [(s.text, s.label) for s in spans] == [("Volkswagen", "ORG")]
+    # simple would cut the word in half
+    assert [s.text for s in decode(text, tokens, ["B-ORG", "O", "O"], word_ids=[0, 0, 1])] == ["Volks"]
+
+
+def test_max_takes_the_most_confident_subword():
+    text = "Volkswagen rose"
+    spans = decode(text, ["Volks", "wagen", "rose"], ["O", "B-ORG", "O"], scores=[0.5, 0.9, 0.9],
+                   word_ids=[0, 0, 1], aggregation="max")
+    assert [(s.text, s.label, s.score) for s in spans] == [("Volkswagen", "ORG", 0.9)]
+
+
+def test_average_takes_the_argmax_of_mean_probabilities():
+    text = "Volkswagen rose"
+    probs = [[0.4, 0, 0, 0.6, 0, 0, 0, 0, 0], [0.7, 0, 0, 0.3, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0, 0]]
+    spans = decode(text, ["Volks", "wagen", "rose"], ["B-ORG", "O", "O"], word_ids=[0, 0, 1],
+                   aggregation="average", probs=probs)
+    assert spans == []  # mean O = 0.55 beats mean B-ORG = 0.45
+    probs[1] = [0.5, 0, 0, 0.5, 0, 0, 0, 0, 0]
+    spans = decode(text, ["Volks", "wagen", "rose"], ["B-ORG", "O", "O"], word_ids=[0, 0, 1],
+                   aggregation="average", probs=probs)
+    assert [(s.text, s.label, s.score) for s in spans] == [("Volkswagen", "ORG", pytest.approx(0.55))]
+
+
+def test_leading_space_in_offsets_is_trimmed():
+    # Byte-level BPE tokenizers (RoBERTa) report " York" with the space before it.
+    text = "in New York"
+    offsets = [(0, 2), (2, 6), (6, 11)]
+    spans = decode_spans(text, offsets, [0, 1, 2], [0, L["B-LOC"], L["I-LOC"]], [1.0, 1.0, 1.0], LABELS, "first")
+    assert [(s.start, s.end, s.text) for s in spans] == [(3, 11, "New York")]
+
+
+def test_unknown_aggregation_is_an_error():
+    with pytest.raises(ValueError, match="aggregation"):
+        decode_spans("a", [(0, 1)], [0], [0], [1.0], LABELS, "mean")
+
+
+# Characters that break naive offset code: astral emoji, ZWJ sequences, CJK, combining marks, \r\n,
+# tabs, zero-width spaces/joiners, BOM, non-breaking and ideographic spaces, RTL text.
+TRICKY = list("aZ9.,-'\"() \t\r\n") + ["\u00e9", "e\u0301", "\u200b", "\u200d", "\ufeff", "\u00a0", "\u3000",
+                                        "\U0001F600", "\U0001F468\u200D\U0001F469", "東京", "中文", "한국",
+                                        "\u05e9\u05dc\u05d5\u05dd", "ß", "ﬁ", "\U00010348", "İ"]
+tricky_text = st.lists(st.one_of(st.sampled_from(TRICKY), st.text(max_size=3)), max_size=40).map("".join)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from nerbatch.modeling import load_tokenizer
+
+    return load_tokenizer(str(tiny_model_dir))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=tricky_text, seed=st.integers(0, 2**32 - 1), aggregation=st.sampled_from(["first", "simple", "average", "max"]))
+def test_offsets_round_trip_on_generated_unicode(tokenizer, text, seed, aggregation):
+    enc = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+    rng = random.Random(seed)
+    n = len(enc.ids)
+    probs = [[rng.random() for _ in LABELS] for _ in range(n)]
+    probs = [[p / sum(row) for p in row] for row in probs]
+    best = [max(range(len(LABELS)), key=row.__getitem__) for row in probs]
+    spans = decode_spans(text, enc.offsets, enc.word_ids, best, [probs[i][b] for i, b in enumerate(best)], LABELS,
+                         aggregation, probs)
+    word_starts = {enc.offsets[i][0] for i in range(n) if i == 0 or enc.word_ids[i] != enc.word_ids[i - 1]}
+    word_ends = {enc.offsets[i][1] for i in range(n) if i == n - 1 or enc.word_ids[i] != enc.word_ids[i + 1]}
+    previous_end = 0
+    for span in spans:
+        assert text[span.start:span.end] == span.text
+        assert 0 <= previous_end <= span.start < span.end <= len(text)
+        assert span.text == span.text.strip()
+        assert span.label in {"PER", "ORG", "LOC", "MISC"}
+        assert 0.0 <= span.score <= 1.0
+        if aggregation != "simple":
+            assert span.start in word_starts and span.end in word_ends
+        previous_end = span.end
