@@ -1,0 +1,159 @@
+"""Windowed inference: pipeline parity, window planning, document-level merging, very long documents."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from annotate_fixtures import tuned_model_dir  # noqa: F401  (session fixture)
+from transformers import AutoModelForTokenClassification, BertConfig, BertForTokenClassification, pipeline
+
+from conftest import CONLL_LABELS, REUTERS, need
+from nerbatch.inference import Annotator, annotate_texts, plan_windows
+from nerbatch.modeling import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return AutoModelForTokenClassification.from_pretrained(tiny_model_dir).eval(), load_tokenizer(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def tuned(tuned_model_dir):
+    return AutoModelForTokenClassification.from_pretrained(tuned_model_dir).eval(), load_tokenizer(str(tuned_model_dir))
+
+
+@pytest.fixture(scope="module")
+def reuters_texts() -> list[str]:
+    texts = pq.read_table(need(REUTERS), columns=["text"]).column("text").to_pylist()
+    return [t for t in texts[:3000] if t]
+
+
+@pytest.mark.parametrize(("aggregation", "docs"), [("simple", 210), ("first", 60), ("average", 60), ("max", 60)])
+def test_matches_the_transformers_pipeline_on_reuters(tuned, reuters_texts, aggregation, docs):
+    model, tokenizer = tuned
+    lengths = [len(ids) for ids in tokenizer(reuters_texts[:800])["input_ids"]]
+    fitting = [t for t, n in zip(reuters_texts, lengths) if n <= tokenizer.model_max_length][:docs]
+    assert len(fitting) == docs
+    ours = annotate_texts(fitting, model, tokenizer, aggregation=aggregation)
+    pipe = pipeline("token-classification", model=model, tokenizer=tokenizer, aggregation_strategy=aggregation)
+    entities = 0
+    for text, mine in zip(fitting, ours):
+        theirs = pipe(text)
+        assert [(s.start, s.end, s.label) for s in mine] == [(e["start"], e["end"], e["entity_group"]) for e in theirs]
+        assert [s.score for s in mine] == pytest.approx([float(e["score"]) for e in theirs], abs=1e-4)
+        entities += len(mine)
+    assert entities > 2 * docs  # the comparison is not vacuous
+
+
+def test_plan_windows_covers_every_subword_once_from_its_most_central_window():
+    for n in [1, 5, 16, 17, 40, 100, 1001]:
+        for length, stride in [(16, 0), (16, 4), (16, 8), (10, 3)]:
+            windows, keeps = plan_windows(n, length, stride)
+            assert keeps[0][0] == 0 and keeps[-1][1] == n
+            assert all(keeps[k][1] == keeps[k + 1][0] for k in range(len(keeps) - 1))
+            for (s, e), (a, b) in zip(windows, keeps):
+                assert e - s == min(length, n) and s <= a <= b <= e
+            for k in range(len(windows) - 1):
+                assert windows[k + 1][0] <= windows[k][1] - stride  # overlap at least `stride`
+                for p in range(*keeps[k + 1]):  # owned by the later window: not closer to its edge there
+                    if p < windows[k][1]:
+                        assert p - windows[k + 1][0] > windows[k][1] - 1 - p
+    assert plan_windows(0, 16, 4) == ([], [])
+
+
+def context_free_model(vocab_size: int) -> BertForTokenClassification:
+    """A BERT with no layers and zero position embeddings: each subword's logits depend on its id only."""
+    torch.manual_seed(1)
+    config = BertConfig(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=0, num_attention_heads=2,
+                        intermediate_size=16, max_position_embeddings=8192, num_labels=len(CONLL_LABELS),
+                        id2label=dict(enumerate(CONLL_LABELS)), label2id={x: i for i, x in enumerate(CONLL_LABELS)})
+    model = BertForTokenClassification(config)
+    with torch.no_grad():
+        model.bert.embeddings.position_embeddings.weight.zero_()
+    return model.eval()
+
+
+@pytest.mark.parametrize("aggregation", ["first", "simple"])
+def test_windows_merge_exactly_when_predictions_do_not_depend_on_context(tiny, reuters_texts, aggregation):
+    """With a context-free model, any window layout must give exactly the entities of one huge window:
+    nothing lost, cut or duplicated at a window edge."""
+    _, tokenizer = tiny
+    model = context_free_model(tokenizer.vocab_size)
+    tokenizer.model_max_length = 8192
+    try:
+        texts = [" ".join(reuters_texts[:30]), reuters_texts[3]]
+        whole = annotate_texts(texts, model, tokenizer, aggregation, max_length=8192)
+        assert sum(map(len, whole)) > 200
+        for max_length, stride in [(16, 0), (16, 7), (64, 16), (130, 64)]:
+            assert annotate_texts(texts, model, tokenizer, aggregation, max_length=max_length, stride=stride) == whole
+    finally:
+        tokenizer.model_max_length = 128
+
+
+def test_joined_articles_give_the_entities_of_each_article_alone(tuned, reuters_texts):
+    """Forty real articles joined into one document of many windows are labelled like each article
+    alone. The tiny tuned model is context-sensitive (any new neighbour nudges its logits), so this
+    compares entity types per subword with a tolerance; the exact no-loss/no-duplicate guarantee is
+    `test_windows_merge_exactly_when_predictions_do_not_depend_on_context`."""
+    model, tokenizer = tuned
+    annotator = Annotator(model, tokenizer, "first")
+    short = [t for t in reuters_texts if 200 < len(t) < 400][:40]
+    alone = annotator.encode(short)
+    annotator.forward(alone)
+    assert all(len(doc.windows) == 1 for doc in alone)
+    joined = "\n\n".join(short)
+    doc = annotator.encode([joined])[0]
+    assert len(doc.windows) >= 20 and doc.n_tokens == sum(d.n_tokens for d in alone)
+    annotator.forward([doc])
+    kind = np.array([CONLL_LABELS.index(x) and 1 + (CONLL_LABELS.index(x) - 1) // 2 for x in CONLL_LABELS])
+    separate = kind[np.concatenate([d.probs.argmax(1) for d in alone])]
+    together = kind[doc.probs.argmax(1)]
+    assert (separate != 0).sum() > 300  # entities to compare, not just O
+    joins = np.cumsum([0] + [d.n_tokens for d in alone])
+    cuts = np.array([b for _, b in doc.keeps[:-1]])
+    position = np.arange(doc.n_tokens)
+    near = np.min(np.abs(position[:, None] - np.concatenate([joins, cuts])[None, :]), axis=1) <= 8
+    assert (separate == together)[~near].mean() >= 0.9
+    assert (separate == together).mean() >= 0.88
+    spans = annotator.decode(doc, joined)
+    assert len(spans) > 150 and all(joined[s.start:s.end] == s.text for s in spans)
+    assert all(a.end <= b.start for a, b in zip(spans, spans[1:]))  # nothing emitted twice
+
+
+def test_a_million_character_document(tiny, reuters_texts):
+    model, tokenizer = tiny
+    base = "\n".join(reuters_texts[:40])
+    text = (base * (1_000_000 // len(base) + 1))[:1_000_000]
+    began = time.perf_counter()
+    annotator = Annotator(model, tokenizer, "first", batch_size=256, max_batch_tokens=8192)
+    doc = annotator.encode([text])[0]
+    annotator.forward([doc])
+    spans = annotator.decode(doc, text)
+    assert time.perf_counter() - began < 120
+    assert len(doc.windows) > 2000 and doc.keeps[-1][1] == doc.n_tokens
+    assert doc.offsets[-1][1] >= len(text) - 1  # the end of the text was seen
+    assert spans and all(text[s.start:s.end] == s.text for s in spans)
+    assert all(a.end <= b.start for a, b in zip(spans, spans[1:]))
+
+
+def test_offsets_round_trip_on_real_text(tiny, reuters_texts):
+    model, tokenizer = tiny
+    texts = reuters_texts[:100] + ["東京 São Paulo\r\n\tZürich 👩‍👩‍👧 e\u0301te\u0301 zero\u200bwidth"]
+    annotator = Annotator(model, tokenizer, max_length=32, stride=8)
+    docs = annotator.encode(texts)
+    annotator.forward(docs)
+    for aggregation in ["first", "simple", "average", "max"]:
+        annotator.aggregation = aggregation
+        for text, doc in zip(texts, docs):
+            spans = annotator.decode(doc, text)
+            assert all(text[s.start:s.end] == s.text and s.text.strip() == s.text for s in spans)
+
+
+def test_bad_stride_is_refused(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="stride"):
+        Annotator(model, tokenizer, stride=100)
