@@ -51,7 +51,10 @@ def make_loader(encoded: Encoded, collator, batch_size: int, seed: int, train: b
     items = [f.to_model_input() for f in encoded.features]
     lengths = [len(f.input_ids) for f in encoded.features]
     sampler = LengthGroupedBatches(lengths, batch_size, seed, group=group, shuffle=train)
+    # A private generator: creating a loader iterator draws a seed from it, and drawing from the
+    # global RNG instead would shift dropout masks after a resume.
     return torch.utils.data.DataLoader(items, batch_sampler=sampler, collate_fn=collator,
+                                       generator=torch.Generator().manual_seed(seed),
                                        pin_memory=torch.cuda.is_available())
 
 

@@ -21,13 +21,13 @@ from transformers import DataCollatorForTokenClassification, get_linear_schedule
 
 from nerbatch.align import encode
 from nerbatch.batching import make_loader, sort_by_length
-from nerbatch.config import TrainConfig
+from nerbatch.config import ConfigError, TrainConfig
 from nerbatch.data import Corpus, build_label_list, check_labels, load_corpus
 from nerbatch.evaluation import evaluate_features
 from nerbatch.modeling import load_model, load_tokenizer, max_model_length
 
 # Keys that may change between a checkpoint and its resumption without changing the run.
-RESUMABLE_CHANGES = {"eval_batch_size", "checkpoint_every", "keep_checkpoints", "report_to"}
+RESUMABLE_CHANGES = {"output_dir", "eval_batch_size", "checkpoint_every", "keep_checkpoints", "report_to"}
 
 
 def load_splits(cfg: TrainConfig) -> tuple[Corpus, Corpus]:
@@ -82,7 +82,7 @@ def check_resumable(saved: dict, cfg: TrainConfig, checkpoint: Path) -> None:
     changed = {k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]}
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in sorted(changed))
-        raise ValueError(f"cannot resume from {checkpoint}: the run was started with other settings ({details})")
+        raise ConfigError(f"cannot resume from {checkpoint}: the run was started with other settings ({details})")
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:

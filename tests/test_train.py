@@ -1,0 +1,137 @@
+"""The training job end to end: real `accelerate launch`, distributed evaluation, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from conftest import CONLL, need
+from nerbatch.cli import main
+from nerbatch.data import read_conll
+
+# One thread per process: the tests run several processes on two cores.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_machines", "1",
+          "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def run(args: list[str], processes: int = 1) -> str:
+    """Run `nerbatch` as a subprocess (under `accelerate launch` when processes > 1); return stdout."""
+    if processes > 1:
+        cmd = LAUNCH + ["--num_processes", str(processes), "-m", "nerbatch"] + args
+    else:
+        cmd = [sys.executable, "-m", "nerbatch"] + args
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def write_conll(sentences, path: Path) -> Path:
+    """Write sentences as a 2-column CoNLL file."""
+    path.write_text("".join("".join(f"{w} {t}\n" for w, t in zip(s.words, s.tags)) + "\n" for s in sentences))
+    return path
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory):
+    """1,500 training sentences and a 97-sentence validation split (not divisible by 2 or 3)."""
+    root = tmp_path_factory.mktemp("splits")
+    train = read_conll(need(CONLL / "train.txt")).sentences[:1500]
+    valid = read_conll(need(CONLL / "valid.txt")).sentences[:97]
+    return write_conll(train, root / "train.conll"), write_conll(valid, root / "valid97.conll")
+
+
+def train_args(model, splits, out, *extra):
+    return ["train", "--model", str(model), "--train", str(splits[0]), "--validation", str(splits[1]),
+            "--output-dir", str(out), "--batch-size", "16", "--eval-batch-size", "8", "--lr", "5e-3",
+            "--group-by-length", *extra]
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_two_process_training_evaluates_exactly_like_one_and_three(tiny_model_dir, splits, tmp_path):
+    out = tmp_path / "run"
+    run(train_args(tiny_model_dir, splits, out, "--epochs", "1"), processes=2)
+    trained = json.loads((out / "metrics.json").read_text())["epochs"][0]
+    assert trained["overall_f1"] > 0.05  # it learned something, so equality below is not trivial
+
+    single = last_json(run(["evaluate", str(out), str(splits[1]), "--batch-size", "8"]))
+    three = last_json(run(["evaluate", str(out), str(splits[1]), "--batch-size", "8"], processes=3))
+    assert single == three
+    for key in ["overall_precision", "overall_recall", "overall_f1", "overall_accuracy", "PER", "LOC"]:
+        assert trained[key] == single[key], key
+    assert sum(single[t]["number"] for t in ["PER", "ORG", "LOC", "MISC"] if t in single) == \
+        sum(t.startswith("B-") for s in read_conll(splits[1]).sentences for t in s.tags)
+
+    # the best model sits at the top of the output directory, usable by the transformers pipeline
+    from transformers import pipeline
+    ner = pipeline("token-classification", model=str(out), aggregation_strategy="simple")
+    assert isinstance(ner("Peter Blackburn visited Brussels ."), list)
+
+
+def test_resume_from_mid_epoch_checkpoint_matches_uninterrupted_run(tiny_model_dir, splits, tmp_path):
+    args = ["--epochs", "2", "--max-train-samples", "400", "--checkpoint-every", "10", "--keep-checkpoints", "100"]
+    full = tmp_path / "full"
+    run(train_args(tiny_model_dir, splits, full, *args))
+    steps = sorted(p.name for p in (full / "checkpoints").iterdir())
+    assert "step_00000010" in steps and "step_00000025" in steps  # 25 batches of 16 per epoch
+
+    # a run "preempted" after step 10 (mid epoch 1) has only that checkpoint; resuming must
+    # replay the same data order, dropout and schedule and end on identical weights
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    os.symlink(full / "checkpoints" / "step_00000010", resumed / "checkpoints" / "step_00000010")
+    stdout = run(train_args(tiny_model_dir, splits, resumed, *args, "--resume"))
+    assert "resumed from" in stdout and "batch 10" in stdout
+
+    a, b = load_file(full / "epoch_2" / "model.safetensors"), load_file(resumed / "epoch_2" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    metrics = [json.loads((d / "metrics.json").read_text())["epochs"] for d in (full, resumed)]
+    assert [e["overall_f1"] for e in metrics[0]] == [e["overall_f1"] for e in metrics[1]]
+
+
+def test_resume_refuses_changed_settings(tiny_model_dir, splits, tmp_path):
+    out = tmp_path / "run"
+    run(train_args(tiny_model_dir, splits, out, "--epochs", "1", "--max-train-samples", "64"))
+    result = CliRunner().invoke(main, train_args(tiny_model_dir, splits, out, "--epochs", "1",
+                                                 "--max-train-samples", "64", "--lr", "1e-3", "--resume"))
+    assert result.exit_code == 1
+    assert "other settings" in result.output and "lr: 0.005 -> 0.001" in result.output
+
+
+def test_label_mismatch_is_an_error_before_training(tiny_model_dir, tmp_path):
+    data = tmp_path / "people.conll"
+    data.write_text("Ada B-PERSON\nLovelace I-PERSON\nwrote O\n\n")
+    result = CliRunner().invoke(main, ["train", "--model", str(tiny_model_dir), "--train", str(data),
+                                       "--validation", str(data), "--output-dir", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "token-classification head with 9 labels" in result.output
+    assert "['O', 'B-PERSON', 'I-PERSON']" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_slow_tokenizer_is_an_error_naming_the_model(tmp_path):
+    from transformers import CanineConfig, CanineTokenizer
+
+    slow = tmp_path / "slow-model"
+    CanineTokenizer().save_pretrained(slow)
+    CanineConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=32).save_pretrained(slow)
+    data = tmp_path / "d.conll"
+    data.write_text("Ada B-PER\n\n")
+    result = CliRunner().invoke(main, ["train", "--model", str(slow), "--train", str(data), "--validation", str(data),
+                                       "--output-dir", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert str(slow) in result.output and "slow (pure Python) tokenizer" in result.output
+    assert not (tmp_path / "out").exists()
