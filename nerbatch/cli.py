@@ -115,3 +115,5 @@ def predict_cmd(model_dir, text, aggregation):
     for span in annotate_texts([text], model, tokenizer, aggregation=aggregation)[0]:
         click.echo(json.dumps({"entity_group": span.label, "word": span.text, "score": round(float(span.score), 4),
                                "start": span.start, "end": span.end}, ensure_ascii=False))
+from nerbatch.annotate import annotate_command  # noqa: E402
+main.add_command(annotate_command)

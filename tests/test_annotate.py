@@ -1,0 +1,180 @@
+"""The annotate command in one process (click's CliRunner): output contract, refusals, bad input, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from conftest import REUTERS, need
+from nerbatch import __version__
+from nerbatch.cli import main
+
+README_QUERY = ("SELECT e.label, count(*) AS n FROM (SELECT unnest(entities) AS e FROM read_parquet('{out}/*.parquet')) "
+                "GROUP BY 1 ORDER BY n DESC")
+
+
+def annotate(model: Path, *args) -> object:
+    return CliRunner().invoke(main, ["annotate", str(model), *map(str, args), "--no-progress"], catch_exceptions=False)
+
+
+def read_output(out: Path) -> pa.Table:
+    parts = sorted(out.glob("part-*.parquet"))
+    return pa.concat_tables(pq.read_table(p) for p in parts).sort_by([("source_file", "ascending"),
+                                                                      ("row_index", "ascending")])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """160 Reuters rows (some with null text) plus hand-made bad rows, in two files, one with row groups."""
+    table = pq.read_table(need(REUTERS), columns=["doc_id", "text"]).slice(0, 160)
+    extra = pa.table({"doc_id": pa.array([-1, -2, -3, -4], pa.int64()),
+                      "text": ["", "  \r\n\t ", "東京 São Paulo 👩‍👩‍👧 e\u0301", None]})
+    directory = tmp_path_factory.mktemp("corpus")
+    pq.write_table(pa.concat_tables([table.slice(0, 100), extra]), directory / "a.parquet", row_group_size=40)
+    pq.write_table(table.slice(100), directory / "b.parquet")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def annotated(tiny_model_dir, corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("out") / "annotated"
+    result = annotate(tiny_model_dir, corpus, "--output", out, "--max-length", 48, "--read-rows", 16)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_every_input_row_appears_once_and_bad_rows_are_flagged(corpus, annotated):
+    table = read_output(annotated)
+    expected = [(str((corpus / name).resolve()), i) for name, n in [("a.parquet", 104), ("b.parquet", 60)]
+                for i in range(n)]
+    assert list(zip(table["source_file"].to_pylist(), table["row_index"].to_pylist())) == expected
+    texts = pq.read_table(corpus / "a.parquet")["text"].to_pylist() + pq.read_table(corpus / "b.parquet")["text"].to_pylist()
+    errors = table["error"].to_pylist()
+    for text, error, entities in zip(texts, errors, table["entities"].to_pylist()):
+        if text is None:
+            assert error == "null text" and entities == []
+        elif not text.strip():
+            assert error in ("empty text", "whitespace-only text") and entities == []
+        else:
+            assert error is None
+            assert all(text[e["start"]:e["end"]] == e["text"] for e in entities)
+    assert errors.count("null text") == sum(t is None for t in texts) >= 10
+    assert errors[100:104] == ["empty text", "whitespace-only text", None, "null text"]
+    windows = table["n_windows"].to_pylist()
+    assert max(windows) > 1 and all((w == 0) == (e is not None) for w, e in zip(windows, errors))
+
+
+def test_output_schema_metadata_and_stats(tiny_model_dir, annotated):
+    parts = sorted(annotated.glob("part-*.parquet"))
+    assert [p.name for p in parts] == [f"part-{i:06d}.parquet" for i in range(4)]  # 3 row groups + 1 file
+    schema = pq.read_schema(parts[0])
+    assert str(schema.field("entities").type) == ("list<element: struct<start: int32, end: int32, label: string, "
+                                                  "text: string, score: float>>")
+    meta = {k.decode(): json.loads(v) for k, v in schema.metadata.items() if k.startswith(b"nerbatch.")}
+    assert meta["nerbatch.model"] == str(tiny_model_dir.resolve())
+    assert meta["nerbatch.labels"][1] == "B-PER" and meta["nerbatch.version"] == __version__
+    assert meta["nerbatch.options"]["aggregation"] == "first" and meta["nerbatch.options"]["max_length"] == 48
+    assert pq.ParquetFile(parts[0]).metadata.row_group(0).column(0).compression == "ZSTD"
+    stats = json.loads((annotated / "_nerbatch" / "stats.json").read_text())
+    table = read_output(annotated)
+    assert stats["complete"] and stats["rows"] == 164 and stats["flagged"] == 164 - table["error"].null_count
+    assert stats["entities"] == sum(len(e) for e in table["entities"].to_pylist()) > 0
+    assert stats["tokens"] > 10000 and stats["seconds"] > 0
+
+
+def test_duckdb_reads_the_output_with_the_readme_query(annotated):
+    rows = duckdb.sql(README_QUERY.format(out=annotated)).fetchall()
+    table = read_output(annotated)
+    counts: dict[str, int] = {}
+    for entities in table["entities"].to_pylist():
+        for e in entities:
+            counts[e["label"]] = counts.get(e["label"], 0) + 1
+    assert dict(rows) == counts and set(counts) <= {"PER", "ORG", "LOC", "MISC"}
+
+
+def test_rerun_skips_completed_units_and_other_options_are_refused(tiny_model_dir, corpus, annotated):
+    before = {p: p.stat().st_mtime_ns for p in annotated.glob("part-*.parquet")}
+    result = annotate(tiny_model_dir, corpus, "--output", annotated, "--max-length", 48, "--read-rows", 16)
+    assert result.exit_code == 0, result.output
+    assert {p: p.stat().st_mtime_ns for p in annotated.glob("part-*.parquet")} == before
+    refused = annotate(tiny_model_dir, corpus, "--output", annotated, "--max-length", 48, "--aggregation", "max")
+    assert refused.exit_code != 0 and "different run" in refused.output and "aggregation" in refused.output
+    assert {p: p.stat().st_mtime_ns for p in annotated.glob("part-*.parquet")} == before
+
+
+def test_a_different_model_is_refused_unless_overwrite(tiny_model_dir, tmp_path, corpus):
+    from conftest import build_tiny_model
+
+    out = tmp_path / "out"
+    assert annotate(tiny_model_dir, corpus / "b.parquet", "--output", out).exit_code == 0
+    other = build_tiny_model(tmp_path / "other")
+    refused = annotate(other, corpus / "b.parquet", "--output", out)
+    assert refused.exit_code != 0 and "model" in refused.output and "--overwrite" in refused.output
+    assert annotate(other, corpus / "b.parquet", "--output", out, "--overwrite").exit_code == 0
+    meta = pq.read_schema(out / "part-000000.parquet").metadata
+    assert json.loads(meta[b"nerbatch.model"]) == str(other.resolve())
+
+
+def test_a_partial_unit_is_redone(tiny_model_dir, corpus, tmp_path):
+    out = tmp_path / "out"
+    assert annotate(tiny_model_dir, corpus, "--output", out, "--max-length", 48).exit_code == 0
+    reference = read_output(out)
+    (out / "_nerbatch" / "done" / "part-000002.json").unlink()  # as if killed after publishing, before marking
+    (out / "part-000001.parquet").unlink()  # as if killed before publishing
+    (out / "_nerbatch" / "tmp").mkdir(exist_ok=True)
+    (out / "_nerbatch" / "tmp" / "part-000001.rank0.parquet").write_bytes(b"half a part")
+    assert annotate(tiny_model_dir, corpus, "--output", out, "--max-length", 48).exit_code == 0
+    assert read_output(out).equals(reference)
+
+
+def test_missing_text_column_is_an_error_naming_file_and_column(tiny_model_dir, corpus, tmp_path):
+    result = annotate(tiny_model_dir, corpus, "--output", tmp_path / "out", "--text-column", "body")
+    assert result.exit_code != 0
+    assert "a.parquet" in result.output and "'body'" in result.output and "doc_id" in result.output
+    assert not (tmp_path / "out").exists()  # refused before any work
+    result = annotate(tiny_model_dir, corpus, "--output", tmp_path / "out", "--id-column", "newid")
+    assert result.exit_code != 0 and "'newid'" in result.output
+
+
+def test_unreadable_parquet_is_an_error_before_any_work(tiny_model_dir, corpus, tmp_path):
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"this is not parquet")
+    result = annotate(tiny_model_dir, corpus / "b.parquet", bad, "--output", tmp_path / "out")
+    assert result.exit_code != 0 and "bad.parquet" in result.output and "not a readable Parquet" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_corrupt_file_fails_its_unit_only(tiny_model_dir, corpus, tmp_path):
+    """Footer fine, data pages garbage: the unit fails loudly, the other units' parts are complete."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    table = pq.read_table(corpus / "b.parquet")
+    pq.write_table(table, inputs / "good.parquet")
+    pq.write_table(table, inputs / "zcorrupt.parquet", compression="zstd")
+    data = bytearray((inputs / "zcorrupt.parquet").read_bytes())
+    data[100:2000] = bytes(1900)  # inside the text column's pages, well before the footer
+    (inputs / "zcorrupt.parquet").write_bytes(bytes(data))
+    out = tmp_path / "out"
+    result = annotate(tiny_model_dir, inputs, "--output", out, "--id-column", "doc_id")
+    assert result.exit_code != 0
+    assert "zcorrupt.parquet" in result.output and "failed" in result.output
+    assert [p.name for p in out.glob("part-*.parquet")] == ["part-000000.parquet"]
+    good = pq.read_table(out / "part-000000.parquet")
+    assert good["doc_id"].to_pylist() == table["doc_id"].to_pylist()
+    assert not (out / "_nerbatch" / "stats.json").exists()  # the run is not complete
+    assert list((out / "_nerbatch" / "tmp").iterdir()) == []
+
+
+def test_id_column_is_passed_through_with_its_type(tiny_model_dir, corpus, tmp_path):
+    out = tmp_path / "out"
+    assert annotate(tiny_model_dir, corpus / "b.parquet", "--output", out, "--id-column", "doc_id").exit_code == 0
+    table = pq.read_table(out / "part-000000.parquet")
+    assert table.schema.field("doc_id").type == pa.int64()
+    assert table.column_names == ["doc_id", "entities", "error", "n_windows"]
+    assert table["doc_id"].to_pylist() == pq.read_table(corpus / "b.parquet")["doc_id"].to_pylist()
