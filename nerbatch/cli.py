@@ -115,5 +115,12 @@ def predict_cmd(model_dir, text, aggregation):
     for span in annotate_texts([text], model, tokenizer, aggregation=aggregation)[0]:
         click.echo(json.dumps({"entity_group": span.label, "word": span.text, "score": round(float(span.score), 4),
                                "start": span.start, "end": span.end}, ensure_ascii=False))
+
+
+# Commands that live with their stage.
 from nerbatch.annotate import annotate_command  # noqa: E402
-main.add_command(annotate_command)
+from nerbatch.bench import bench_command  # noqa: E402
+from nerbatch.demo import demo_command  # noqa: E402
+
+for _command in (annotate_command, bench_command, demo_command):
+    main.add_command(_command)

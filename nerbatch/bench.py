@@ -1,0 +1,300 @@
+"""`nerbatch bench`: side-by-side measurements in one run, on one machine, with one model.
+
+1. annotation: the transformers pipeline (best of several batch sizes) vs `nerbatch annotate`
+   (Parquet in, Parquet out) vs a forward-only ceiling (pre-tokenized, length-sorted batches);
+2. training: a faithful copy of the reference loop vs `nerbatch train`, one epoch each;
+3. memory: peak RSS of `nerbatch annotate` on a corpus and on ten copies of it.
+
+Every figure printed comes from this run; the JSON file keeps them with the settings used.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+REPO_SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+RSS_WRAPPER = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
+               "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
+
+
+def machine() -> dict:
+    """Cores, CPU and GPU names of this machine."""
+    import os
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cores": os.cpu_count(), "cpu": cpu, "gpu": gpu, "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__}
+
+
+def load_documents(corpus: Path, count: int, tokenizer, max_length: int) -> list[str]:
+    """The first `count` non-null texts that fit in one window (so the pipeline sees them whole)."""
+    import pyarrow.parquet as pq
+
+    texts = []
+    for batch in pq.ParquetFile(corpus).iter_batches(columns=["text"], batch_size=2000):
+        for text in batch.column("text").to_pylist():
+            if text and text.strip() and len(tokenizer(text)["input_ids"]) <= max_length:
+                texts.append(text)
+                if len(texts) == count:
+                    return texts
+    return texts
+
+
+def timed(fn) -> tuple[float, object]:
+    started = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - started, result
+
+
+def bench_pipeline(model, tokenizer, texts: list[str], batch_sizes: list[int], device) -> dict:
+    """docs/s of `pipeline(aggregation_strategy="simple")` for each batch size, and its best output."""
+    from transformers import pipeline
+
+    ner = pipeline("token-classification", model=model, tokenizer=tokenizer, aggregation_strategy="simple",
+                   device=device)
+    ner(texts[:4])  # warm-up
+    results, best = {}, None
+    for size in batch_sizes:
+        seconds, output = timed(lambda: ner(texts, batch_size=size))
+        results[size] = len(texts) / seconds
+        if best is None or results[size] > results[best]:
+            best, best_output = size, output
+    return {"docs_per_s": results, "best_batch_size": best, "output": best_output}
+
+
+def bench_ceiling(model, tokenizer, texts: list[str], max_batch_tokens: int, device) -> dict:
+    """The forward pass alone: texts tokenized up front, sorted by length, batched by a token budget."""
+    import torch
+
+    encoded = tokenizer(texts, truncation=True)["input_ids"]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    batches, current = [], []
+    for i in order:  # ascending lengths: the newest member is the longest, so padded size = len * count
+        if current and len(encoded[i]) * (len(current) + 1) > max_batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    batches.append(current)
+    tensors = []
+    for batch in batches:
+        padded = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
+        tensors.append({k: v.to(device) for k, v in padded.items()})
+    model.eval()
+    with torch.inference_mode():
+        model(**tensors[0])  # warm-up
+        seconds, _ = timed(lambda: [model(**t).logits.argmax(-1).cpu() for t in tensors])
+    return {"docs_per_s": len(texts) / seconds, "tokens": sum(map(len, encoded)), "seconds": seconds}
+
+
+def bench_annotate(model_dir: str, texts: list[str], workdir: Path, aggregation: str = "simple") -> dict:
+    """`nerbatch annotate` end to end in this process: Parquet in, Parquet out."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nerbatch.annotate import annotate_command
+
+    source = workdir / "docs.parquet"
+    pq.write_table(pa.table({"doc_id": list(range(len(texts))), "text": texts}), source)
+    out = workdir / "annotated"
+    args = [model_dir, str(source), "--output", str(out), "--id-column", "doc_id", "--aggregation", aggregation,
+            "--overwrite", "--no-progress"]
+    seconds, _ = timed(lambda: annotate_command.main(args, standalone_mode=False))
+    rows = pq.read_table(out).sort_by("doc_id").to_pylist()
+    return {"docs_per_s": len(texts) / seconds, "seconds": seconds, "rows": rows}
+
+
+def same_spans(pipeline_output: list[list[dict]], rows: list[dict]) -> int:
+    """Number of documents whose (start, end, label) spans differ between pipeline and annotate."""
+    differ = 0
+    for theirs, row in zip(pipeline_output, rows):
+        a = [(e["start"], e["end"], e["entity_group"]) for e in theirs]
+        b = [(e["start"], e["end"], e["label"]) for e in row["entities"]]
+        differ += a != b
+    return differ
+
+
+def run_annotation(model_dir: str, corpus: Path, docs: int, batch_sizes: list[int]) -> dict:
+    """Section 1: pipeline vs annotate vs ceiling on the same documents."""
+    import torch
+    from transformers import AutoModelForTokenClassification
+
+    from nerbatch.modeling import load_tokenizer, max_model_length
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = load_tokenizer(model_dir)
+    model = AutoModelForTokenClassification.from_pretrained(model_dir).to(device).eval()
+    texts = load_documents(corpus, docs, tokenizer, max_model_length(tokenizer, model.config))
+    tokens = sum(len(ids) for ids in tokenizer(texts)["input_ids"])
+    with tempfile.TemporaryDirectory() as tmp:
+        annotate = bench_annotate(model_dir, texts, Path(tmp))
+    pipe = bench_pipeline(model, tokenizer, texts, batch_sizes, device)
+    ceiling = bench_ceiling(model, tokenizer, texts, 1024 if device == "cpu" else 32768, device)
+    best = pipe["docs_per_s"][pipe["best_batch_size"]]
+    return {"docs": len(texts), "tokens": tokens, "device": device,
+            "pipeline_docs_per_s": pipe["docs_per_s"], "pipeline_best_batch_size": pipe["best_batch_size"],
+            "annotate_docs_per_s": annotate["docs_per_s"], "ceiling_docs_per_s": ceiling["docs_per_s"],
+            "annotate_tokens_per_s": tokens / annotate["seconds"], "ceiling_tokens_per_s": tokens / ceiling["seconds"],
+            "pipeline_best_tokens_per_s": tokens * best / len(texts),
+            "annotate_over_pipeline": annotate["docs_per_s"] / best,
+            "annotate_over_ceiling": annotate["docs_per_s"] / ceiling["docs_per_s"],
+            "docs_with_different_spans": same_spans(pipe["output"], annotate["rows"])}
+
+
+def reference_loop(model_dir: str, train_file: str, valid_file: str, sentences: int, seed: int = 42) -> dict:
+    """One epoch of the reference recipe's loop: batch 8, AdamW 2e-5, linear schedule, shuffled
+    batches padded per batch, every subword labelled; then our word-level evaluation."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import DataCollatorForTokenClassification, get_scheduler
+
+    from nerbatch.align import encode
+    from nerbatch.batching import make_loader, sort_by_length
+    from nerbatch.data import build_label_list, read_conll
+    from nerbatch.evaluation import evaluate_features
+    from nerbatch.modeling import load_model, load_tokenizer
+
+    accelerator = Accelerator()
+    set_seed(seed)
+    train = read_conll(train_file)
+    train.sentences = train.sentences[:sentences]
+    valid = read_conll(valid_file)
+    tokenizer = load_tokenizer(model_dir)
+    model, labels = load_model(model_dir, build_label_list(train))
+    label2id = {label: i for i, label in enumerate(labels)}
+    items = [f.to_model_input() for f in encode(tokenizer, train.sentences, label2id, 512).features]
+    collator = DataCollatorForTokenClassification(tokenizer)
+    loader = torch.utils.data.DataLoader(items, shuffle=True, batch_size=8, collate_fn=collator)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=len(loader))
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    model.train()
+    started = time.perf_counter()
+    for batch in loader:
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    seconds = time.perf_counter() - started
+    val = sort_by_length(encode(tokenizer, valid.sentences, label2id, 512, label_all_subwords=False))
+    val_loader = accelerator.prepare(make_loader(val, collator, 32, seed, train=False, group=False))
+    metrics = evaluate_features(accelerator, model, val_loader, val.features, [s.tags for s in valid.sentences],
+                                dict(enumerate(labels)))
+    return {"train_seconds": seconds, "f1": metrics["overall_f1"]}
+
+
+def nerbatch_epoch(model_dir: str, train_file: str, valid_file: str, sentences: int, workdir: Path) -> dict:
+    """One epoch of `nerbatch train` with the recommended settings, in a subprocess."""
+    out = workdir / "nerbatch-train"
+    cmd = [sys.executable, "-m", "nerbatch", "train", "--model", model_dir, "--train", train_file,
+           "--validation", valid_file, "--output-dir", str(out), "--epochs", "1", "--batch-size", "32",
+           "--lr", "1e-4", "--warmup-ratio", "0.06", "--weight-decay", "0.01", "--group-by-length",
+           "--max-train-samples", str(sentences)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    epoch = json.loads((out / "metrics.json").read_text())["epochs"][0]
+    return {"train_seconds": epoch["train_seconds"], "f1": epoch["overall_f1"]}
+
+
+def run_training(encoder: str, conll: Path, sentences: int) -> dict:
+    """Section 2: reference loop vs nerbatch train, one epoch each on the same sentences."""
+    train_file, valid_file = str(conll / "train.txt"), str(conll / "valid.txt")
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = nerbatch_epoch(encoder, train_file, valid_file, sentences, Path(tmp))
+    reference = reference_loop(encoder, train_file, valid_file, sentences)
+    return {"sentences": sentences, "reference": reference, "nerbatch": ours,
+            "speedup": reference["train_seconds"] / ours["train_seconds"],
+            "f1_difference": ours["f1"] - reference["f1"]}
+
+
+def peak_rss_mb(cmd: list[str]) -> float:
+    """Peak resident memory of `cmd` (and its children), in MiB."""
+    done = subprocess.run([sys.executable, "-c", RSS_WRAPPER, *cmd], check=True, capture_output=True, text=True)
+    return int(done.stdout.split("MAXRSS_KB")[-1]) / 1024
+
+
+def run_memory(model_dir: str, corpus: Path, docs: int) -> dict:
+    """Section 3: peak RSS on `docs` documents, then on ten files of them."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(corpus).slice(0, docs)
+    with tempfile.TemporaryDirectory() as tmp:
+        one, ten = Path(tmp) / "one", Path(tmp) / "ten"
+        one.mkdir()
+        ten.mkdir()
+        pq.write_table(table, one / "part-0.parquet", row_group_size=500)
+        for k in range(10):
+            pq.write_table(table, ten / f"part-{k}.parquet", row_group_size=500)
+        base = [sys.executable, "-m", "nerbatch", "annotate", model_dir, "--id-column", "doc_id", "--no-progress"]
+        rss_one = peak_rss_mb(base[:5] + [str(one), "--output", str(Path(tmp) / "out1")] + base[5:])
+        rss_ten = peak_rss_mb(base[:5] + [str(ten), "--output", str(Path(tmp) / "out10")] + base[5:])
+    return {"docs": docs, "peak_rss_mb_1x": rss_one, "peak_rss_mb_10x": rss_ten, "ratio": rss_ten / rss_one}
+
+
+def print_table(report: dict) -> None:
+    """Human-readable summary of the report."""
+    m = report["machine"]
+    click.echo(f"machine: {m['cores']} cores, {m['cpu']}, GPU: {m['gpu'] or 'none'}; torch {m['torch']}")
+    if "annotation" in report:
+        a = report["annotation"]
+        click.echo(f"\nannotation ({a['docs']} docs, {a['tokens']} tokens, {a['device']}):")
+        for size, rate in a["pipeline_docs_per_s"].items():
+            click.echo(f"  pipeline batch {size:>3}: {rate:8.2f} docs/s")
+        click.echo(f"  nerbatch annotate:   {a['annotate_docs_per_s']:8.2f} docs/s {a['annotate_tokens_per_s']:9.0f} tokens/s")
+        click.echo(f"  forward-only ceiling:{a['ceiling_docs_per_s']:8.2f} docs/s {a['ceiling_tokens_per_s']:9.0f} tokens/s")
+        click.echo(f"  annotate / pipeline best = {a['annotate_over_pipeline']:.2f}x; annotate / ceiling = "
+                   f"{a['annotate_over_ceiling']:.1%}; documents with different spans: {a['docs_with_different_spans']}")
+    if "training" in report:
+        t = report["training"]
+        click.echo(f"\ntraining, one epoch on {t['sentences']} sentences:")
+        for name in ("reference", "nerbatch"):
+            click.echo(f"  {name:<10} {t[name]['train_seconds']:8.1f} s   validation F1 {t[name]['f1']:.4f}")
+        click.echo(f"  speed-up {t['speedup']:.2f}x, F1 difference {t['f1_difference']:+.4f}")
+    if "memory" in report:
+        r = report["memory"]
+        click.echo(f"\nmemory: peak RSS {r['peak_rss_mb_1x']:.0f} MiB on {r['docs']} docs, {r['peak_rss_mb_10x']:.0f} MiB "
+                   f"on 10 files of them (ratio {r['ratio']:.2f})")
+
+
+@click.command("bench")
+@click.option("--model", "model_dir", required=True, help="A fine-tuned token classifier (for annotation/memory).")
+@click.option("--encoder", default=None, help="Base encoder for the training comparison (default: the MiniLM package).")
+@click.option("--data", type=click.Path(path_type=Path), default=REPO_SHARED, show_default=True,
+              help="Folder holding conll2003/ and reuters21578/.")
+@click.option("--docs", default=300, show_default=True, help="Reuters documents for the annotation comparison.")
+@click.option("--batch-sizes", default="1,8,32", show_default=True, help="Pipeline batch sizes to try.")
+@click.option("--train-sentences", default=2000, show_default=True,
+              help="Training sentences per epoch (14041 = the full split; the default is the reduced mode).")
+@click.option("--memory-docs", default=1000, show_default=True, help="Documents per copy in the memory check.")
+@click.option("--sections", default="annotation,training,memory", show_default=True)
+@click.option("--json-out", type=click.Path(path_type=Path), default=Path("bench.json"), show_default=True)
+def bench_command(model_dir, encoder, data, docs, batch_sizes, train_sentences, memory_docs, sections, json_out):
+    """Benchmark annotation, training and memory side by side; print a table and write JSON."""
+    wanted = set(sections.split(","))
+    report = {"machine": machine(), "command": " ".join(sys.argv), "model": model_dir}
+    corpus = data / "reuters21578" / "reuters21578.parquet"
+    if "annotation" in wanted:
+        report["annotation"] = run_annotation(model_dir, corpus, docs, [int(b) for b in batch_sizes.split(",")])
+    if "training" in wanted:
+        from nerbatch.demo import minilm_path
+        report["training"] = run_training(encoder or minilm_path(), data / "conll2003", train_sentences)
+    if "memory" in wanted:
+        report["memory"] = run_memory(model_dir, corpus, memory_docs)
+    json_out.write_text(json.dumps(report, indent=1, default=str))
+    print_table(report)
+    click.echo(f"\nwritten: {json_out}")
