@@ -369,9 +369,16 @@ def annotate_command(model_dir, inputs, output, text_column, id_column, aggregat
     the work over processes and machines. Rerun the same command after a crash or preemption: done
     units are skipped, unfinished ones redone.
     """
+    import torch
     from accelerate import PartialState
 
-    state = PartialState()  # the one place that knows about ranks
+    # The one place that knows about ranks. Without a GPU, cpu=True lets torchrun-style launches
+    # (`accelerate launch --multi_gpu --num_processes N` on a CPU box, or torchrun) form a gloo group.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != state.num_processes:  # two processes both believing they are rank 0 would collide
+        raise click.ClickException(f"the launcher started {launched} processes but accelerate sees "
+                                   f"{state.num_processes}; check the launch command")
     # SIGTERM (SLURM preemption, the launcher stopping a failed job) unwinds through `finally` like Ctrl-C.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     options = Options(model_dir, list(inputs), output, text_column, id_column, aggregation, max_length, stride,

@@ -1,0 +1,111 @@
+"""The annotate job as real processes: 1 vs 2 ranks under `accelerate launch` on CPU, and SIGKILL then rerun.
+
+The kill test uses the test-only hook `NERBATCH_TEST_SLOW_BATCH_S` (see `nerbatch.annotate.SLOW_ENV`):
+the job sleeps after writing each record batch, so the kill lands while a part is half written.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REPO, REUTERS, need
+
+pytestmark = pytest.mark.slow
+
+
+def command(model: Path, corpus: Path, out: Path) -> list[str]:
+    return ["-m", "nerbatch", "annotate", str(model), str(corpus), "--output", str(out), "--max-length", "64",
+            "--read-rows", "8", "--id-column", "doc_id", "--no-progress"]
+
+
+def environment(**extra) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **extra}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return env
+
+
+def rows(out: Path) -> list[dict]:
+    table = pa.concat_tables(pq.read_table(p) for p in sorted(out.glob("part-*.parquet")))
+    return table.sort_by("doc_id").to_pylist()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """150 Reuters rows in 5 row groups plus a one-group file: 6 units, uneven over 2 ranks."""
+    table = pq.read_table(need(REUTERS), columns=["doc_id", "text"]).slice(1000, 180)
+    directory = tmp_path_factory.mktemp("launch-corpus")
+    pq.write_table(table.slice(0, 150), directory / "a.parquet", row_group_size=30)
+    pq.write_table(table.slice(150), directory / "b.parquet")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("one") / "out"
+    done = subprocess.run([sys.executable, *command(tiny_model_dir, corpus, out)], env=environment(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_two_processes_give_the_rows_of_one(tiny_model_dir, corpus, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    # In accelerate 1.x `launch --cpu --num_processes 2` starts ONE process (its simple launcher; only
+    # mpirun gives several). `--multi_gpu` on a machine without GPUs goes through torchrun and starts
+    # two, which form a gloo group on CPU; the job checks that the launcher and accelerate agree.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+              "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    done = subprocess.run([*launch, *command(tiny_model_dir, corpus, out)], env=environment(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 0:" in done.stderr and "rank 1:" in done.stderr  # both ranks did work
+    assert len(list((out / "_nerbatch" / "stats").glob("rank-*-of-00002.json"))) == 2
+    one, two = rows(uninterrupted), rows(out)
+    assert len(two) == 180 and [r["doc_id"] for r in two] == [r["doc_id"] for r in one]
+    assert two == one
+    assert sorted(p.name for p in out.glob("*.parquet")) == sorted(p.name for p in uninterrupted.glob("*.parquet"))
+
+
+def wait_for(predicate, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting for the job"
+        time.sleep(0.05)
+
+
+def test_sigkill_mid_unit_then_rerun_equals_an_uninterrupted_run(tiny_model_dir, corpus, uninterrupted, tmp_path):
+    out = tmp_path / "out"
+    argv = [sys.executable, *command(tiny_model_dir, corpus, out)]
+    for kill in range(2):  # killed twice, at different points, then run to completion
+        job = subprocess.Popen(argv, env=environment(NERBATCH_TEST_SLOW_BATCH_S="0.2"), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+        markers = out / "_nerbatch" / "done"
+        wait_for(lambda: len(list(markers.glob("*.json"))) > kill if markers.exists() else False)
+        wait_for(lambda: any((out / "_nerbatch" / "tmp").glob("*.parquet")))  # the next part is half written
+        job.send_signal(signal.SIGKILL)
+        assert job.wait() == -signal.SIGKILL
+        assert len(list(out.glob("part-*.parquet"))) < 6
+        assert any((out / "_nerbatch" / "tmp").glob("*.parquet"))
+        assert not (out / "_nerbatch" / "stats.json").exists()
+        for part in out.glob("part-*.parquet"):  # whatever is published is whole
+            assert pq.read_table(part).num_rows > 0
+    done = subprocess.run(argv, env=environment(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert rows(out) == rows(uninterrupted)
+    assert (out / "_nerbatch" / "stats.json").exists()
