@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Iterator
 import click
 
 from nerbatch import __version__
+from nerbatch.dist import LaunchError, process_state
 from nerbatch.inference import Annotator, Document
 from nerbatch.parquet_io import SOURCE_FIELDS, InputError, PartWriter, iter_batches, open_parquet, output_schema
 from nerbatch.parquet_io import write_json_atomic
@@ -369,16 +370,10 @@ def annotate_command(model_dir, inputs, output, text_column, id_column, aggregat
     the work over processes and machines. Rerun the same command after a crash or preemption: done
     units are skipped, unfinished ones redone.
     """
-    import torch
-    from accelerate import PartialState
-
-    # The one place that knows about ranks. Without a GPU, cpu=True lets torchrun-style launches
-    # (`accelerate launch --multi_gpu --num_processes N` on a CPU box, or torchrun) form a gloo group.
-    state = PartialState(cpu=not torch.cuda.is_available())
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != state.num_processes:  # two processes both believing they are rank 0 would collide
-        raise click.ClickException(f"the launcher started {launched} processes but accelerate sees "
-                                   f"{state.num_processes}; check the launch command")
+    try:
+        state = process_state()
+    except LaunchError as exc:  # two processes both believing they are rank 0 would collide
+        raise click.ClickException(str(exc)) from exc
     # SIGTERM (SLURM preemption, the launcher stopping a failed job) unwinds through `finally` like Ctrl-C.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     options = Options(model_dir, list(inputs), output, text_column, id_column, aggregation, max_length, stride,

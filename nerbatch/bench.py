@@ -159,17 +159,17 @@ def reference_loop(model_dir: str, train_file: str, valid_file: str, sentences: 
     """One epoch of the reference recipe's loop: batch 8, AdamW 2e-5, linear schedule, shuffled
     batches padded per batch, every subword labelled; then our word-level evaluation."""
     import torch
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import DataCollatorForTokenClassification, get_scheduler
 
     from nerbatch.align import encode
     from nerbatch.batching import make_loader, sort_by_length
     from nerbatch.data import build_label_list, read_conll
+    from nerbatch.dist import make_accelerator
     from nerbatch.evaluation import evaluate_features
     from nerbatch.modeling import load_model, load_tokenizer
 
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     set_seed(seed)
     train = read_conll(train_file)
     train.sentences = train.sentences[:sentences]

@@ -47,13 +47,14 @@ def train_cmd(config_path, resume, train_data, **options):
     """Fine-tune a token classifier (run under `accelerate launch` for several processes)."""
     from nerbatch.config import ConfigError, load_config
     from nerbatch.data import DataError
+    from nerbatch.dist import LaunchError
     from nerbatch.modeling import ModelError
     from nerbatch.train import train
 
     try:
         cfg = load_config(config_path, {"train": train_data, **options})
         train(cfg, resume=resume)
-    except (ConfigError, DataError, ModelError) as exc:
+    except (ConfigError, DataError, ModelError, LaunchError) as exc:
         _fail(exc)
 
 
@@ -67,17 +68,19 @@ def evaluate_cmd(model_dir, data, split, batch_size, max_length):
     """Score MODEL_DIR on labelled DATA; the last line printed is the metrics as one JSON object."""
     import json
 
-    from accelerate import PartialState
-
     from nerbatch.data import DataError
+    from nerbatch.dist import LaunchError, process_state
     from nerbatch.evaluation import evaluate_dir
     from nerbatch.modeling import ModelError
 
     try:
         metrics = evaluate_dir(model_dir, data, split, batch_size, max_length)
-    except (DataError, ModelError) as exc:
+    except (DataError, ModelError, LaunchError) as exc:
         _fail(exc)
-    if PartialState().is_main_process:
+    state = process_state()
+    if state.is_main_process:
+        n = state.num_processes
+        click.echo(f"{model_dir} on {data}, evaluated on {n} process{'es' if n > 1 else ''}:")
         print_table(metrics)
         click.echo(json.dumps(metrics, sort_keys=True))
 

@@ -105,7 +105,7 @@ def demo_command(model, dataset, output_dir, epochs, lr, show):
                                 "--batch-size", "16", "--warmup-ratio", "0.1", "--group-by-length"])
     step("evaluate the best epoch", python + ["evaluate", str(model_dir), validation])
     write_documents(DEMO_DATA / "documents.jsonl", documents)
-    step("annotate with 2 processes", [sys.executable, "-m", "accelerate.commands.launch", "--cpu",
+    step("annotate with 2 processes", [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                                        "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                                        "--dynamo_backend", "no", "-m", "nerbatch", "annotate", str(model_dir),
                                        str(documents), "--output", str(entities), "--id-column", "doc_id",

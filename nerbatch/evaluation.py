@@ -86,15 +86,15 @@ def evaluate_features(accelerator, model, loader, features: list[Feature], gold:
 def evaluate_dir(model_dir: str, data: str, split: str = "validation", batch_size: int = 32,
                  max_length: int | None = None, tokens_column: str = "tokens", tags_column: str = "ner_tags") -> dict:
     """Evaluate a saved model on a labelled corpus; runs on any number of processes."""
-    from accelerate import Accelerator
     from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification
 
     from nerbatch.align import encode
     from nerbatch.batching import make_loader, sort_by_length
     from nerbatch.data import check_labels, load_corpus
+    from nerbatch.dist import make_accelerator
     from nerbatch.modeling import load_tokenizer, max_model_length
 
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     tokenizer = load_tokenizer(model_dir)
     model = AutoModelForTokenClassification.from_pretrained(model_dir)
     with accelerator.main_process_first():

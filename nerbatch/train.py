@@ -22,6 +22,7 @@ from transformers import DataCollatorForTokenClassification, get_linear_schedule
 from nerbatch.align import encode
 from nerbatch.batching import make_loader, sort_by_length
 from nerbatch.config import ConfigError, TrainConfig
+from nerbatch.dist import make_accelerator
 from nerbatch.data import Corpus, build_label_list, check_labels, load_corpus
 from nerbatch.evaluation import evaluate_features
 from nerbatch.modeling import load_model, load_tokenizer, max_model_length
@@ -76,6 +77,12 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, progress: dict, 
     accelerator.wait_for_everyone()
 
 
+def processes(accelerator: Accelerator) -> str:
+    """'1 process' / 'N processes', and the device, for log lines."""
+    n = accelerator.num_processes
+    return f"{n} process{'es' if n > 1 else ''} ({accelerator.device.type})"
+
+
 def check_resumable(saved: dict, cfg: TrainConfig, checkpoint: Path) -> None:
     """Refuse to resume a checkpoint written with different settings (model, data, schedule...)."""
     current = cfg.to_dict()
@@ -87,8 +94,8 @@ def check_resumable(saved: dict, cfg: TrainConfig, checkpoint: Path) -> None:
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Run the whole training job; returns the best epoch's metrics (main process writes files)."""
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              log_with=cfg.report_to, project_dir=cfg.output_dir)
+    accelerator = make_accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                                   log_with=cfg.report_to, project_dir=cfg.output_dir)
     set_seed(cfg.seed)
     output_dir = Path(cfg.output_dir)
     tokenizer = load_tokenizer(cfg.model)  # a slow tokenizer fails here, before any work
@@ -104,7 +111,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     val_enc = sort_by_length(encode(tokenizer, val_corpus.sentences, label2id, max_length, label_all_subwords=False))
     accelerator.print(f"train: {len(train_corpus)} sentences -> {len(train_enc.features)} features "
                       f"({train_enc.split_sentences} longer than {max_length} subwords, split between words); "
-                      f"validation: {len(val_corpus)} sentences ({val_enc.split_sentences} split); labels: {labels}")
+                      f"validation: {len(val_corpus)} sentences ({val_enc.split_sentences} split); labels: {labels}; "
+                      f"training on {processes(accelerator)}")
 
     pad8 = 8 if accelerator.mixed_precision in ("fp16", "bf16") else None
     collator = DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=pad8)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,14 +20,23 @@ from nerbatch.data import read_conll
 
 # One thread per process: the tests run several processes on two cores.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_machines", "1",
+# accelerate's `--cpu` launcher starts a single process unless MPI is installed; `--multi_gpu` goes
+# through torchrun, which starts them all, and nerbatch joins them into a gloo group on the CPU.
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
           "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run(args: list[str], processes: int = 1) -> str:
     """Run `nerbatch` as a subprocess (under `accelerate launch` when processes > 1); return stdout."""
     if processes > 1:
-        cmd = LAUNCH + ["--num_processes", str(processes), "-m", "nerbatch"] + args
+        cmd = LAUNCH + ["--num_processes", str(processes), "--main_process_port", str(free_port()),
+                        "-m", "nerbatch"] + args
     else:
         cmd = [sys.executable, "-m", "nerbatch"] + args
     done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
@@ -61,22 +71,30 @@ def last_json(stdout: str) -> dict:
 
 def test_two_process_training_evaluates_exactly_like_one_and_three(tiny_model_dir, splits, tmp_path):
     out = tmp_path / "run"
-    run(train_args(tiny_model_dir, splits, out, "--epochs", "1"), processes=2)
-    trained = json.loads((out / "metrics.json").read_text())["epochs"][0]
+    assert "on 2 processes" in run(train_args(tiny_model_dir, splits, out, "--epochs", "2"), processes=2)
+    trained = json.loads((out / "metrics.json").read_text())["epochs"][-1]
     assert trained["overall_f1"] > 0.05  # it learned something, so equality below is not trivial
 
-    single = last_json(run(["evaluate", str(out), str(splits[1]), "--batch-size", "8"]))
-    three = last_json(run(["evaluate", str(out), str(splits[1]), "--batch-size", "8"], processes=3))
+    single = run(["evaluate", str(out), str(splits[1]), "--batch-size", "8"])
+    three = run(["evaluate", str(out), str(splits[1]), "--batch-size", "8"], processes=3)
+    assert "on 1 process" in single and "on 3 processes" in three
+    single, three = last_json(single), last_json(three)
     assert single == three
     for key in ["overall_precision", "overall_recall", "overall_f1", "overall_accuracy", "PER", "LOC"]:
         assert trained[key] == single[key], key
     assert sum(single[t]["number"] for t in ["PER", "ORG", "LOC", "MISC"] if t in single) == \
         sum(t.startswith("B-") for s in read_conll(splits[1]).sentences for t in s.tags)
 
-    # the best model sits at the top of the output directory, usable by the transformers pipeline
+    # the best model sits at the top of the output directory, usable by the transformers pipeline,
+    # and `nerbatch predict` prints the same entities as JSON lines
     from transformers import pipeline
-    ner = pipeline("token-classification", model=str(out), aggregation_strategy="simple")
-    assert isinstance(ner("Peter Blackburn visited Brussels ."), list)
+    text = "Peter Blackburn of the European Commission visited Brussels and Germany on Monday ."
+    expected = pipeline("token-classification", model=str(out), aggregation_strategy="simple")(text)
+    lines = run(["predict", str(out), text, "--aggregation", "simple"]).strip().splitlines()
+    predicted = [json.loads(line) for line in lines]
+    assert [(e["entity_group"], e["start"], e["end"]) for e in predicted] == \
+        [(e["entity_group"], e["start"], e["end"]) for e in expected]
+    assert all(text[e["start"]:e["end"]] == e["word"] for e in predicted)
 
 
 def test_resume_from_mid_epoch_checkpoint_matches_uninterrupted_run(tiny_model_dir, splits, tmp_path):
@@ -135,3 +153,35 @@ def test_slow_tokenizer_is_an_error_naming_the_model(tmp_path):
     assert result.exit_code == 1
     assert str(slow) in result.output and "slow (pure Python) tokenizer" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def build_tiny_roberta(directory: Path, words: list[str]) -> Path:
+    """A random tiny RoBERTa with a byte-level BPE tokenizer (needs add_prefix_space for split words)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AutoTokenizer, RobertaConfig, RobertaForMaskedLM
+
+    directory.mkdir(parents=True, exist_ok=True)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([" ".join(words[i:i + 30]) for i in range(0, len(words), 30)], vocab_size=600,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe.save_model(str(directory))  # vocab.json + merges.txt, which AutoTokenizer reads for model_type roberta
+    config = RobertaConfig(vocab_size=bpe.get_vocab_size(), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=130)
+    RobertaForMaskedLM(config).save_pretrained(directory)  # a base checkpoint without a NER head
+    AutoTokenizer.from_pretrained(directory).save_pretrained(directory)
+    return directory
+
+
+def test_roberta_words_get_a_prefix_space_and_train(splits, tmp_path):
+    from nerbatch.modeling import load_tokenizer
+
+    sentences = read_conll(splits[0]).sentences[:200]
+    model = build_tiny_roberta(tmp_path / "roberta", [w for s in sentences for w in s.words])
+    tokenizer = load_tokenizer(str(model))
+    # with the prefix space, split words are tokenized as they are in running text (" visited" -> "Ġv"...)
+    split = tokenizer(["Blackburn", "visited", "Brussels"], is_split_into_words=True, add_special_tokens=False)
+    running = tokenizer(" Blackburn visited Brussels", add_special_tokens=False)
+    assert split["input_ids"] == running["input_ids"]
+    out = tmp_path / "out"
+    run(train_args(model, splits, out, "--epochs", "1", "--max-train-samples", "200", "--max-length", "128"))
+    assert json.loads((out / "metrics.json").read_text())["epochs"][0]["overall_accuracy"] > 0.5

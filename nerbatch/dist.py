@@ -1,0 +1,48 @@
+"""The one place that knows how the processes were launched; everything else takes an Accelerator
+or plain ints."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+class LaunchError(RuntimeError):
+    """The launcher and accelerate disagree on the number of processes."""
+
+
+def use_cpu() -> bool:
+    """Run on the CPU when CUDA is absent.
+
+    Several CPU processes are started by torchrun (`accelerate launch --multi_gpu --num_processes N`;
+    accelerate's `--cpu` launcher starts only one without MPI). Without `cpu=True`, accelerate finds
+    no GPU and makes each of them a lone non-distributed process: N copies of rank 0.
+    """
+    return not torch.cuda.is_available()
+
+
+def check_world(processes: int) -> None:
+    """Refuse to run when the launcher started more processes than accelerate joined into one group."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != processes:
+        raise LaunchError(f"the launcher started {launched} processes but accelerate sees {processes}; "
+                          "check the launch command")
+
+
+def make_accelerator(**kwargs):
+    """An `Accelerator` joined into the launcher's process group (see `use_cpu`)."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=use_cpu(), **kwargs)
+    check_world(accelerator.num_processes)
+    return accelerator
+
+
+def process_state():
+    """accelerate's `PartialState` (rank, world size, device) for jobs that train nothing."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=use_cpu())
+    check_world(state.num_processes)
+    return state
