@@ -11,6 +11,7 @@ Every figure printed comes from this run; the JSON file keeps them with the sett
 from __future__ import annotations
 
 import json
+import math
 import platform
 import subprocess
 import sys
@@ -55,29 +56,30 @@ def load_documents(corpus: Path, count: int, tokenizer, max_length: int) -> list
     return texts
 
 
-def timed(fn) -> tuple[float, object]:
-    started = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - started, result
+def best_times(methods: dict, repeats: int) -> tuple[dict, dict]:
+    """Run every method once per round, `repeats` rounds, interleaved so that all of them see the
+    same machine conditions; return each method's best wall time and its last output."""
+    best = {name: math.inf for name in methods}
+    outputs = {}
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            started = time.perf_counter()
+            outputs[name] = fn()
+            best[name] = min(best[name], time.perf_counter() - started)
+    return best, outputs
 
 
-def bench_pipeline(model, tokenizer, texts: list[str], batch_sizes: list[int], device) -> dict:
-    """docs/s of `pipeline(aggregation_strategy="simple")` for each batch size, and its best output."""
+def pipeline_runner(model, tokenizer, texts: list[str], batch_size: int, device):
+    """`pipeline(aggregation_strategy="simple")` over the list of texts, warmed up."""
     from transformers import pipeline
 
     ner = pipeline("token-classification", model=model, tokenizer=tokenizer, aggregation_strategy="simple",
                    device=device)
-    ner(texts[:4])  # warm-up
-    results, best = {}, None
-    for size in batch_sizes:
-        seconds, output = timed(lambda: ner(texts, batch_size=size))
-        results[size] = len(texts) / seconds
-        if best is None or results[size] > results[best]:
-            best, best_output = size, output
-    return {"docs_per_s": results, "best_batch_size": best, "output": best_output}
+    ner(texts[:4])
+    return lambda: ner(texts, batch_size=batch_size)
 
 
-def bench_ceiling(model, tokenizer, texts: list[str], max_batch_tokens: int, device) -> dict:
+def ceiling_runner(model, tokenizer, texts: list[str], max_batch_tokens: int, device):
     """The forward pass alone: texts tokenized up front, sorted by length, batched by a token budget."""
     import torch
 
@@ -94,15 +96,18 @@ def bench_ceiling(model, tokenizer, texts: list[str], max_batch_tokens: int, dev
     for batch in batches:
         padded = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
         tensors.append({k: v.to(device) for k, v in padded.items()})
-    model.eval()
-    with torch.inference_mode():
-        model(**tensors[0])  # warm-up
-        seconds, _ = timed(lambda: [model(**t).logits.argmax(-1).cpu() for t in tensors])
-    return {"docs_per_s": len(texts) / seconds, "tokens": sum(map(len, encoded)), "seconds": seconds}
+
+    @torch.inference_mode()
+    def forward():
+        return [model(**t).logits.argmax(-1).cpu() for t in tensors]
+
+    forward()  # warm-up
+    return forward
 
 
-def bench_annotate(model_dir: str, texts: list[str], workdir: Path, aggregation: str = "simple") -> dict:
-    """`nerbatch annotate` end to end in this process: Parquet in, Parquet out."""
+def annotate_runner(model_dir: str, texts: list[str], workdir: Path, aggregation: str = "simple"):
+    """`nerbatch annotate` end to end in this process (Parquet in, Parquet out), warmed up; the
+    runner returns the output rows in document order."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -113,9 +118,13 @@ def bench_annotate(model_dir: str, texts: list[str], workdir: Path, aggregation:
     out = workdir / "annotated"
     args = [model_dir, str(source), "--output", str(out), "--id-column", "doc_id", "--aggregation", aggregation,
             "--overwrite", "--no-progress"]
-    seconds, _ = timed(lambda: annotate_command.main(args, standalone_mode=False))
-    rows = pq.read_table(out).sort_by("doc_id").to_pylist()
-    return {"docs_per_s": len(texts) / seconds, "seconds": seconds, "rows": rows}
+
+    def run():
+        annotate_command.main(args, standalone_mode=False)
+        return out
+
+    run()
+    return run
 
 
 def same_spans(pipeline_output: list[list[dict]], rows: list[dict]) -> int:
@@ -128,8 +137,9 @@ def same_spans(pipeline_output: list[list[dict]], rows: list[dict]) -> int:
     return differ
 
 
-def run_annotation(model_dir: str, corpus: Path, docs: int, batch_sizes: list[int]) -> dict:
+def run_annotation(model_dir: str, corpus: Path, docs: int, batch_sizes: list[int], repeats: int) -> dict:
     """Section 1: pipeline vs annotate vs ceiling on the same documents."""
+    import pyarrow.parquet as pq
     import torch
     from transformers import AutoModelForTokenClassification
 
@@ -140,19 +150,24 @@ def run_annotation(model_dir: str, corpus: Path, docs: int, batch_sizes: list[in
     model = AutoModelForTokenClassification.from_pretrained(model_dir).to(device).eval()
     texts = load_documents(corpus, docs, tokenizer, max_model_length(tokenizer, model.config))
     tokens = sum(len(ids) for ids in tokenizer(texts)["input_ids"])
+    budget = 1024 if device == "cpu" else 32768
     with tempfile.TemporaryDirectory() as tmp:
-        annotate = bench_annotate(model_dir, texts, Path(tmp))
-    pipe = bench_pipeline(model, tokenizer, texts, batch_sizes, device)
-    ceiling = bench_ceiling(model, tokenizer, texts, 1024 if device == "cpu" else 32768, device)
-    best = pipe["docs_per_s"][pipe["best_batch_size"]]
-    return {"docs": len(texts), "tokens": tokens, "device": device,
-            "pipeline_docs_per_s": pipe["docs_per_s"], "pipeline_best_batch_size": pipe["best_batch_size"],
-            "annotate_docs_per_s": annotate["docs_per_s"], "ceiling_docs_per_s": ceiling["docs_per_s"],
-            "annotate_tokens_per_s": tokens / annotate["seconds"], "ceiling_tokens_per_s": tokens / ceiling["seconds"],
-            "pipeline_best_tokens_per_s": tokens * best / len(texts),
-            "annotate_over_pipeline": annotate["docs_per_s"] / best,
-            "annotate_over_ceiling": annotate["docs_per_s"] / ceiling["docs_per_s"],
-            "docs_with_different_spans": same_spans(pipe["output"], annotate["rows"])}
+        methods = {"annotate": annotate_runner(model_dir, texts, Path(tmp)),
+                   "ceiling": ceiling_runner(model, tokenizer, texts, budget, device)}
+        methods |= {size: pipeline_runner(model, tokenizer, texts, size, device) for size in batch_sizes}
+        seconds, outputs = best_times(methods, repeats)
+        rows = pq.read_table(outputs["annotate"]).sort_by("doc_id").to_pylist()
+    rate = {name: len(texts) / s for name, s in seconds.items()}
+    pipeline_best = max(batch_sizes, key=rate.get)
+    best = rate[pipeline_best]
+    return {"docs": len(texts), "tokens": tokens, "device": device, "seconds": {str(k): v for k, v in seconds.items()},
+            "pipeline_docs_per_s": {size: rate[size] for size in batch_sizes}, "pipeline_best_batch_size": pipeline_best,
+            "annotate_docs_per_s": rate["annotate"], "ceiling_docs_per_s": rate["ceiling"],
+            "annotate_tokens_per_s": tokens / seconds["annotate"], "ceiling_tokens_per_s": tokens / seconds["ceiling"],
+            "pipeline_best_tokens_per_s": tokens / seconds[pipeline_best],
+            "annotate_over_pipeline": rate["annotate"] / best,
+            "annotate_over_ceiling": rate["annotate"] / rate["ceiling"],
+            "docs_with_different_spans": same_spans(outputs[pipeline_best], rows)}
 
 
 def reference_loop(model_dir: str, train_file: str, valid_file: str, sentences: int, seed: int = 42) -> dict:
@@ -282,14 +297,17 @@ def print_table(report: dict) -> None:
               help="Training sentences per epoch (14041 = the full split; the default is the reduced mode).")
 @click.option("--memory-docs", default=1000, show_default=True, help="Documents per copy in the memory check.")
 @click.option("--sections", default="annotation,training,memory", show_default=True)
+@click.option("--repeats", default=3, show_default=True,
+              help="Rounds of the annotation comparison (methods interleaved); each figure is the best round.")
 @click.option("--json-out", type=click.Path(path_type=Path), default=Path("bench.json"), show_default=True)
-def bench_command(model_dir, encoder, data, docs, batch_sizes, train_sentences, memory_docs, sections, json_out):
+def bench_command(model_dir, encoder, data, docs, batch_sizes, train_sentences, memory_docs, sections, repeats,
+                  json_out):
     """Benchmark annotation, training and memory side by side; print a table and write JSON."""
     wanted = set(sections.split(","))
-    report = {"machine": machine(), "command": " ".join(sys.argv), "model": model_dir}
+    report = {"machine": machine(), "command": " ".join(sys.argv), "model": model_dir, "repeats": repeats}
     corpus = data / "reuters21578" / "reuters21578.parquet"
     if "annotation" in wanted:
-        report["annotation"] = run_annotation(model_dir, corpus, docs, [int(b) for b in batch_sizes.split(",")])
+        report["annotation"] = run_annotation(model_dir, corpus, docs, [int(b) for b in batch_sizes.split(",")], repeats)
     if "training" in wanted:
         from nerbatch.demo import minilm_path
         report["training"] = run_training(encoder or minilm_path(), data / "conll2003", train_sentences)

@@ -100,6 +100,7 @@ def _word_label(i: int, j: int, best, best_score, aggregation, probs) -> tuple[i
 
 def _group_units(text: str, units, labels: Sequence[str]) -> list[Span]:
     """Group adjacent units of one type (a `B-` opens a new group), drop `O`, trim whitespace."""
+    tags = [split_tag(label) for label in labels]  # once per document, not once per subword
     spans = []
     group_tag = None
     group_start = group_end = 0
@@ -112,7 +113,7 @@ def _group_units(text: str, units, labels: Sequence[str]) -> list[Span]:
                 spans.append(span)
 
     for start, end, label_id, score in units:
-        bi, tag = split_tag(labels[label_id])
+        bi, tag = tags[label_id]
         if group_tag is not None and tag == group_tag and bi != "B":
             group_end = max(group_end, end)
             scores.append(score)
