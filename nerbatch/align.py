@@ -77,7 +77,7 @@ def encode(tokenizer, sentences: list[Sentence], label2id: dict[str, int], max_l
         spans = _split_by_budget(counts, budget, sentence)
         split += len(spans) > 1
         chunks += [(i, a, sentence.words[a:b], ids[a:b]) for a, b in spans]
-    enc = tokenizer([c[2] for c in chunks], is_split_into_words=True, truncation=False)
+    enc = tokenizer([c[2] for c in chunks], is_split_into_words=True, truncation=False, verbose=False)
     features = []
     for k, (i, first, words, ids) in enumerate(chunks):
         word_ids = enc.word_ids(k)
@@ -90,7 +90,7 @@ def encode(tokenizer, sentences: list[Sentence], label2id: dict[str, int], max_l
 
 def _subword_counts(tokenizer, word_lists: list[list[str]]) -> list[list[int]]:
     """Number of subwords of every word (0 for words the tokenizer drops, e.g. a lone zero-width space)."""
-    enc = tokenizer(word_lists, is_split_into_words=True, truncation=False, add_special_tokens=False)
+    enc = tokenizer(word_lists, is_split_into_words=True, truncation=False, add_special_tokens=False, verbose=False)
     counts = []
     for k, words in enumerate(word_lists):
         per_word = [0] * len(words)
