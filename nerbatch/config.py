@@ -81,7 +81,25 @@ def build_config(values: dict, source: str = "config") -> TrainConfig:
             raise ConfigError(f"{source}: {key} = {value!r} should be {_describe(hints[key])}")
         if hints[key] in (float, float | None) and isinstance(value, int):
             values[key] = float(value)
-    return TrainConfig(**values)
+    cfg = TrainConfig(**values)
+    check_ranges(cfg, source)
+    return cfg
+
+
+def check_ranges(cfg: TrainConfig, source: str) -> None:
+    """Values of the right type that still cannot work (a zero batch size, a warm-up over 100%...)."""
+    positive = ["epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "keep_checkpoints"]
+    for key in positive + ["max_length", "max_train_samples", "max_eval_samples"]:
+        value = getattr(cfg, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"{source}: {key} = {value} must be at least 1")
+    for key, value in [("checkpoint_every", cfg.checkpoint_every), ("weight_decay", cfg.weight_decay)]:
+        if value < 0:
+            raise ConfigError(f"{source}: {key} = {value} must not be negative")
+    if not 0 < cfg.lr:
+        raise ConfigError(f"{source}: lr = {cfg.lr} must be positive")
+    if not 0 <= cfg.warmup_ratio <= 1:
+        raise ConfigError(f"{source}: warmup_ratio = {cfg.warmup_ratio} must be between 0 and 1")
 
 
 def _matches(value, hint) -> bool:

@@ -90,7 +90,7 @@ def read_conll(path: str | Path) -> Corpus:
 
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
-            fields = line.split()
+            fields = split_fields(line)
             if not fields:
                 flush()
                 continue
@@ -106,6 +106,12 @@ def read_conll(path: str | Path) -> Corpus:
             tags.append(fields[-1])
     flush()
     return Corpus(sentences, None, documents or 1, str(path))
+
+
+def split_fields(line: str) -> list[str]:
+    """The columns of a CoNLL line, split on ASCII spaces and tabs only: `str.split()` would also
+    split a word at a no-break or ideographic space and silently keep only its first part."""
+    return [field for field in line.rstrip("\r\n").replace("\t", " ").split(" ") if field]
 
 
 def read_tabular(path: Path, tokens_column: str, tags_column: str) -> Corpus:
@@ -130,7 +136,7 @@ def read_tabular(path: Path, tokens_column: str, tags_column: str) -> Corpus:
             if label_names is None:
                 raise DataError(f"{path}: column {tags_column!r} holds integer ids but the file declares no "
                                 "label names (write tag strings, or Parquet saved by `datasets` with a ClassLabel)")
-            tags = [label_names[t] for t in tags]
+            tags = names_of(tags, label_names, f"{path}: row {i}")
         sentences.append(_checked_sentence(words, tags, str(path), i))
     return Corpus(sentences, label_names, 1, str(path))
 
@@ -150,14 +156,24 @@ def read_hub(name: str, split: str, tokens_column: str, tags_column: str) -> Cor
     for i, row in enumerate(ds):
         tags = row[tags_column]
         if label_names is not None:
-            tags = [label_names[t] for t in tags]
+            tags = names_of(tags, label_names, f"{name}[{split}]: row {i}")
         sentences.append(_checked_sentence(row[tokens_column], tags, f"{name}[{split}]", i))
     return Corpus(sentences, label_names, 1, f"{name}[{split}]")
+
+
+def names_of(ids: list[int], names: list[str], where: str) -> list[str]:
+    """Tag names of integer ids; an id outside the label list (e.g. -100) is an error, not a wrap-around."""
+    bad = [t for t in ids if not 0 <= t < len(names)]
+    if bad:
+        raise DataError(f"{where}: tag id {bad[0]} is not one of the {len(names)} labels {names}")
+    return [names[t] for t in ids]
 
 
 def _checked_sentence(words, tags, source: str, row: int) -> Sentence:
     if len(words) != len(tags):
         raise DataError(f"{source}: row {row}: {len(words)} words but {len(tags)} tags")
+    if any(w is None or t is None for w, t in zip(words, tags)):
+        raise DataError(f"{source}: row {row}: a null word or tag")
     return Sentence([str(w) for w in words], to_iob2([str(t) for t in tags]), source, row=row)
 
 

@@ -66,13 +66,21 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, progress: dict, keep: int) -> None:
-    """`save_state` into checkpoints/step_N, then write progress.json last, marking it complete."""
+    """`save_state` into checkpoints/step_N, then write progress.json last, marking it complete.
+
+    Only complete checkpoints older than this one are pruned, so a crash at any moment leaves at
+    least one complete checkpoint behind.
+    """
     directory = output_dir / "checkpoints" / f"step_{progress['global_step']:08d}"
+    if accelerator.is_main_process:
+        (directory / "progress.json").unlink(missing_ok=True)  # incomplete until rewritten below
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(directory))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (directory / "progress.json").write_text(json.dumps(progress, indent=1))
-        for old in sorted(output_dir.glob("checkpoints/step_*"))[:-keep]:
+        complete = sorted(p.parent for p in output_dir.glob("checkpoints/step_*/progress.json"))
+        for old in complete[:complete.index(directory) + 1][:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
@@ -120,14 +128,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     val_dl = make_loader(val_enc, collator, cfg.eval_batch_size, cfg.seed, train=False, group=False)
     sampler = train_dl.batch_sampler
     optimizer = make_optimizer(model, cfg)
-    # Counted on the unsharded loader: the prepared scheduler steps once per process per update.
-    updates_per_epoch = math.ceil(len(train_dl) / cfg.gradient_accumulation_steps)
-    total_updates = updates_per_epoch * cfg.epochs
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_updates), total_updates)
-    model, optimizer, train_dl, val_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, val_dl, scheduler)
+    model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
+    # Sized on this process's share of the batches; the prepared scheduler advances once per
+    # process for every optimizer update, hence the factor.
+    updates = math.ceil(len(train_dl) / cfg.gradient_accumulation_steps) * cfg.epochs
+    steps = updates * accelerator.num_processes
+    scheduler = accelerator.prepare(get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * steps), steps))
 
     progress = {"epoch": 0, "batches_done": 0, "global_step": 0, "best_f1": -1.0, "best_epoch": None,
-                "history": [], "config": cfg.to_dict(), "labels": labels}
+                "history": [], "config": cfg.to_dict(), "labels": labels, "processes": accelerator.num_processes}
     if resume:
         checkpoint = latest_checkpoint(output_dir)
         if checkpoint is None:
@@ -135,6 +144,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         else:
             saved = json.loads((checkpoint / "progress.json").read_text())
             check_resumable(saved["config"], cfg, checkpoint)
+            if saved.get("processes") != accelerator.num_processes:  # batches_done counts per-process batches
+                raise ConfigError(f"cannot resume from {checkpoint}: it was written by {saved.get('processes')} "
+                                  f"processes, this run has {accelerator.num_processes}; resume with the same count")
             accelerator.load_state(str(checkpoint))
             progress = saved | {"config": cfg.to_dict()}
             accelerator.print(f"resumed from {checkpoint}: epoch {progress['epoch']}, "
@@ -167,18 +179,20 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             progress["global_step"] += 1
             if progress["global_step"] % 50 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            if cfg.checkpoint_every and progress["global_step"] % cfg.checkpoint_every == 0:
+            last = batch_index + 1 == len(train_dl)  # the epoch-end checkpoint below covers it
+            if cfg.checkpoint_every and progress["global_step"] % cfg.checkpoint_every == 0 and not last:
                 progress |= {"epoch": epoch, "batches_done": batch_index + 1}
                 save_checkpoint(accelerator, output_dir, progress, cfg.keep_checkpoints)
 
         seconds = time.perf_counter() - started
         metrics = evaluate_features(accelerator, model, val_dl, val_enc.features, gold, id2label)
-        train_loss = accelerator.reduce(loss_sum, reduction="mean").item() / max(len(train_dl) - skip, 1)
+        ran = len(train_dl) - skip
+        train_loss = accelerator.reduce(loss_sum, reduction="mean").item() / ran if ran else None
         record = {"epoch": epoch + 1, "train_loss": train_loss, "train_seconds": seconds,
                   "resumed_mid_epoch": bool(skip), **metrics}
         progress["history"].append(record)
         accelerator.print(f"epoch {epoch + 1}: f1 {metrics['overall_f1']:.4f} precision {metrics['overall_precision']:.4f} "
-                          f"recall {metrics['overall_recall']:.4f} loss {train_loss:.4f} ({seconds:.0f} s)")
+                          f"recall {metrics['overall_recall']:.4f} loss {train_loss or float('nan'):.4f} ({seconds:.0f} s)")
         accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=epoch + 1)
         save_model(accelerator, model, tokenizer, output_dir / f"epoch_{epoch + 1}")
         if metrics["overall_f1"] > progress["best_f1"]:

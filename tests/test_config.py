@@ -40,3 +40,14 @@ def test_bad_keys_and_types_are_errors(tmp_path, text, message):
     job.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config(job, {})
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"batch_size": 0}, "batch_size = 0 must be at least 1"),
+    ({"gradient_accumulation_steps": 0}, "must be at least 1"),
+    ({"warmup_ratio": 1.5}, "between 0 and 1"),
+    ({"keep_checkpoints": 0}, "keep_checkpoints = 0 must be at least 1"),
+])
+def test_values_that_cannot_work_are_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, override)

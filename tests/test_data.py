@@ -69,3 +69,24 @@ def test_jsonl_with_tag_strings_and_errors(tmp_path):
         load_corpus(str(ragged))
     with pytest.raises(DataError, match="no such file"):
         load_corpus(str(tmp_path / "missing.conll"))
+
+
+def test_words_with_unicode_spaces_stay_whole(tmp_path):
+    path = tmp_path / "nbsp.conll"
+    path.write_text("1\u00a0000 CD I-NP O\nParis NNP I-NP B-LOC\n\n", encoding="utf-8")
+    assert read_conll(path).sentences[0].words == ["1\u00a0000", "Paris"]
+
+
+def test_out_of_range_tag_id_is_an_error(tmp_path):
+    import datasets
+
+    features = datasets.Features({"tokens": datasets.Sequence(datasets.Value("string")),
+                                  "ner_tags": datasets.Sequence(datasets.ClassLabel(names=CONLL_LABELS))})
+    datasets.Dataset.from_dict({"tokens": [["EU"]], "ner_tags": [[3]]}, features=features).to_parquet(tmp_path / "x.parquet")
+    import pyarrow.parquet as pq
+    table = pq.read_table(tmp_path / "x.parquet")
+    import pyarrow as pa
+    bad = table.set_column(1, "ner_tags", pa.array([[-100]], pa.list_(pa.int64())))
+    pq.write_table(bad.replace_schema_metadata(table.schema.metadata), tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match="row 0: tag id -100 is not one of the 9 labels"):
+        load_corpus(str(tmp_path / "bad.parquet"))

@@ -103,6 +103,9 @@ def test_resume_from_mid_epoch_checkpoint_matches_uninterrupted_run(tiny_model_d
     run(train_args(tiny_model_dir, splits, full, *args))
     steps = sorted(p.name for p in (full / "checkpoints").iterdir())
     assert "step_00000010" in steps and "step_00000025" in steps  # 25 batches of 16 per epoch
+    # step 50 is both a multiple of 10 and the end of epoch 2: saved once, as the epoch-end checkpoint
+    end = json.loads((full / "checkpoints" / "step_00000050" / "progress.json").read_text())
+    assert (end["epoch"], end["batches_done"]) == (2, 0)
 
     # a run "preempted" after step 10 (mid epoch 1) has only that checkpoint; resuming must
     # replay the same data order, dropout and schedule and end on identical weights
@@ -127,6 +130,12 @@ def test_resume_refuses_changed_settings(tiny_model_dir, splits, tmp_path):
                                                  "--max-train-samples", "64", "--lr", "1e-3", "--resume"))
     assert result.exit_code == 1
     assert "other settings" in result.output and "lr: 0.005 -> 0.001" in result.output
+    # batches_done counts one process's batches, so the process count may not change either
+    cmd = LAUNCH + ["--num_processes", "2", "--main_process_port", str(free_port()), "-m", "nerbatch"] + \
+        train_args(tiny_model_dir, splits, out, "--epochs", "1", "--max-train-samples", "64", "--resume")
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "written by 1 processes, this run has 2" in done.stderr
 
 
 def test_label_mismatch_is_an_error_before_training(tiny_model_dir, tmp_path):
