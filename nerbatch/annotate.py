@@ -30,7 +30,7 @@ from nerbatch.parquet_io import write_json_atomic
 from nerbatch.shards import RunDir, Unit, discover_inputs, plan_units, units_for_rank
 from nerbatch.spans import AGGREGATIONS
 
-# Test hook (documented in tests/test_annotate_resume.py): sleep this many seconds after writing each
+# Test hook (documented in tests/test_annotate_launch.py): sleep this many seconds after writing each
 # record batch, so a test can SIGKILL the job while a part is half written.
 SLOW_ENV = "NERBATCH_TEST_SLOW_BATCH_S"
 
@@ -84,7 +84,7 @@ def run(options: Options, rank: int = 0, world: int = 1, barrier: Callable[[], N
     """Annotate this rank's units. Raises `InputError` on bad input and `UnitsFailed` when units failed."""
     started = time.time()
     columns = [options.text_column] + ([options.id_column] if options.id_column else [])
-    units = plan_units(discover_inputs(options.inputs), columns)
+    units = plan_units(discover_inputs(options.inputs, exclude=options.output), columns)
     annotator = load_annotator(options, device)
     config = run_config(options, units, annotator)
     out = RunDir(options.output)
@@ -164,7 +164,14 @@ def _chunks(unit: Unit, annotator: Annotator, options: Options) -> Iterator[Chun
         errors = [text_error(t) for t in texts]
         good = [t for t, e in zip(texts, errors) if e is None]
         encoded = iter(annotator.encode(good))
-        yield Chunk(ids, texts, errors, [next(encoded) if e is None else None for e in errors])
+        docs = [next(encoded) if e is None else None for e in errors]
+        # e.g. only control or zero-width characters: nothing reaches the model, so say so
+        errors = [NO_TOKENS if d is not None and d.n_tokens == 0 else e for d, e in zip(docs, errors)]
+        docs = [d if e is None else None for d, e in zip(docs, errors)]
+        yield Chunk(ids, texts, errors, docs)
+
+
+NO_TOKENS = "no tokens (the tokenizer keeps no character of this text)"
 
 
 def text_error(value) -> str | None:

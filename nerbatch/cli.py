@@ -14,7 +14,7 @@ def main() -> None:
 
 
 def _fail(exc: Exception) -> None:
-    """Turn an expected user error into a one-line message and exit status 2."""
+    """Turn an expected user error into a one-line message and exit status 1."""
     raise click.ClickException(str(exc)) from exc
 
 

@@ -46,8 +46,13 @@ class Unit:
         return f"{self.path}{where}"
 
 
-def discover_inputs(inputs: list[str]) -> list[Path]:
-    """Parquet files named by `inputs` (files, directories searched recursively, or glob patterns), sorted."""
+def discover_inputs(inputs: list[str], exclude: Path | None = None) -> list[Path]:
+    """Parquet files named by `inputs` (files, directories searched recursively, or glob patterns), sorted.
+
+    Files under `exclude` (the output directory) are skipped: an OUT_DIR inside an input directory
+    must not feed a rerun its own parts.
+    """
+    skip = exclude.resolve() if exclude is not None else None
     found: set[Path] = set()
     for spec in inputs:
         path = Path(spec)
@@ -57,9 +62,11 @@ def discover_inputs(inputs: list[str]) -> list[Path]:
             matches = [path]
         else:
             matches = [Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file()]
+        matches = [p.resolve() for p in matches]
+        matches = [p for p in matches if skip is None or not p.is_relative_to(skip)]
         if not matches:
             raise InputError(f"{spec}: no such file, or no Parquet files in it")
-        found.update(p.resolve() for p in matches)
+        found.update(matches)
     return sorted(found)
 
 

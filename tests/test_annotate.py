@@ -178,3 +178,22 @@ def test_id_column_is_passed_through_with_its_type(tiny_model_dir, corpus, tmp_p
     assert table.schema.field("doc_id").type == pa.int64()
     assert table.column_names == ["doc_id", "entities", "error", "n_windows"]
     assert table["doc_id"].to_pylist() == pq.read_table(corpus / "b.parquet")["doc_id"].to_pylist()
+
+
+def test_text_the_tokenizer_drops_entirely_is_flagged(tiny_model_dir, tmp_path):
+    source = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"text": ["\u200b\u200b\x07", "Talks in Paris ."]}), source)
+    out = tmp_path / "out"
+    assert annotate(tiny_model_dir, source, "--output", out).exit_code == 0
+    table = read_output(out)
+    assert table["error"].to_pylist()[0].startswith("no tokens")
+    assert table["error"].to_pylist()[1] is None and table["n_windows"].to_pylist() == [0, 1]
+
+
+def test_output_directory_inside_the_input_directory_is_not_read_back(tiny_model_dir, tmp_path):
+    pq.write_table(pa.table({"text": ["Talks in Paris .", "Rome"]}), tmp_path / "in.parquet")
+    out = tmp_path / "annotated"
+    for _ in range(2):  # the rerun must see the same single input, not its own part files
+        result = annotate(tiny_model_dir, tmp_path, "--output", out)
+        assert result.exit_code == 0, result.output
+    assert read_output(out).num_rows == 2
