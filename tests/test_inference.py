@@ -157,3 +157,24 @@ def test_bad_stride_is_refused(tiny):
     model, tokenizer = tiny
     with pytest.raises(ValueError, match="stride"):
         Annotator(model, tokenizer, stride=100)
+
+
+UNICODE_TEXTS = [
+    "Zürich und São Paulo: José Ñúñez traf 東京 Holdings 👩‍👩‍👧 in Kraków.",
+    "Line one\r\nLine\ttwo with e\u0301te\u0301 and cafe\u0301 — “quoted” Müller-Lüdenscheidt",
+    "Zero\u200bwidth\u200bjoined words, an emoji 🇫🇷 flag and ﬁ ligature ＦＵＬＬ width",
+    "Ελληνικά και Русский текст, العربية, हिन्दी, and 한국어 mixed with ASCII IBM.",
+]
+
+
+@pytest.mark.parametrize("aggregation", ["simple", "first"])
+def test_matches_the_pipeline_on_unicode_text(tiny, aggregation):
+    # An independent check of the offsets: the pipeline computes its spans with its own code.
+    model, tokenizer = tiny
+    pipe = pipeline("token-classification", model=model, tokenizer=tokenizer, aggregation_strategy=aggregation)
+    found = 0
+    for text, mine in zip(UNICODE_TEXTS, annotate_texts(UNICODE_TEXTS, model, tokenizer, aggregation=aggregation)):
+        theirs = pipe(text)
+        assert [(s.start, s.end, s.label) for s in mine] == [(e["start"], e["end"], e["entity_group"]) for e in theirs]
+        found += len(mine)
+    assert found > 10
