@@ -330,16 +330,24 @@ def _write_totals_if_complete(out: RunDir, units: list[Unit], config: dict) -> N
                                                 "model": config["model"], "options": config["options"]})
 
 
-def _wait_for_other_ranks(out: RunDir, units: list[Unit], mine: set, since: float, poll: float = 2.0) -> None:
+def _wait_for_other_ranks(out: RunDir, units: list[Unit], mine: set, since: float, poll: float = 2.0,
+                          stall: float = 1800.0) -> None:
     """Before a failing rank exits (non-zero), wait until the other ranks have finished their units:
-    the launcher kills all processes when one fails, which would waste their work in progress."""
+    the launcher kills all processes when one fails, which would waste their work in progress.
+    Gives up when no other unit has settled for `stall` seconds (a rank that died without a trace)."""
     others = [u for u in units if u not in mine]
 
     def settled(unit: Unit) -> bool:
         failure = out.failure(unit)
         return out.is_done(unit) or failure.exists() and failure.stat().st_mtime >= since
 
-    while not all(settled(u) for u in others):
+    count, changed = -1, time.monotonic()
+    while (now := sum(map(settled, others))) < len(others):
+        if now != count:
+            count, changed = now, time.monotonic()
+        elif time.monotonic() - changed > stall:
+            click.echo(f"nerbatch annotate: no other unit finished in {stall:.0f} s; exiting", err=True)
+            return
         time.sleep(poll)
 
 
