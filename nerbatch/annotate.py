@@ -9,7 +9,6 @@ of the same command skips completed units and redoes the rest.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import queue
 import signal

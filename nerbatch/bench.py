@@ -143,6 +143,7 @@ def run_annotation(model_dir: str, corpus: Path, docs: int, batch_sizes: list[in
     import torch
     from transformers import AutoModelForTokenClassification
 
+    from nerbatch.inference import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS
     from nerbatch.modeling import load_tokenizer, max_model_length
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -150,7 +151,7 @@ def run_annotation(model_dir: str, corpus: Path, docs: int, batch_sizes: list[in
     model = AutoModelForTokenClassification.from_pretrained(model_dir).to(device).eval()
     texts = load_documents(corpus, docs, tokenizer, max_model_length(tokenizer, model.config))
     tokens = sum(len(ids) for ids in tokenizer(texts)["input_ids"])
-    budget = 1024 if device == "cpu" else 32768
+    budget = CPU_BATCH_TOKENS if device == "cpu" else GPU_BATCH_TOKENS
     with tempfile.TemporaryDirectory() as tmp:
         methods = {"annotate": annotate_runner(model_dir, texts, Path(tmp)),
                    "ceiling": ceiling_runner(model, tokenizer, texts, budget, device)}
@@ -178,10 +179,9 @@ def reference_loop(model_dir: str, train_file: str, valid_file: str, sentences: 
     from transformers import DataCollatorForTokenClassification, get_scheduler
 
     from nerbatch.align import encode
-    from nerbatch.batching import make_loader, sort_by_length
     from nerbatch.data import build_label_list, read_conll
     from nerbatch.dist import make_accelerator
-    from nerbatch.evaluation import evaluate_features
+    from nerbatch.evaluation import eval_loader, evaluate_features
     from nerbatch.modeling import load_model, load_tokenizer
 
     accelerator = make_accelerator()
@@ -207,8 +207,8 @@ def reference_loop(model_dir: str, train_file: str, valid_file: str, sentences: 
         scheduler.step()
         optimizer.zero_grad()
     seconds = time.perf_counter() - started
-    val = sort_by_length(encode(tokenizer, valid.sentences, label2id, 512, label_all_subwords=False))
-    val_loader = accelerator.prepare(make_loader(val, collator, 32, seed, train=False, group=False))
+    val, val_loader = eval_loader(tokenizer, valid.sentences, label2id, 512, collator, 32)
+    val_loader = accelerator.prepare(val_loader)
     metrics = evaluate_features(accelerator, model, val_loader, val.features, [s.tags for s in valid.sentences],
                                 dict(enumerate(labels)))
     return {"train_seconds": seconds, "f1": metrics["overall_f1"]}

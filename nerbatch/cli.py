@@ -69,7 +69,7 @@ def evaluate_cmd(model_dir, data, split, batch_size, max_length):
     import json
 
     from nerbatch.data import DataError
-    from nerbatch.dist import LaunchError, process_state
+    from nerbatch.dist import LaunchError, describe, process_state
     from nerbatch.evaluation import evaluate_dir
     from nerbatch.modeling import ModelError
 
@@ -79,8 +79,7 @@ def evaluate_cmd(model_dir, data, split, batch_size, max_length):
         _fail(exc)
     state = process_state()
     if state.is_main_process:
-        n = state.num_processes
-        click.echo(f"{model_dir} on {data}, evaluated on {n} process{'es' if n > 1 else ''}:")
+        click.echo(f"{model_dir} on {data}, evaluated on {describe(state.num_processes)}:")
         print_table(metrics)
         click.echo(json.dumps(metrics, sort_keys=True))
 

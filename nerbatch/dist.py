@@ -46,3 +46,8 @@ def process_state():
     state = PartialState(cpu=use_cpu())
     check_world(state.num_processes)
     return state
+
+
+def describe(processes: int) -> str:
+    """'1 process' / 'N processes', for log lines the tests read."""
+    return f"{processes} process{'es' if processes > 1 else ''}"

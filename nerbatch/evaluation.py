@@ -36,6 +36,16 @@ def score(true_tags: list[list[str]], pred_tags: list[list[str]]) -> dict:
     return metrics
 
 
+def eval_loader(tokenizer, sentences, label2id: dict[str, int], max_length: int, collator, batch_size: int):
+    """Encode a labelled split for word-level scoring (a label on first subwords only), longest
+    first so batches pad little, and its ordered DataLoader. Returns `(encoded, loader)`."""
+    from nerbatch.align import encode
+    from nerbatch.batching import make_loader, sort_by_length
+
+    encoded = sort_by_length(encode(tokenizer, sentences, label2id, max_length, label_all_subwords=False))
+    return encoded, make_loader(encoded, collator, batch_size, 0, train=False, group=False)
+
+
 def predict_word_labels(accelerator, model, loader, features: list[Feature]) -> list[list[int]]:
     """Run `model` over a prepared eval loader and return, for each feature, one label id per word.
 
@@ -88,8 +98,6 @@ def evaluate_dir(model_dir: str, data: str, split: str = "validation", batch_siz
     """Evaluate a saved model on a labelled corpus; runs on any number of processes."""
     from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification
 
-    from nerbatch.align import encode
-    from nerbatch.batching import make_loader, sort_by_length
     from nerbatch.data import check_labels, load_corpus
     from nerbatch.dist import make_accelerator
     from nerbatch.modeling import load_tokenizer, max_model_length
@@ -102,8 +110,8 @@ def evaluate_dir(model_dir: str, data: str, split: str = "validation", batch_siz
     label2id = {label: int(i) for label, i in model.config.label2id.items()}
     check_labels(corpus, label2id)
     length = max_length or max_model_length(tokenizer, model.config)
-    encoded = sort_by_length(encode(tokenizer, corpus.sentences, label2id, length, label_all_subwords=False))
-    loader = make_loader(encoded, DataCollatorForTokenClassification(tokenizer), batch_size, 0, train=False, group=False)
+    encoded, loader = eval_loader(tokenizer, corpus.sentences, label2id, length,
+                                  DataCollatorForTokenClassification(tokenizer), batch_size)
     id2label = {int(i): label for i, label in model.config.id2label.items()}
     model, loader = accelerator.prepare(model, loader)
     gold = [s.tags for s in corpus.sentences]

@@ -20,11 +20,11 @@ from tqdm.auto import tqdm
 from transformers import DataCollatorForTokenClassification, get_linear_schedule_with_warmup
 
 from nerbatch.align import encode
-from nerbatch.batching import make_loader, sort_by_length
+from nerbatch.batching import make_loader
 from nerbatch.config import ConfigError, TrainConfig
-from nerbatch.dist import make_accelerator
+from nerbatch.dist import describe, make_accelerator
 from nerbatch.data import Corpus, build_label_list, check_labels, load_corpus
-from nerbatch.evaluation import evaluate_features
+from nerbatch.evaluation import eval_loader, evaluate_features
 from nerbatch.modeling import load_model, load_tokenizer, max_model_length
 
 # Keys that may change between a checkpoint and its resumption without changing the run.
@@ -85,12 +85,6 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, progress: dict, 
     accelerator.wait_for_everyone()
 
 
-def processes(accelerator: Accelerator) -> str:
-    """'1 process' / 'N processes', and the device, for log lines."""
-    n = accelerator.num_processes
-    return f"{n} process{'es' if n > 1 else ''} ({accelerator.device.type})"
-
-
 def check_resumable(saved: dict, cfg: TrainConfig, checkpoint: Path) -> None:
     """Refuse to resume a checkpoint written with different settings (model, data, schedule...)."""
     current = cfg.to_dict()
@@ -115,17 +109,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     check_labels(val_corpus, label2id)
     check_labels(train_corpus, label2id)
     max_length = cfg.max_length or max_model_length(tokenizer, model.config)
+    pad8 = 8 if accelerator.mixed_precision in ("fp16", "bf16") else None
+    collator = DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=pad8)
     train_enc = encode(tokenizer, train_corpus.sentences, label2id, max_length, cfg.label_all_subwords)
-    val_enc = sort_by_length(encode(tokenizer, val_corpus.sentences, label2id, max_length, label_all_subwords=False))
+    train_dl = make_loader(train_enc, collator, cfg.batch_size, cfg.seed, train=True, group=cfg.group_by_length)
+    val_enc, val_dl = eval_loader(tokenizer, val_corpus.sentences, label2id, max_length, collator, cfg.eval_batch_size)
     accelerator.print(f"train: {len(train_corpus)} sentences -> {len(train_enc.features)} features "
                       f"({train_enc.split_sentences} longer than {max_length} subwords, split between words); "
                       f"validation: {len(val_corpus)} sentences ({val_enc.split_sentences} split); labels: {labels}; "
-                      f"training on {processes(accelerator)}")
-
-    pad8 = 8 if accelerator.mixed_precision in ("fp16", "bf16") else None
-    collator = DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=pad8)
-    train_dl = make_loader(train_enc, collator, cfg.batch_size, cfg.seed, train=True, group=cfg.group_by_length)
-    val_dl = make_loader(val_enc, collator, cfg.eval_batch_size, cfg.seed, train=False, group=False)
+                      f"training on {describe(accelerator.num_processes)} ({accelerator.device.type})")
     sampler = train_dl.batch_sampler
     optimizer = make_optimizer(model, cfg)
     model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from annotate_fixtures import tuned_model_dir  # noqa: F401  (session fixture)
+from annotate_fixtures import tuned_model_dir  # noqa: F401, F811  (session fixture)
 from transformers import AutoModelForTokenClassification, BertConfig, BertForTokenClassification, pipeline
 
 from conftest import CONLL_LABELS, REUTERS, need
