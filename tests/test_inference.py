@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from annotate_fixtures import tuned_model_dir  # noqa: F401, F811  (session fixture)
+from annotate_fixtures import tuned_model_dir  # noqa: F401  (session fixture)
 from transformers import AutoModelForTokenClassification, BertConfig, BertForTokenClassification, pipeline
 
 from conftest import CONLL_LABELS, REUTERS, need
@@ -22,7 +22,7 @@ def tiny(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def tuned(tuned_model_dir):
+def tuned(tuned_model_dir):  # noqa: F811  (the fixture imported above)
     return AutoModelForTokenClassification.from_pretrained(tuned_model_dir).eval(), load_tokenizer(str(tuned_model_dir))
 
 
