@@ -194,3 +194,20 @@ def test_roberta_words_get_a_prefix_space_and_train(splits, tmp_path):
     out = tmp_path / "out"
     run(train_args(model, splits, out, "--epochs", "1", "--max-train-samples", "200", "--max-length", "128"))
     assert json.loads((out / "metrics.json").read_text())["epochs"][0]["overall_accuracy"] > 0.5
+
+
+def test_resume_with_gradient_accumulation_matches_uninterrupted_run(tiny_model_dir, splits, tmp_path):
+    # 25 batches per epoch, 2 per update: updates end on batches 2, 4, ... 24 and on 25 (epoch end)
+    args = ["--epochs", "2", "--max-train-samples", "400", "--gradient-accumulation-steps", "2",
+            "--checkpoint-every", "5", "--keep-checkpoints", "100"]
+    full = tmp_path / "full"
+    run(train_args(tiny_model_dir, splits, full, *args))
+    mid = json.loads((full / "checkpoints" / "step_00000005" / "progress.json").read_text())
+    assert (mid["epoch"], mid["batches_done"]) == (0, 10)
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    os.symlink(full / "checkpoints" / "step_00000005", resumed / "checkpoints" / "step_00000005")
+    assert "batch 10" in run(train_args(tiny_model_dir, splits, resumed, *args, "--resume"))
+    a, b = load_file(full / "epoch_2" / "model.safetensors"), load_file(resumed / "epoch_2" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
