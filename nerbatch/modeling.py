@@ -16,7 +16,11 @@ class ModelError(ValueError):
 
 def load_tokenizer(name: str):
     """Load the fast tokenizer of `name` (hub id or local dir); a slow tokenizer is an error."""
-    config = AutoConfig.from_pretrained(name)
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except OSError as exc:  # no hub access, a typo, or a directory without config.json
+        raise ModelError(f"could not load model {name!r}: {str(exc).splitlines()[0]} Pass a local model "
+                         "directory with --model when offline.") from exc
     kwargs = {"add_prefix_space": True} if config.model_type in PREFIX_SPACE_MODELS else {}
     tokenizer = AutoTokenizer.from_pretrained(name, use_fast=True, **kwargs)
     if not tokenizer.is_fast:

@@ -211,3 +211,12 @@ def test_resume_with_gradient_accumulation_matches_uninterrupted_run(tiny_model_
     a, b = load_file(full / "epoch_2" / "model.safetensors"), load_file(resumed / "epoch_2" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+def test_unreachable_model_is_a_one_line_error(tmp_path):
+    data = tmp_path / "d.conll"
+    data.write_text("Ada B-PER\n\n")
+    result = CliRunner().invoke(main, ["train", "--model", str(tmp_path / "no-such-model"), "--train", str(data),
+                                       "--validation", str(data), "--output-dir", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "could not load model" in result.output and "no-such-model" in result.output
