@@ -94,6 +94,24 @@ def check_resumable(saved: dict, cfg: TrainConfig, checkpoint: Path) -> None:
         raise ConfigError(f"cannot resume from {checkpoint}: the run was started with other settings ({details})")
 
 
+def restore(accelerator: Accelerator, output_dir: Path, cfg: TrainConfig) -> dict | None:
+    """Load the latest complete checkpoint into the prepared objects and return its progress record
+    (None when there is none yet). A checkpoint of a different run or process count is refused."""
+    checkpoint = latest_checkpoint(output_dir)
+    if checkpoint is None:
+        accelerator.print(f"--resume: no checkpoint under {output_dir}/checkpoints, starting from scratch")
+        return None
+    saved = json.loads((checkpoint / "progress.json").read_text())
+    check_resumable(saved["config"], cfg, checkpoint)
+    if saved.get("processes") != accelerator.num_processes:  # batches_done counts per-process batches
+        raise ConfigError(f"cannot resume from {checkpoint}: it was written by {saved.get('processes')} "
+                          f"processes, this run has {accelerator.num_processes}; resume with the same count")
+    accelerator.load_state(str(checkpoint))
+    accelerator.print(f"resumed from {checkpoint}: epoch {saved['epoch']}, "
+                      f"batch {saved['batches_done']}, step {saved['global_step']}")
+    return saved | {"config": cfg.to_dict()}
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Run the whole training job; returns the best epoch's metrics (main process writes files)."""
     accelerator = make_accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -130,19 +148,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     progress = {"epoch": 0, "batches_done": 0, "global_step": 0, "best_f1": -1.0, "best_epoch": None,
                 "history": [], "config": cfg.to_dict(), "labels": labels, "processes": accelerator.num_processes}
     if resume:
-        checkpoint = latest_checkpoint(output_dir)
-        if checkpoint is None:
-            accelerator.print(f"--resume: no checkpoint under {output_dir}/checkpoints, starting from scratch")
-        else:
-            saved = json.loads((checkpoint / "progress.json").read_text())
-            check_resumable(saved["config"], cfg, checkpoint)
-            if saved.get("processes") != accelerator.num_processes:  # batches_done counts per-process batches
-                raise ConfigError(f"cannot resume from {checkpoint}: it was written by {saved.get('processes')} "
-                                  f"processes, this run has {accelerator.num_processes}; resume with the same count")
-            accelerator.load_state(str(checkpoint))
-            progress = saved | {"config": cfg.to_dict()}
-            accelerator.print(f"resumed from {checkpoint}: epoch {progress['epoch']}, "
-                              f"batch {progress['batches_done']}, step {progress['global_step']}")
+        progress = restore(accelerator, output_dir, cfg) or progress
 
     if cfg.report_to:
         accelerator.init_trackers("nerbatch", config={k: v for k, v in cfg.to_dict().items() if v is not None})
