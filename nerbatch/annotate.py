@@ -52,6 +52,11 @@ class Options:
     overwrite: bool = False
     progress: bool = True
 
+    @property
+    def columns(self) -> list[str]:
+        """The input columns the job reads: the text, and the id column when there is one."""
+        return [self.text_column] + ([self.id_column] if self.id_column else [])
+
 
 @dataclass
 class Chunk:
@@ -82,8 +87,7 @@ def run(options: Options, rank: int = 0, world: int = 1, barrier: Callable[[], N
         device: str | None = None) -> Tally:
     """Annotate this rank's units. Raises `InputError` on bad input and `UnitsFailed` when units failed."""
     started = time.time()
-    columns = [options.text_column] + ([options.id_column] if options.id_column else [])
-    units = plan_units(discover_inputs(options.inputs, exclude=options.output), columns)
+    units = plan_units(discover_inputs(options.inputs, exclude=options.output), options.columns)
     annotator = load_annotator(options, device)
     config = run_config(options, units, annotator)
     out = RunDir(options.output)
@@ -151,9 +155,8 @@ def annotate_unit(unit: Unit, annotator: Annotator, options: Options, out: RunDi
 
 def _chunks(unit: Unit, annotator: Annotator, options: Options) -> Iterator[Chunk]:
     """Read, validate and tokenize the unit's record batches (runs in the prefetch thread)."""
-    columns = [options.text_column] + ([options.id_column] if options.id_column else [])
     row = unit.first_row
-    for batch in iter_batches(Path(unit.path), unit.row_group, columns, options.read_rows):
+    for batch in iter_batches(Path(unit.path), unit.row_group, options.columns, options.read_rows):
         texts = batch.column(options.text_column).to_pylist()
         if options.id_column:
             ids = {options.id_column: batch.column(options.id_column).to_pylist()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from nerbatch import __version__
+from nerbatch.spans import AGGREGATIONS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -99,7 +100,7 @@ def print_table(metrics: dict) -> None:
 @click.argument("model_dir")
 @click.argument("text")
 @click.option("--aggregation", default="first", show_default=True,
-              type=click.Choice(["first", "simple", "average", "max"]))
+              type=click.Choice(AGGREGATIONS))
 def predict_cmd(model_dir, text, aggregation):
     """Print the entities of TEXT as JSON lines (entity type, word, score, start, end)."""
     import json
