@@ -23,7 +23,8 @@ import click
 
 from nerbatch import __version__
 from nerbatch.dist import LaunchError, process_state
-from nerbatch.inference import Annotator, Document
+from nerbatch.inference import SEGMENTS, Annotator, Document
+from nerbatch.modeling import ModelError
 from nerbatch.parquet_io import SOURCE_FIELDS, InputError, PartWriter, iter_batches, open_parquet, output_schema
 from nerbatch.parquet_io import write_json_atomic
 from nerbatch.shards import RunDir, Unit, discover_inputs, plan_units, units_for_rank
@@ -46,6 +47,7 @@ class Options:
     aggregation: str = "first"
     max_length: int | None = None
     stride: int | None = None
+    segment: str | None = None  # None: follow how the model was trained (see nerbatch.inference)
     batch_size: int = 64
     max_batch_tokens: int | None = None
     read_rows: int = 512
@@ -87,8 +89,8 @@ def run(options: Options, rank: int = 0, world: int = 1, barrier: Callable[[], N
         device: str | None = None) -> Tally:
     """Annotate this rank's units. Raises `InputError` on bad input and `UnitsFailed` when units failed."""
     started = time.time()
+    annotator = load_annotator(options, device)  # a model that cannot annotate fails here, before any work
     units = plan_units(discover_inputs(options.inputs, exclude=options.output), options.columns)
-    annotator = load_annotator(options, device)
     config = run_config(options, units, annotator)
     out = RunDir(options.output)
     if rank == 0:
@@ -285,16 +287,13 @@ def _id_fields(units: list[Unit], id_column: str | None):
 
 def load_annotator(options: Options, device: str | None = None) -> Annotator:
     """The model and tokenizer of `options.model` with the windowing/batching options."""
-    from transformers import AutoModelForTokenClassification
+    from nerbatch.modeling import load_token_classifier
 
-    from nerbatch.modeling import load_tokenizer
-
-    tokenizer = load_tokenizer(options.model)
-    model = AutoModelForTokenClassification.from_pretrained(options.model)
+    model, tokenizer = load_token_classifier(options.model)
     if device:
         model.to(device)
     return Annotator(model, tokenizer, options.aggregation, options.max_length, options.stride, options.batch_size,
-                     options.max_batch_tokens)
+                     options.max_batch_tokens, options.segment)
 
 
 class _Progress:
@@ -361,8 +360,11 @@ def _wait_for_other_ranks(out: RunDir, units: list[Unit], mine: set, since: floa
 @click.option("--aggregation", type=click.Choice(AGGREGATIONS), default="first", show_default=True,
               help="How subword predictions become spans, as in the transformers pipeline; first/average/max "
               "keep spans on word boundaries.")
+@click.option("--segment", type=click.Choice(SEGMENTS), default=None, help="What a window holds: one sentence "
+              "(`sentences`) or running text (`none`) [default: as the model was trained: `none` for nerbatch "
+              "models trained with document context, `sentences` for others].")
 @click.option("--max-length", type=int, default=None, help="Subwords per window, special tokens included "
-              "[default: the model's limit].")
+              "[default: the window a document-context model was trained on, else the model's limit].")
 @click.option("--stride", type=int, default=None, help="Overlap between consecutive windows, in subwords, at "
               "most half a window [default: a quarter of a window].")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Most windows per forward pass.")
@@ -371,8 +373,8 @@ def _wait_for_other_ranks(out: RunDir, units: list[Unit], mine: set, since: floa
 @click.option("--read-rows", type=int, default=512, show_default=True, help="Rows read and tokenized at a time.")
 @click.option("--overwrite", is_flag=True, help="Delete OUT_DIR's earlier output instead of refusing a different run.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def annotate_command(model_dir, inputs, output, text_column, id_column, aggregation, max_length, stride, batch_size,
-                     max_batch_tokens, read_rows, overwrite, no_progress):
+def annotate_command(model_dir, inputs, output, text_column, id_column, aggregation, segment, max_length, stride,
+                     batch_size, max_batch_tokens, read_rows, overwrite, no_progress):
     """Annotate Parquet documents with entity spans.
 
     MODEL_DIR is a token-classification model (a `nerbatch train` output or a hub id); INPUTS are
@@ -391,11 +393,11 @@ def annotate_command(model_dir, inputs, output, text_column, id_column, aggregat
     # SIGTERM (SLURM preemption, the launcher stopping a failed job) unwinds through `finally` like Ctrl-C.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     options = Options(model_dir, list(inputs), output, text_column, id_column, aggregation, max_length, stride,
-                      batch_size, max_batch_tokens, read_rows, overwrite, not no_progress)
+                      segment, batch_size, max_batch_tokens, read_rows, overwrite, not no_progress)
     try:
         tally = run(options, state.process_index, state.num_processes, state.wait_for_everyone,
                     None if state.device.type == "cpu" else str(state.device))
-    except (InputError, UnitsFailed, ValueError) as exc:
+    except (InputError, UnitsFailed, ModelError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     if tally.rows:
         click.echo(f"rank {state.process_index}: {tally.rows} rows ({tally.flagged} flagged), {tally.tokens} tokens, "

@@ -116,8 +116,9 @@ def annotate_runner(model_dir: str, texts: list[str], workdir: Path, aggregation
     source = workdir / "docs.parquet"
     pq.write_table(pa.table({"doc_id": list(range(len(texts))), "text": texts}), source)
     out = workdir / "annotated"
+    # Whole documents in one window, as the pipeline runs them, so the spans can be compared one to one.
     args = [model_dir, str(source), "--output", str(out), "--id-column", "doc_id", "--aggregation", aggregation,
-            "--overwrite", "--no-progress"]
+            "--segment", "none", "--overwrite", "--no-progress"]
 
     def run():
         annotate_command.main(args, standalone_mode=False)
@@ -141,14 +142,13 @@ def run_annotation(model_dir: str, corpus: Path, docs: int, batch_sizes: list[in
     """Section 1: pipeline vs annotate vs ceiling on the same documents."""
     import pyarrow.parquet as pq
     import torch
-    from transformers import AutoModelForTokenClassification
 
     from nerbatch.inference import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS
-    from nerbatch.modeling import load_tokenizer, max_model_length
+    from nerbatch.modeling import load_token_classifier, max_model_length
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = load_tokenizer(model_dir)
-    model = AutoModelForTokenClassification.from_pretrained(model_dir).to(device).eval()
+    model, tokenizer = load_token_classifier(model_dir)
+    model = model.to(device)
     texts = load_documents(corpus, docs, tokenizer, max_model_length(tokenizer, model.config))
     tokens = sum(len(ids) for ids in tokenizer(texts)["input_ids"])
     budget = CPU_BATCH_TOKENS if device == "cpu" else GPU_BATCH_TOKENS
@@ -307,7 +307,12 @@ def bench_command(model_dir, encoder, data, docs, batch_sizes, train_sentences, 
     report = {"machine": machine(), "command": " ".join(sys.argv), "model": model_dir, "repeats": repeats}
     corpus = data / "reuters21578" / "reuters21578.parquet"
     if "annotation" in wanted:
-        report["annotation"] = run_annotation(model_dir, corpus, docs, [int(b) for b in batch_sizes.split(",")], repeats)
+        from nerbatch.modeling import ModelError
+        try:
+            report["annotation"] = run_annotation(model_dir, corpus, docs, [int(b) for b in batch_sizes.split(",")],
+                                                   repeats)
+        except ModelError as exc:
+            raise click.ClickException(str(exc)) from exc
     if "training" in wanted:
         from nerbatch.demo import minilm_path
         report["training"] = run_training(encoder or minilm_path(), data / "conll2003", train_sentences)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from nerbatch import __version__
+from nerbatch.inference import SEGMENTS
 from nerbatch.spans import AGGREGATIONS
 
 
@@ -63,10 +64,25 @@ def train_cmd(config_path, resume, train_data, **options):
 @click.argument("model_dir")
 @click.argument("data")
 @click.option("--split", default="validation", show_default=True, help="Split name for hub datasets.")
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--max-length", type=int)
-def evaluate_cmd(model_dir, data, split, batch_size, max_length):
-    """Score MODEL_DIR on labelled DATA; the last line printed is the metrics as one JSON object."""
+@click.option("--batch-size", default=32, show_default=True, help="Sentences per batch (sentence level).")
+@click.option("--max-length", type=int, help="Subwords per input, special tokens included [default: the model's "
+              "limit; with --documents, the window the model was trained on, as annotate].")
+@click.option("--documents", is_flag=True, help="Score whole documents through annotate's code path (same "
+              "segmentation, windows and decoding) instead of one sentence per input.")
+@click.option("--document-column", help="Parquet/JSON Lines: the column naming each row's document.")
+@click.option("--aggregation", type=click.Choice(AGGREGATIONS), default="first", show_default=True,
+              help="With --documents: as annotate's --aggregation.")
+@click.option("--stride", type=int, help="With --documents: as annotate's --stride.")
+@click.option("--segment", type=click.Choice(SEGMENTS), help="With --documents: as annotate's --segment.")
+def evaluate_cmd(model_dir, data, split, batch_size, max_length, documents, document_column, aggregation, stride,
+                 segment):
+    """Score MODEL_DIR on labelled DATA; the last line printed is the metrics as one JSON object.
+
+    By default each sentence is scored on its own. With --documents, the documents of DATA (CoNLL
+    -DOCSTART- lines, -DOCSTART- rows, or --document-column) are rebuilt as text (words joined by a
+    space, sentences by a newline), annotated exactly as `nerbatch annotate` would, and each gold word
+    takes the label of the first predicted span that overlaps it.
+    """
     import json
 
     from nerbatch.data import DataError
@@ -74,13 +90,16 @@ def evaluate_cmd(model_dir, data, split, batch_size, max_length):
     from nerbatch.evaluation import evaluate_dir
     from nerbatch.modeling import ModelError
 
+    annotate_options = {"aggregation": aggregation, "max_length": max_length, "stride": stride, "segment": segment}
     try:
-        metrics = evaluate_dir(model_dir, data, split, batch_size, max_length)
-    except (DataError, ModelError, LaunchError) as exc:
+        metrics = evaluate_dir(model_dir, data, split, batch_size, max_length, documents=documents,
+                               document_column=document_column, annotate_options=annotate_options)
+    except (DataError, ModelError, LaunchError, ValueError) as exc:
         _fail(exc)
     state = process_state()
     if state.is_main_process:
-        click.echo(f"{model_dir} on {data}, evaluated on {describe(state.num_processes)}:")
+        level = "document level (annotate)" if documents else "sentence level"
+        click.echo(f"{model_dir} on {data}, {level}, evaluated on {describe(state.num_processes)}:")
         print_table(metrics)
         click.echo(json.dumps(metrics, sort_keys=True))
 
@@ -101,21 +120,22 @@ def print_table(metrics: dict) -> None:
 @click.argument("text")
 @click.option("--aggregation", default="first", show_default=True,
               type=click.Choice(AGGREGATIONS))
-def predict_cmd(model_dir, text, aggregation):
+@click.option("--segment", type=click.Choice(SEGMENTS), help="As annotate's --segment [default: as the model "
+              "was trained].")
+@click.option("--max-length", type=int, help="As annotate's --max-length.")
+def predict_cmd(model_dir, text, aggregation, segment, max_length):
     """Print the entities of TEXT as JSON lines (entity type, word, score, start, end)."""
     import json
 
-    from transformers import AutoModelForTokenClassification
-
     from nerbatch.inference import annotate_texts
-    from nerbatch.modeling import ModelError, load_tokenizer
+    from nerbatch.modeling import ModelError, load_token_classifier
 
     try:
-        tokenizer = load_tokenizer(model_dir)
+        model, tokenizer = load_token_classifier(model_dir)
     except ModelError as exc:
         _fail(exc)
-    model = AutoModelForTokenClassification.from_pretrained(model_dir).eval()
-    for span in annotate_texts([text], model, tokenizer, aggregation=aggregation)[0]:
+    for span in annotate_texts([text], model, tokenizer, aggregation=aggregation, max_length=max_length,
+                               segment=segment)[0]:
         click.echo(json.dumps({"entity_group": span.label, "word": span.text, "score": round(float(span.score), 4),
                                "start": span.start, "end": span.end}, ensure_ascii=False))
 

@@ -46,8 +46,12 @@ class TrainConfig:
     group_by_length: bool = False  # batches of similar length (less padding)
     checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints; 0: epoch ends only
     keep_checkpoints: int = 2
+    context: str = "sentence"  # "document": also train on windows of neighbouring sentences (nerbatch.context)
+    context_window: int = 256  # document context: longest window, special tokens included; annotate's default
+    select_by: str = "auto"  # best epoch by "document" or "sentence" validation F1; auto: document when possible
     tokens_column: str = "tokens"
     tags_column: str = "ner_tags"
+    document_column: str | None = None  # Parquet/JSON Lines: the column naming each row's document
     report_to: str | None = None  # an accelerate tracker: tensorboard, wandb, ...
 
     def to_dict(self) -> dict:
@@ -96,6 +100,14 @@ def check_ranges(cfg: TrainConfig, source: str) -> None:
     for key, value in [("checkpoint_every", cfg.checkpoint_every), ("weight_decay", cfg.weight_decay)]:
         if value < 0:
             raise ConfigError(f"{source}: {key} = {value} must not be negative")
+    choices = {"context": ("sentence", "document"), "select_by": ("auto", "document", "sentence")}
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"{source}: {key} = {getattr(cfg, key)!r} must be one of {', '.join(allowed)}")
+    too_long = cfg.context == "document" and cfg.max_length is not None and cfg.context_window > cfg.max_length
+    if cfg.context_window < 16 or too_long:
+        raise ConfigError(f"{source}: context_window = {cfg.context_window} must be at least 16 and at most "
+                          f"max_length ({cfg.max_length})")
     if not 0 < cfg.lr:
         raise ConfigError(f"{source}: lr = {cfg.lr} must be positive")
     if not 0 <= cfg.warmup_ratio <= 1:

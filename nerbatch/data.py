@@ -25,6 +25,7 @@ class Sentence:
     source: str  # a file path or "dataset[split]", for error messages
     line: int | None = None  # CoNLL: line of the first word (one word per line)
     row: int | None = None  # tabular and hub sources: row index
+    document: int | None = None  # index of its document; None when the source keeps no boundaries
 
     def where(self, word: int = 0) -> str:
         """Name the location of word `word` of this sentence, e.g. `valid.txt:1042`."""
@@ -39,9 +40,20 @@ class Corpus:
     label_names: list[str] | None = None  # declared by the source (ClassLabel), else None
     documents: int = 0
     name: str = ""
+    has_documents: bool = False  # True when every sentence knows its document (`Sentence.document`)
 
     def __len__(self) -> int:
         return len(self.sentences)
+
+    def no_documents_reason(self) -> str:
+        """Why this corpus cannot be scored or trained document by document (for error messages)."""
+        if self.name.endswith("]"):  # a hub dataset: conll2003 and most copies drop -DOCSTART- lines
+            return (f"{self.name} keeps no document boundaries (the hub's conll2003 drops the -DOCSTART- lines); "
+                    "pass the original CoNLL files, or Parquet/JSON Lines with a document-id column")
+        if Path(self.name).suffix in TABULAR_SUFFIXES:
+            return f"{self.name}: no document boundaries; name the document-id column (--document-column)"
+        return (f"{self.name}: no {DOCSTART} line, so no document boundaries; add {DOCSTART} lines before "
+                "each document (a whole file is not taken as one document: it is often a bag of sentences)")
 
 
 @dataclass
@@ -53,20 +65,23 @@ class CorpusStats:
 
 
 def load_corpus(spec: str, split: str = "train", tokens_column: str = "tokens",
-                tags_column: str = "ner_tags") -> Corpus:
+                tags_column: str = "ner_tags", document_column: str | None = None) -> Corpus:
     """Load a labelled corpus from a local path (CoNLL, Parquet, JSON Lines) or a hub dataset name.
 
     `spec` is a path when it exists on disk; otherwise it is a hub dataset name, optionally written
-    `name:split` to pick a split other than `split`.
+    `name:split` to pick a split other than `split`. Documents come from `-DOCSTART-` lines (CoNLL),
+    `-DOCSTART-` rows (tabular and hub data that keep them) or `document_column` (tabular data).
     """
     path = Path(spec)
     if path.exists():
         if path.suffix in TABULAR_SUFFIXES:
-            return read_tabular(path, tokens_column, tags_column)
+            return read_tabular(path, tokens_column, tags_column, document_column)
         return read_conll(path)
     if path.suffix in TABULAR_SUFFIXES | {".txt", ".conll"}:
         raise DataError(f"{spec}: no such file")
     name, _, explicit_split = spec.partition(":")
+    if document_column:
+        raise DataError(f"{spec}: --document-column applies to Parquet/JSON Lines files, not hub datasets")
     return read_hub(name, explicit_split or split, tokens_column, tags_column)
 
 
@@ -80,11 +95,12 @@ def read_conll(path: str | Path) -> Corpus:
     words: list[str] = []
     tags: list[str] = []
     start_line = 0
-    documents = 0
+    documents = 0  # -DOCSTART- lines seen
+    current = 0  # document index of the next sentence
 
     def flush() -> None:
         if words:
-            sentences.append(Sentence(words.copy(), to_iob2(tags), str(path), line=start_line))
+            sentences.append(Sentence(words.copy(), to_iob2(tags), str(path), line=start_line, document=current))
             words.clear()
             tags.clear()
 
@@ -97,6 +113,8 @@ def read_conll(path: str | Path) -> Corpus:
             if fields[0] == DOCSTART:
                 flush()
                 documents += 1
+                if sentences and sentences[-1].document == current:  # an empty document takes no index
+                    current += 1
                 continue
             if len(fields) < 2:
                 raise DataError(f"{path}:{lineno}: expected 'word ... tag', got {line.rstrip()!r}")
@@ -105,7 +123,10 @@ def read_conll(path: str | Path) -> Corpus:
             words.append(fields[0])
             tags.append(fields[-1])
     flush()
-    return Corpus(sentences, None, documents or 1, str(path))
+    if not documents:
+        for sentence in sentences:
+            sentence.document = None
+    return Corpus(sentences, None, documents or 1, str(path), has_documents=bool(documents))
 
 
 def split_fields(line: str) -> list[str]:
@@ -114,8 +135,12 @@ def split_fields(line: str) -> list[str]:
     return [field for field in line.rstrip("\r\n").replace("\t", " ").split(" ") if field]
 
 
-def read_tabular(path: Path, tokens_column: str, tags_column: str) -> Corpus:
-    """Read Parquet or JSON Lines rows holding a list of words and a list of tags (ids or strings)."""
+def read_tabular(path: Path, tokens_column: str, tags_column: str, document_column: str | None = None) -> Corpus:
+    """Read Parquet or JSON Lines rows holding a list of words and a list of tags (ids or strings).
+
+    With `document_column`, rows with the same value form one document, in row order (its rows need
+    not be contiguous); a missing or null value is an error naming the row.
+    """
     import pyarrow.parquet as pq
 
     label_names = None
@@ -127,8 +152,10 @@ def read_tabular(path: Path, tokens_column: str, tags_column: str) -> Corpus:
         with open(path, encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()]
     sentences = []
+    document_index: dict = {}
+    columns = (tokens_column, tags_column) + ((document_column,) if document_column else ())
     for i, row in enumerate(rows):
-        for column in (tokens_column, tags_column):
+        for column in columns:
             if column not in row:
                 raise DataError(f"{path}: row {i}: missing column {column!r} (columns: {sorted(row)})")
         words, tags = row[tokens_column], row[tags_column]
@@ -137,8 +164,17 @@ def read_tabular(path: Path, tokens_column: str, tags_column: str) -> Corpus:
                 raise DataError(f"{path}: column {tags_column!r} holds integer ids but the file declares no "
                                 "label names (write tag strings, or Parquet saved by `datasets` with a ClassLabel)")
             tags = names_of(tags, label_names, f"{path}: row {i}")
-        sentences.append(_checked_sentence(words, tags, str(path), i))
-    return Corpus(sentences, label_names, 1, str(path))
+        sentence = _checked_sentence(words, tags, str(path), i)
+        if document_column:
+            key = row[document_column]
+            if key is None:
+                raise DataError(f"{path}: row {i}: null in document column {document_column!r}")
+            sentence.document = document_index.setdefault(key, len(document_index))
+        sentences.append(sentence)
+    if document_column:
+        sentences.sort(key=lambda s: s.document)  # stable: row order within each document
+        return Corpus(sentences, label_names, len(document_index), str(path), has_documents=True)
+    return _split_at_docstart_rows(Corpus(sentences, label_names, 1, str(path)))
 
 
 def read_hub(name: str, split: str, tokens_column: str, tags_column: str) -> Corpus:
@@ -158,7 +194,24 @@ def read_hub(name: str, split: str, tokens_column: str, tags_column: str) -> Cor
         if label_names is not None:
             tags = names_of(tags, label_names, f"{name}[{split}]: row {i}")
         sentences.append(_checked_sentence(row[tokens_column], tags, f"{name}[{split}]", i))
-    return Corpus(sentences, label_names, 1, f"{name}[{split}]")
+    return _split_at_docstart_rows(Corpus(sentences, label_names, 1, f"{name}[{split}]"))
+
+
+def _split_at_docstart_rows(corpus: Corpus) -> Corpus:
+    """Rows holding the single word `-DOCSTART-` (kept by some copies of CoNLL) mark documents:
+    number the sentences by document and drop those rows, which are not sentences."""
+    if not any(s.words == [DOCSTART] for s in corpus.sentences):
+        return corpus
+    sentences, current, documents = [], 0, 0
+    for sentence in corpus.sentences:
+        if sentence.words == [DOCSTART]:
+            documents += 1
+            if sentences and sentences[-1].document == current:
+                current += 1
+            continue
+        sentence.document = current
+        sentences.append(sentence)
+    return Corpus(sentences, corpus.label_names, documents, corpus.name, has_documents=True)
 
 
 def names_of(ids: list[int], names: list[str], where: str) -> list[str]:

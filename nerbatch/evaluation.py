@@ -1,9 +1,14 @@
-"""Word-level evaluation with seqeval, identical on any number of processes.
+"""Word-level evaluation with seqeval, identical on any number of processes, at two levels.
 
-Evaluation features carry a label only on each word's first subword, so after `gather` the labelled
-positions are exactly the words, in order: each word is scored once, with its first subword's
-prediction, as the CoNLL evaluation counts. (Scoring every subword, as the reference loop does,
-counts a three-piece name as three chances to be right and skews entity F1.)
+Sentence level (`evaluate_features`): each sentence is its own input. Evaluation features carry a
+label only on each word's first subword, so after `gather` the labelled positions are exactly the
+words, in order: each word is scored once, with its first subword's prediction, as the CoNLL
+evaluation counts. (Scoring every subword, as the reference loop does, counts a three-piece name as
+three chances to be right and skews entity F1.)
+
+Document level (`evaluate_documents`): the accuracy `annotate` delivers. Documents are rebuilt as
+running text (`nerbatch.documents`), run through the very `Annotator` that `annotate` uses (same
+segmentation, windows and decoding), and the predicted spans are mapped back onto the gold words.
 """
 
 from __future__ import annotations
@@ -93,22 +98,61 @@ def evaluate_features(accelerator, model, loader, features: list[Feature], gold:
     return score(gold, predicted)
 
 
+DOCUMENTS_PER_CALL = 256  # documents tokenized and run together: bounded memory on large splits
+
+
+def evaluate_documents(annotator, corpus, documents, process_index: int = 0, num_processes: int = 1) -> dict:
+    """Annotate `documents` (from `build_documents(corpus)`) as `annotate` would and score the words.
+
+    Each process annotates every `num_processes`-th document; the word tags are gathered to every
+    process in document order, so the result does not depend on the process count.
+    """
+    from nerbatch.documents import spans_to_word_tags, split_by_sentence
+
+    mine = list(range(process_index, len(documents), num_processes))
+    tagged: list[tuple[int, list[str]]] = []
+    for k in range(0, len(mine), DOCUMENTS_PER_CALL):
+        chunk = mine[k:k + DOCUMENTS_PER_CALL]
+        spans = annotator.annotate([documents[d].text for d in chunk])
+        tagged += [(d, spans_to_word_tags(s, documents[d].words)) for d, s in zip(chunk, spans)]
+    if num_processes > 1:
+        from accelerate.utils import gather_object
+
+        tagged = gather_object(tagged)
+    predicted: list[list[str]] = [[] for _ in corpus.sentences]
+    for d, tags in sorted(tagged, key=lambda item: item[0]):
+        for index, sentence_tags in zip(documents[d].sentences, split_by_sentence(documents[d], tags)):
+            predicted[index] = sentence_tags
+    return score([s.tags for s in corpus.sentences], predicted)
+
+
 def evaluate_dir(model_dir: str, data: str, split: str = "validation", batch_size: int = 32,
-                 max_length: int | None = None, tokens_column: str = "tokens", tags_column: str = "ner_tags") -> dict:
-    """Evaluate a saved model on a labelled corpus; runs on any number of processes."""
-    from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification
+                 max_length: int | None = None, tokens_column: str = "tokens", tags_column: str = "ner_tags",
+                 documents: bool = False, document_column: str | None = None, annotate_options: dict | None = None) -> dict:
+    """Evaluate a saved model on a labelled corpus; runs on any number of processes.
+
+    With `documents`, scores the annotate path on the corpus's rebuilt documents; `annotate_options`
+    (`aggregation`, `max_length`, `stride`, `segment`, ...) are the `Annotator`'s keyword arguments.
+    """
+    from transformers import DataCollatorForTokenClassification
 
     from nerbatch.data import check_labels, load_corpus
     from nerbatch.dist import make_accelerator
-    from nerbatch.modeling import load_tokenizer, max_model_length
+    from nerbatch.modeling import load_token_classifier, max_model_length
 
     accelerator = make_accelerator()
-    tokenizer = load_tokenizer(model_dir)
-    model = AutoModelForTokenClassification.from_pretrained(model_dir)
+    model, tokenizer = load_token_classifier(model_dir)
     with accelerator.main_process_first():
-        corpus = load_corpus(data, split, tokens_column, tags_column)
+        corpus = load_corpus(data, split, tokens_column, tags_column, document_column)
     label2id = {label: int(i) for label, i in model.config.label2id.items()}
     check_labels(corpus, label2id)
+    if documents:
+        from nerbatch.documents import build_documents
+        from nerbatch.inference import Annotator
+
+        rebuilt = build_documents(corpus)
+        annotator = Annotator(model.to(accelerator.device), tokenizer, **(annotate_options or {}))
+        return evaluate_documents(annotator, corpus, rebuilt, accelerator.process_index, accelerator.num_processes)
     length = max_length or max_model_length(tokenizer, model.config)
     encoded, loader = eval_loader(tokenizer, corpus.sentences, label2id, length,
                                   DataCollatorForTokenClassification(tokenizer), batch_size)

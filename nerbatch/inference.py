@@ -5,20 +5,30 @@ are covered by overlapping windows of the model's length; each window gets the m
 tokens and goes through the model in length-sorted, token-budgeted batches. Every subword then
 takes its prediction from the window where it is most central (furthest from a cut), and the whole
 document is decoded once (`nerbatch.spans`), so no entity is cut at a window edge or emitted twice.
+
+What a window holds follows how the model was trained (`SEGMENTS`): a model trained on single
+sentences sees one sentence per window (`nerbatch.segment`), a model trained with document context
+sees running text in windows of its training length. `nerbatch train` records which in the model's
+config (`config.nerbatch`); models without that record (hub checkpoints) are taken as sentence models.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from nerbatch.modeling import max_model_length
+from nerbatch.modeling import max_model_length, training_record
+from nerbatch.segment import sentence_bounds
 from nerbatch.spans import AGGREGATIONS, Span, decode_spans
 
 CPU_BATCH_TOKENS = 1024  # padded tokens per forward on CPU: bigger batches don't run faster there
 GPU_BATCH_TOKENS = 32768
+# How a text is cut before windowing: `sentences` runs each sentence as its own window(s); `none`
+# covers the whole text with overlapping windows.
+SEGMENTS = ("sentences", "none")
 
 
 @dataclass
@@ -55,6 +65,25 @@ def plan_windows(n: int, length: int, stride: int) -> tuple[list[tuple[int, int]
     return windows, [(bounds[k], bounds[k + 1]) for k in range(len(windows))]
 
 
+def plan_segment_windows(segments: list[tuple[int, int]], length: int,
+                         stride: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """`plan_windows` inside each subword range of `segments` (consecutive, covering the text): no
+    window crosses a segment boundary, and every subword is kept by exactly one window."""
+    windows, keeps = [], []
+    for a, b in segments:
+        w, k = plan_windows(b - a, length, stride)
+        windows += [(s + a, e + a) for s, e in w]
+        keeps += [(s + a, e + a) for s, e in k]
+    return windows, keeps
+
+
+def subword_segments(text: str, offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The sentences of `text` as ranges of subword indices (empty sentences dropped)."""
+    starts = [start for start, _ in offsets]
+    cuts = [bisect_left(starts, a) for a, _ in sentence_bounds(text)] + [len(offsets)]
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
 def special_tokens_around(backend) -> tuple[list[int], list[int]]:
     """The ids the tokenizer's post-processor puts before and after a single sequence ([CLS] / [SEP])."""
     bare = backend.encode("a", add_special_tokens=False).ids
@@ -69,10 +98,19 @@ class Annotator:
     """Holds a model, its fast tokenizer and the windowing/batching/decoding settings."""
 
     def __init__(self, model, tokenizer, aggregation: str = "first", max_length: int | None = None,
-                 stride: int | None = None, batch_size: int = 64, max_batch_tokens: int | None = None):
+                 stride: int | None = None, batch_size: int = 64, max_batch_tokens: int | None = None,
+                 segment: str | None = None):
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
         from tokenizers import Tokenizer
+
+        record = training_record(model.config)
+        document_model = record.get("context") == "document"
+        self.segment = segment or ("none" if document_model else "sentences")
+        if self.segment not in SEGMENTS:
+            raise ValueError(f"unknown segment {segment!r}; choose one of {', '.join(SEGMENTS)}")
+        if max_length is None and document_model:
+            max_length = record.get("window")  # the window length the model was trained on
 
         self.model = model.eval()
         self.device = next(model.parameters()).device
@@ -102,13 +140,18 @@ class Annotator:
 
     def settings(self) -> dict:
         """The options that determine the output (for run configs and Parquet metadata)."""
-        return {"aggregation": self.aggregation, "max_length": self.max_length, "stride": self.stride}
+        return {"aggregation": self.aggregation, "max_length": self.max_length, "stride": self.stride,
+                "segment": self.segment}
 
     def encode(self, texts: list[str]) -> list[Document]:
         """Tokenize texts in one batched call and plan their windows (safe to run in another thread)."""
         docs = []
-        for enc in self.backend.encode_batch(texts, add_special_tokens=False):
-            windows, keeps = plan_windows(len(enc.ids), self.length, self.stride)
+        for text, enc in zip(texts, self.backend.encode_batch(texts, add_special_tokens=False)):
+            if self.segment == "sentences":
+                segments = subword_segments(text, enc.offsets)
+            else:
+                segments = [(0, len(enc.ids))] if enc.ids else []
+            windows, keeps = plan_segment_windows(segments, self.length, self.stride)
             docs.append(Document(enc.offsets, enc.word_ids, enc.ids, windows, keeps))
         return docs
 
@@ -180,11 +223,12 @@ def _width(window: tuple[int, int]) -> int:
 
 
 def annotate_texts(texts: list[str], model, tokenizer, aggregation: str = "first", max_length: int | None = None,
-                   stride: int | None = None, batch_size: int = 64) -> list[list[Span]]:
+                   stride: int | None = None, batch_size: int = 64, segment: str | None = None) -> list[list[Span]]:
     """Entity spans for each of `texts`, of any length, with a token-classification model.
 
-    `max_length` defaults to the model's limit; `stride` (overlap between windows, in subwords)
-    defaults to a quarter of a window. Offsets are Python string indices into each text.
+    `segment` and `max_length` default to how the model was trained (see the module docstring);
+    `stride` (overlap between windows, in subwords) defaults to a quarter of a window. Offsets are
+    Python string indices into each text.
     """
-    annotator = Annotator(model, tokenizer, aggregation, max_length, stride, batch_size)
+    annotator = Annotator(model, tokenizer, aggregation, max_length, stride, batch_size, segment=segment)
     return annotator.annotate(list(texts))

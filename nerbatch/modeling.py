@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokenizer
 
 # Byte-level BPE tokenizers need a leading space on every word for `is_split_into_words=True`.
@@ -14,13 +16,18 @@ class ModelError(ValueError):
     """A model or tokenizer that cannot be used for this job; the message says why and what to do."""
 
 
-def load_tokenizer(name: str):
-    """Load the fast tokenizer of `name` (hub id or local dir); a slow tokenizer is an error."""
+def load_config(name: str):
+    """The model config of `name`; an unreachable hub id or a wrong path is a one-line `ModelError`."""
     try:
-        config = AutoConfig.from_pretrained(name)
-    except OSError as exc:  # no hub access, a typo, or a directory without config.json
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as exc:  # no hub access, a typo, a directory without config.json
         raise ModelError(f"could not load model {name!r}: {str(exc).splitlines()[0]} Pass a local model "
                          "directory with --model when offline.") from exc
+
+
+def load_tokenizer(name: str):
+    """Load the fast tokenizer of `name` (hub id or local dir); a slow tokenizer is an error."""
+    config = load_config(name)
     kwargs = {"add_prefix_space": True} if config.model_type in PREFIX_SPACE_MODELS else {}
     tokenizer = AutoTokenizer.from_pretrained(name, use_fast=True, **kwargs)
     if not tokenizer.is_fast:
@@ -38,6 +45,85 @@ def max_model_length(tokenizer, config) -> int:
     if tokenizer.model_max_length and tokenizer.model_max_length < limit:
         limit = tokenizer.model_max_length
     return int(limit)
+
+
+# Tag schemes the span decoder reads (`nerbatch.spans.split_tag`): the prefix letters each allows.
+TAG_SCHEMES = {"IOB1/IOB2": {"B", "I"}, "IOBES": {"B", "I", "E", "S"}, "BILOU": {"B", "I", "L", "U"}}
+_GENERIC_LABEL = re.compile(r"LABEL_\d+")
+_WHAT_IS_IT = {"ForSequenceClassification": "a sequence classifier", "ForMaskedLM": "a masked language model",
+               "ForPreTraining": "a pre-training checkpoint", "ForQuestionAnswering": "a question-answering model",
+               "ForCausalLM": "a causal language model", "Model": "the base encoder, not a fine-tuned output?"}
+
+
+def entity_scheme(labels: list[str]) -> str | None:
+    """The tag scheme of `labels` ("IOB1/IOB2", "IOBES", "BILOU" or "plain types"), None when they are
+    not entity tags: no `O`, generic `LABEL_k` names, or prefixes the decoder does not know."""
+    others = [label for label in labels if label != "O"]
+    if len(others) == len(labels) or not others or any(_GENERIC_LABEL.fullmatch(label) for label in others):
+        return None
+    prefixed = [label for label in others if len(label) > 2 and label[1] == "-"]
+    if not prefixed:
+        return "plain types"
+    if len(prefixed) < len(others):
+        return None
+    letters = {label[0] for label in prefixed}
+    for scheme, allowed in TAG_SCHEMES.items():
+        if letters <= allowed:
+            return scheme
+    return None
+
+
+def check_classifier_config(name: str, config) -> None:
+    """Refuse, before any weights are read, a model that is not an entity tagger: no
+    token-classification architecture, or labels that are not an entity tag set."""
+    architectures = config.architectures or []
+    if architectures and not any(a.endswith("ForTokenClassification") for a in architectures):
+        arch = architectures[0]
+        what = next((v for k, v in _WHAT_IS_IT.items() if arch.endswith(k)), "not a token classifier")
+        raise ModelError(f"{name}: a {arch} with no token-classification head ({what}); pass the directory "
+                         "that `nerbatch train` wrote (its --output-dir) or another fine-tuned NER model")
+    labels = [config.id2label[i] for i in range(config.num_labels)]
+    if entity_scheme(labels) is None:
+        raise ModelError(f"{name}: its labels {labels[:8]}{'...' if len(labels) > 8 else ''} are not entity tags; "
+                         f"nerbatch decodes {', '.join(TAG_SCHEMES)} tags or plain entity types, with 'O' for "
+                         "no entity. Pass a model fine-tuned for NER (the output of `nerbatch train`)")
+
+
+def load_token_classifier(name: str):
+    """The `(model, tokenizer)` of a trained entity tagger, in eval mode, checked before use.
+
+    The config is checked first (`check_classifier_config`); then no weight of the model may be
+    missing from the checkpoint: transformers would initialise it at random and warn in a log line
+    that scrolls past, and a whole night of annotation would be garbage.
+    """
+    from transformers.utils import logging as hf_logging
+
+    config = load_config(name)
+    check_classifier_config(name, config)
+    tokenizer = load_tokenizer(name)
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # the load report; what matters in it is checked below
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = AutoModelForTokenClassification.from_pretrained(name, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    parameters = {n for n, _ in model.named_parameters()}
+    missing = sorted(k for k in info.get("missing_keys", ()) if k in parameters)
+    if missing:
+        raise ModelError(f"{name}: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} are not in the "
+                         "checkpoint and would be initialised at random (no trained token-classification head: "
+                         "the base encoder, not a fine-tuned output?); pass the directory `nerbatch train` wrote")
+    return model.eval(), tokenizer
+
+
+def training_record(config) -> dict:
+    """How `nerbatch train` trained this model (`config.nerbatch`: context mode and window length),
+    or {} for models trained elsewhere."""
+    record = getattr(config, "nerbatch", None)
+    return dict(record) if isinstance(record, dict) else {}
 
 
 def check_head(name: str, config, labels: list[str]) -> dict[str, int] | None:

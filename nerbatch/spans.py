@@ -37,10 +37,16 @@ class Span:
         return {"start": self.start, "end": self.end, "label": self.label, "text": self.text, "score": self.score}
 
 
+# Prefix letter -> its role in grouping: `B` opens an entity, `I` continues one of the same type.
+# IOB1/IOB2 (B, I), IOBES (S = single, E = end) and BILOU (U = unit, L = last) all reduce to these two.
+_PREFIX_ROLE = {"B": "B", "I": "I", "S": "B", "E": "I", "U": "B", "L": "I"}
+
+
 def split_tag(label: str) -> tuple[str, str]:
-    """`B-PER` -> (`B`, `PER`); `I-PER` -> (`I`, `PER`); a bare `PER` or `O` counts as a continuation `I`."""
-    if label.startswith("B-") or label.startswith("I-"):
-        return label[0], label[2:]
+    """`B-PER` -> (`B`, `PER`); `I-PER` -> (`I`, `PER`); `S-`/`U-` open like `B-`, `E-`/`L-` continue
+    like `I-`; a bare `PER` or `O` counts as a continuation `I`."""
+    if len(label) > 2 and label[1] == "-" and label[0] in _PREFIX_ROLE:
+        return _PREFIX_ROLE[label[0]], label[2:]
     return "I", label
 
 

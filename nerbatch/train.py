@@ -19,12 +19,15 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import DataCollatorForTokenClassification, get_linear_schedule_with_warmup
 
-from nerbatch.align import encode
+from nerbatch.align import Encoded, encode
+from nerbatch.context import document_features
 from nerbatch.batching import make_loader
 from nerbatch.config import ConfigError, TrainConfig
 from nerbatch.dist import describe, make_accelerator
 from nerbatch.data import Corpus, build_label_list, check_labels, load_corpus
-from nerbatch.evaluation import eval_loader, evaluate_features
+from nerbatch.documents import build_documents
+from nerbatch.evaluation import eval_loader, evaluate_documents, evaluate_features
+from nerbatch.inference import Annotator, special_tokens_around
 from nerbatch.modeling import load_model, load_tokenizer, max_model_length
 
 # Keys that may change between a checkpoint and its resumption without changing the run.
@@ -33,13 +36,36 @@ RESUMABLE_CHANGES = {"output_dir", "eval_batch_size", "checkpoint_every", "keep_
 
 def load_splits(cfg: TrainConfig) -> tuple[Corpus, Corpus]:
     """Read the training and validation corpora, truncated to the configured sample counts."""
-    train = load_corpus(cfg.train, "train", cfg.tokens_column, cfg.tags_column)
-    validation = load_corpus(cfg.validation, "validation", cfg.tokens_column, cfg.tags_column)
+    train = load_corpus(cfg.train, "train", cfg.tokens_column, cfg.tags_column, cfg.document_column)
+    validation = load_corpus(cfg.validation, "validation", cfg.tokens_column, cfg.tags_column, cfg.document_column)
     if cfg.max_train_samples:
         train.sentences = train.sentences[:cfg.max_train_samples]
     if cfg.max_eval_samples:
         validation.sentences = validation.sentences[:cfg.max_eval_samples]
     return train, validation
+
+
+def selection_level(cfg: TrainConfig, validation: Corpus) -> str:
+    """The validation score that picks the best epoch: the one matching how the model will be used
+    (`document`, the annotate path, whenever the validation data has documents), or as configured."""
+    if cfg.select_by == "document" and not validation.has_documents:
+        raise ConfigError(f"select_by = document: {validation.no_documents_reason()}")
+    if cfg.select_by == "auto":
+        return "document" if validation.has_documents else "sentence"
+    return cfg.select_by
+
+
+def training_features(cfg: TrainConfig, tokenizer, corpus: Corpus, label2id: dict[str, int], max_length: int):
+    """The encoded training set: one feature per sentence, plus document windows with context = document."""
+    encoded = encode(tokenizer, corpus.sentences, label2id, max_length, cfg.label_all_subwords)
+    if cfg.context == "document":
+        if not corpus.has_documents:
+            raise ConfigError(f"context = document needs documents: {corpus.no_documents_reason()}")
+        prefix, suffix = special_tokens_around(tokenizer.backend_tokenizer)
+        window = min(cfg.context_window, max_length)
+        encoded = Encoded(document_features(encoded.features, corpus.sentences, len(prefix), len(suffix), window,
+                                            cfg.seed), encoded.split_sentences)
+    return encoded
 
 
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -127,15 +153,22 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     check_labels(val_corpus, label2id)
     check_labels(train_corpus, label2id)
     max_length = cfg.max_length or max_model_length(tokenizer, model.config)
+    select = selection_level(cfg, val_corpus)
+    val_documents = build_documents(val_corpus) if val_corpus.has_documents else None
+    # How the model is trained travels in its config.json, so that annotate can follow it.
+    model.config.nerbatch = {"context": cfg.context, "window": min(cfg.context_window, max_length)
+                             if cfg.context == "document" else max_length}
     pad8 = 8 if accelerator.mixed_precision in ("fp16", "bf16") else None
     collator = DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=pad8)
-    train_enc = encode(tokenizer, train_corpus.sentences, label2id, max_length, cfg.label_all_subwords)
+    train_enc = training_features(cfg, tokenizer, train_corpus, label2id, max_length)
     train_dl = make_loader(train_enc, collator, cfg.batch_size, cfg.seed, train=True, group=cfg.group_by_length)
     val_enc, val_dl = eval_loader(tokenizer, val_corpus.sentences, label2id, max_length, collator, cfg.eval_batch_size)
-    accelerator.print(f"train: {len(train_corpus)} sentences -> {len(train_enc.features)} features "
+    accelerator.print(f"train: {len(train_corpus)} sentences -> {len(train_enc.features)} features, {cfg.context} "
+                      f"context "
                       f"({train_enc.split_sentences} longer than {max_length} subwords, split between words); "
                       f"validation: {len(val_corpus)} sentences ({val_enc.split_sentences} split); labels: {labels}; "
-                      f"training on {describe(accelerator.num_processes)} ({accelerator.device.type})")
+                      f"training on {describe(accelerator.num_processes)} ({accelerator.device.type}); best epoch by "
+                      f"{select}-level validation F1")
     sampler = train_dl.batch_sampler
     optimizer = make_optimizer(model, cfg)
     model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
@@ -188,17 +221,24 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         train_loss = accelerator.reduce(loss_sum, reduction="mean").item() / ran if ran else None
         record = {"epoch": epoch + 1, "train_loss": train_loss, "train_seconds": seconds,
                   "resumed_mid_epoch": bool(skip), **metrics}
+        line = f"sentence f1 {metrics['overall_f1']:.4f}"
+        if val_documents is not None:
+            annotator = Annotator(accelerator.unwrap_model(model), tokenizer)  # annotate's defaults for this model
+            record["document"] = evaluate_documents(annotator, val_corpus, val_documents, accelerator.process_index,
+                                                    accelerator.num_processes)
+            line += f", document f1 {record['document']['overall_f1']:.4f}"
         progress["history"].append(record)
-        accelerator.print(f"epoch {epoch + 1}: f1 {metrics['overall_f1']:.4f} precision {metrics['overall_precision']:.4f} "
-                          f"recall {metrics['overall_recall']:.4f} loss {train_loss or float('nan'):.4f} ({seconds:.0f} s)")
-        accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=epoch + 1)
+        accelerator.print(f"epoch {epoch + 1}: {line}, loss {train_loss or float('nan'):.4f} ({seconds:.0f} s)")
+        accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}
+                        | {"document_f1": record.get("document", {}).get("overall_f1", float("nan"))}, step=epoch + 1)
         save_model(accelerator, model, tokenizer, output_dir / f"epoch_{epoch + 1}")
-        if metrics["overall_f1"] > progress["best_f1"]:
-            progress |= {"best_f1": metrics["overall_f1"], "best_epoch": epoch + 1}
+        chosen = record["document"]["overall_f1"] if select == "document" else metrics["overall_f1"]
+        if chosen > progress["best_f1"]:
+            progress |= {"best_f1": chosen, "best_epoch": epoch + 1}
             save_model(accelerator, model, tokenizer, output_dir)
         if accelerator.is_main_process:
             (output_dir / "metrics.json").write_text(json.dumps(
-                {"best_epoch": progress["best_epoch"], "epochs": progress["history"]}, indent=1))
+                {"best_epoch": progress["best_epoch"], "selected_by": select, "epochs": progress["history"]}, indent=1))
         progress |= {"epoch": epoch + 1, "batches_done": 0}
         save_checkpoint(accelerator, output_dir, progress, cfg.keep_checkpoints)
     bar.close()

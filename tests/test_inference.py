@@ -77,19 +77,21 @@ def context_free_model(vocab_size: int) -> BertForTokenClassification:
     return model.eval()
 
 
+@pytest.mark.parametrize("segment", ["none", "sentences"])
 @pytest.mark.parametrize("aggregation", ["first", "simple"])
-def test_windows_merge_exactly_when_predictions_do_not_depend_on_context(tiny, reuters_texts, aggregation):
+def test_windows_merge_exactly_when_predictions_do_not_depend_on_context(tiny, reuters_texts, aggregation, segment):
     """With a context-free model, any window layout must give exactly the entities of one huge window:
-    nothing lost, cut or duplicated at a window edge."""
+    nothing lost, cut or duplicated at a window edge or a sentence boundary."""
     _, tokenizer = tiny
     model = context_free_model(tokenizer.vocab_size)
     tokenizer.model_max_length = 8192
     try:
         texts = [" ".join(reuters_texts[:30]), reuters_texts[3]]
-        whole = annotate_texts(texts, model, tokenizer, aggregation, max_length=8192)
+        whole = annotate_texts(texts, model, tokenizer, aggregation, max_length=8192, segment="none")
         assert sum(map(len, whole)) > 200
         for max_length, stride in [(16, 0), (16, 7), (64, 16), (130, 64)]:
-            assert annotate_texts(texts, model, tokenizer, aggregation, max_length=max_length, stride=stride) == whole
+            assert annotate_texts(texts, model, tokenizer, aggregation, max_length=max_length, stride=stride,
+                                  segment=segment) == whole
     finally:
         tokenizer.model_max_length = 128
 
@@ -100,7 +102,7 @@ def test_joined_articles_give_the_entities_of_each_article_alone(tuned, reuters_
     compares entity types per subword with a tolerance; the exact no-loss/no-duplicate guarantee is
     `test_windows_merge_exactly_when_predictions_do_not_depend_on_context`."""
     model, tokenizer = tuned
-    annotator = Annotator(model, tokenizer, "first")
+    annotator = Annotator(model, tokenizer, "first", segment="none")
     short = [t for t in reuters_texts if 200 < len(t) < 400][:40]
     alone = annotator.encode(short)
     annotator.forward(alone)
@@ -173,7 +175,8 @@ def test_matches_the_pipeline_on_unicode_text(tiny, aggregation):
     model, tokenizer = tiny
     pipe = pipeline("token-classification", model=model, tokenizer=tokenizer, aggregation_strategy=aggregation)
     found = 0
-    for text, mine in zip(UNICODE_TEXTS, annotate_texts(UNICODE_TEXTS, model, tokenizer, aggregation=aggregation)):
+    ours = annotate_texts(UNICODE_TEXTS, model, tokenizer, aggregation=aggregation, segment="none")
+    for text, mine in zip(UNICODE_TEXTS, ours):
         theirs = pipe(text)
         assert [(s.start, s.end, s.label) for s in mine] == [(e["start"], e["end"], e["entity_group"]) for e in theirs]
         found += len(mine)
