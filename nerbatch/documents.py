@@ -59,8 +59,9 @@ def spans_to_word_tags(spans: Iterable, words: Sequence[tuple[int, int]]) -> lis
     """IOB2 tags for `words` (sorted, non-overlapping character spans) from predicted entity spans.
 
     A word takes the label of the first span that overlaps it by at least one character (so an entity
-    that starts or ends inside a word still labels that word); the first word a span labels gets
-    `B-`, the following ones `I-`. Words no span touches are `O`; zero-width words are always `O`.
+    that starts or ends inside a word still labels that word); the first word a span touches is its
+    `B-`, the following ones `I-` (so "U" + "S. Steel", split inside the word "U.S.", stays one
+    entity). Words no span touches are `O`; zero-width words are always `O`.
     """
     tags = ["O"] * len(words)
     starts = [start for start, _ in words]
@@ -69,8 +70,9 @@ def spans_to_word_tags(spans: Iterable, words: Sequence[tuple[int, int]]) -> lis
         k = max(bisect_right(starts, span.start) - 1, 0)  # the last word starting at or before the span
         while k < len(words) and words[k][0] < span.end:
             start, end = words[k]
-            if start < end and start < span.end and end > span.start and tags[k] == "O":
-                tags[k] = ("I-" if opened else "B-") + span.label
+            if start < end and start < span.end and end > span.start:
+                if tags[k] == "O":
+                    tags[k] = ("I-" if opened else "B-") + span.label
                 opened = True
             k += 1
     return tags
