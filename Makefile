@@ -1,4 +1,5 @@
 # The two commands of the README: `make demo` and `make test`. Each sets up .venv on first use.
+# `make lint` (ruff: lint, format, import order) and `make bench` are for development.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -7,7 +8,10 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test clean
+DATA ?= ../shared/data
+BENCH_MODEL ?= runs/minilm-conll2003
+
+.PHONY: setup demo test lint format bench clean
 
 setup: $(STAMP)
 
@@ -26,6 +30,19 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# Rewrite the code into the project's format and import order (what `make lint` checks).
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+# Side-by-side benchmark on the shared data with a trained model (see README, Benchmarks).
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench.py --model $(BENCH_MODEL) --data $(DATA)
 
 clean:
 	rm -rf $(VENV) runs

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nerbatch.data import Sentence
+from nerbatch.data import DataError, Sentence
 
 IGNORE = -100  # label id the loss and the metrics skip
 
@@ -43,8 +43,9 @@ def b_to_i_map(labels: list[str]) -> list[int]:
     return [index.get("I-" + name[2:], i) if name.startswith("B-") else i for i, name in enumerate(labels)]
 
 
-def align_labels(word_labels: list[int], word_ids: list[int | None], b_to_i: list[int],
-                 label_all_subwords: bool = True) -> list[int]:
+def align_labels(
+    word_labels: list[int], word_ids: list[int | None], b_to_i: list[int], label_all_subwords: bool = True
+) -> list[int]:
     """Give each subword a label id: -100 on special tokens, the word's label on its first subword,
     and on continuation subwords the `I-` form of it (or -100 with `label_all_subwords=False`)."""
     aligned = []
@@ -60,8 +61,9 @@ def align_labels(word_labels: list[int], word_ids: list[int | None], b_to_i: lis
     return aligned
 
 
-def encode(tokenizer, sentences: list[Sentence], label2id: dict[str, int], max_length: int,
-           label_all_subwords: bool = True) -> Encoded:
+def encode(
+    tokenizer, sentences: list[Sentence], label2id: dict[str, int], max_length: int, label_all_subwords: bool = True
+) -> Encoded:
     """Tokenize sentences (batched, `is_split_into_words=True`) and align their labels.
 
     A sentence longer than `max_length` subwords becomes several features split between words.
@@ -106,8 +108,10 @@ def _split_by_budget(counts: list[int], budget: int, sentence: Sentence) -> list
     spans, start, used = [], 0, 0
     for w, n in enumerate(counts):
         if n > budget:
-            raise ValueError(f"{sentence.where(w)}: the word {sentence.words[w][:40]!r} alone has {n} subwords, "
-                             f"more than max length allows ({budget})")
+            raise DataError(
+                f"{sentence.where(w)}: the word {sentence.words[w][:40]!r} alone has {n} subwords, "
+                f"more than max length allows ({budget})"
+            )
         if used + n > budget:
             spans.append((start, w))
             start, used = w, 0

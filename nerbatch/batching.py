@@ -35,10 +35,13 @@ class LengthGroupedBatches:
         order = torch.randperm(n, generator=generator).tolist() if self.shuffle else list(range(n))
         if self.group:
             mega = size * 50
-            order = [i for k in range(0, n, mega)
-                     for i in sorted(order[k:k + mega], key=self.lengths.__getitem__, reverse=True)]
+            order = [
+                i
+                for k in range(0, n, mega)
+                for i in sorted(order[k : k + mega], key=self.lengths.__getitem__, reverse=True)
+            ]
         full = n - n % size
-        batches = [order[k:k + size] for k in range(0, full, size)]
+        batches = [order[k : k + size] for k in range(0, full, size)]
         if self.group and self.shuffle:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
         if full < n:
@@ -53,9 +56,13 @@ def make_loader(encoded: Encoded, collator, batch_size: int, seed: int, train: b
     sampler = LengthGroupedBatches(lengths, batch_size, seed, group=group, shuffle=train)
     # A private generator: creating a loader iterator draws a seed from it, and drawing from the
     # global RNG instead would shift dropout masks after a resume.
-    return torch.utils.data.DataLoader(items, batch_sampler=sampler, collate_fn=collator,
-                                       generator=torch.Generator().manual_seed(seed),
-                                       pin_memory=torch.cuda.is_available())
+    return torch.utils.data.DataLoader(
+        items,
+        batch_sampler=sampler,
+        collate_fn=collator,
+        generator=torch.Generator().manual_seed(seed),
+        pin_memory=torch.cuda.is_available(),
+    )
 
 
 def sort_by_length(encoded: Encoded) -> Encoded:

@@ -1,29 +1,50 @@
-"""The `nerbatch` command line: thin click commands over the stage modules."""
+"""The `nerbatch` command line: every command is defined here, as a thin click wrapper over its stage
+module (imported inside the command, so `nerbatch --help` stays fast).
+
+To add a command: write the work as a function in its stage module, raising `NerbatchError`
+subclasses for user errors, then add a `@main.command` here that parses options and calls it. The
+group turns any `NerbatchError` into a one-line message and exit status 1; anything else is a bug
+and keeps its traceback.
+"""
 
 from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
 
 import click
 
 from nerbatch import __version__
-from nerbatch.inference import SEGMENTS
-from nerbatch.spans import AGGREGATIONS
+from nerbatch.errors import NerbatchError
+from nerbatch.options import AGGREGATIONS, SEGMENTS, Options
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Commands(click.Group):
+    """A click group that prints user errors (`NerbatchError`) as one line instead of a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except NerbatchError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="nerbatch")
 def main() -> None:
     """Train a transformer NER model and annotate large Parquet corpora with it."""
 
 
-def _fail(exc: Exception) -> None:
-    """Turn an expected user error into a one-line message and exit status 1."""
-    raise click.ClickException(str(exc)) from exc
-
-
 @main.command("train")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
-              help="A jobs/*.toml file; the options below override its keys.")
-@click.option("--model", help="Hub model id or local directory (default bert-base-cased).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="A jobs/*.toml file; the options below override its keys.",
+)
+@click.option("--model", help="Hub model id, local directory, or package:NAME/PATH (default bert-base-cased).")
 @click.option("--train", "train_data", help="Training data: hub dataset name or a CoNLL/Parquet/JSONL path.")
 @click.option("--validation", help="Validation data: hub dataset name or a local path.")
 @click.option("--output-dir", help="Where epochs, checkpoints and the best model go.")
@@ -39,25 +60,39 @@ def _fail(exc: Exception) -> None:
 @click.option("--max-train-samples", type=int, help="Use only the first N training sentences.")
 @click.option("--max-eval-samples", type=int, help="Use only the first N validation sentences.")
 @click.option("--gradient-accumulation-steps", type=int)
-@click.option("--label-all-subwords/--label-first-subword", default=None,
-              help="Label continuation subwords with I- (reference) or ignore them.")
+@click.option(
+    "--label-all-subwords/--label-first-subword",
+    default=None,
+    help="Label continuation subwords with I- (reference) or ignore them.",
+)
 @click.option("--group-by-length/--no-group-by-length", default=None, help="Batch sentences of similar length.")
+@click.option(
+    "--context",
+    type=click.Choice(["sentence", "document"]),
+    help="Train on single sentences, or also "
+    "on windows of neighbouring sentences of each document (the way annotate shows running text).",
+)
+@click.option(
+    "--context-window",
+    type=int,
+    help="With --context document: the longest window, special tokens "
+    "included; annotate's default window for the model.",
+)
+@click.option(
+    "--select-by",
+    type=click.Choice(["auto", "document", "sentence"]),
+    help="Validation score that picks the best epoch (auto: document level when the validation data has documents).",
+)
+@click.option("--document-column", help="Parquet/JSON Lines data: the column naming each row's document.")
 @click.option("--checkpoint-every", type=int, help="Optimizer steps between mid-epoch checkpoints.")
 @click.option("--report-to", help="An accelerate tracker (tensorboard, wandb, ...).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --output-dir.")
 def train_cmd(config_path, resume, train_data, **options):
     """Fine-tune a token classifier (run under `accelerate launch` for several processes)."""
-    from nerbatch.config import ConfigError, load_config
-    from nerbatch.data import DataError
-    from nerbatch.dist import LaunchError
-    from nerbatch.modeling import ModelError
+    from nerbatch.config import load_config
     from nerbatch.train import train
 
-    try:
-        cfg = load_config(config_path, {"train": train_data, **options})
-        train(cfg, resume=resume)
-    except (ConfigError, DataError, ModelError, LaunchError) as exc:
-        _fail(exc)
+    train(load_config(config_path, {"train": train_data, **options}), resume=resume)
 
 
 @main.command("evaluate")
@@ -65,17 +100,31 @@ def train_cmd(config_path, resume, train_data, **options):
 @click.argument("data")
 @click.option("--split", default="validation", show_default=True, help="Split name for hub datasets.")
 @click.option("--batch-size", default=32, show_default=True, help="Sentences per batch (sentence level).")
-@click.option("--max-length", type=int, help="Subwords per input, special tokens included [default: the model's "
-              "limit; with --documents, the window the model was trained on, as annotate].")
-@click.option("--documents", is_flag=True, help="Score whole documents through annotate's code path (same "
-              "segmentation, windows and decoding) instead of one sentence per input.")
+@click.option(
+    "--max-length",
+    type=int,
+    help="Subwords per input, special tokens included [default: the model's "
+    "limit; with --documents, the window the model was trained on, as annotate].",
+)
+@click.option(
+    "--documents",
+    is_flag=True,
+    help="Score whole documents through annotate's code path (same "
+    "segmentation, windows and decoding) instead of one sentence per input.",
+)
 @click.option("--document-column", help="Parquet/JSON Lines: the column naming each row's document.")
-@click.option("--aggregation", type=click.Choice(AGGREGATIONS), default="first", show_default=True,
-              help="With --documents: as annotate's --aggregation.")
+@click.option(
+    "--aggregation",
+    type=click.Choice(AGGREGATIONS),
+    default=Options.aggregation,
+    show_default=True,
+    help="With --documents: as annotate's --aggregation.",
+)
 @click.option("--stride", type=int, help="With --documents: as annotate's --stride.")
 @click.option("--segment", type=click.Choice(SEGMENTS), help="With --documents: as annotate's --segment.")
-def evaluate_cmd(model_dir, data, split, batch_size, max_length, documents, document_column, aggregation, stride,
-                 segment):
+def evaluate_cmd(
+    model_dir, data, split, batch_size, max_length, documents, document_column, aggregation, stride, segment
+):
     """Score MODEL_DIR on labelled DATA; the last line printed is the metrics as one JSON object.
 
     By default each sentence is scored on its own. With --documents, the documents of DATA (CoNLL
@@ -83,19 +132,20 @@ def evaluate_cmd(model_dir, data, split, batch_size, max_length, documents, docu
     space, sentences by a newline), annotated exactly as `nerbatch annotate` would, and each gold word
     takes the label of the first predicted span that overlaps it.
     """
-    import json
-
-    from nerbatch.data import DataError
-    from nerbatch.dist import LaunchError, describe, process_state
+    from nerbatch.dist import describe, process_state
     from nerbatch.evaluation import evaluate_dir
-    from nerbatch.modeling import ModelError
 
     annotate_options = {"aggregation": aggregation, "max_length": max_length, "stride": stride, "segment": segment}
-    try:
-        metrics = evaluate_dir(model_dir, data, split, batch_size, max_length, documents=documents,
-                               document_column=document_column, annotate_options=annotate_options)
-    except (DataError, ModelError, LaunchError, ValueError) as exc:
-        _fail(exc)
+    metrics = evaluate_dir(
+        model_dir,
+        data,
+        split,
+        batch_size,
+        max_length,
+        documents=documents,
+        document_column=document_column,
+        annotate_options=annotate_options,
+    )
     state = process_state()
     if state.is_main_process:
         level = "document level (annotate)" if documents else "sentence level"
@@ -111,39 +161,154 @@ def print_table(metrics: dict) -> None:
     for name in types:
         m = metrics[name]
         click.echo(f"{name:<10}{m['precision']:>10.4f}{m['recall']:>10.4f}{m['f1']:>10.4f}{m['number']:>8}")
-    click.echo(f"{'overall':<10}{metrics['overall_precision']:>10.4f}{metrics['overall_recall']:>10.4f}"
-               f"{metrics['overall_f1']:>10.4f}   accuracy {metrics['overall_accuracy']:.4f}")
+    click.echo(
+        f"{'overall':<10}{metrics['overall_precision']:>10.4f}{metrics['overall_recall']:>10.4f}"
+        f"{metrics['overall_f1']:>10.4f}   accuracy {metrics['overall_accuracy']:.4f}"
+    )
 
 
 @main.command("predict")
 @click.argument("model_dir")
 @click.argument("text")
-@click.option("--aggregation", default="first", show_default=True,
-              type=click.Choice(AGGREGATIONS))
-@click.option("--segment", type=click.Choice(SEGMENTS), help="As annotate's --segment [default: as the model "
-              "was trained].")
+@click.option("--aggregation", default=Options.aggregation, show_default=True, type=click.Choice(AGGREGATIONS))
+@click.option(
+    "--segment", type=click.Choice(SEGMENTS), help="As annotate's --segment [default: as the model was trained]."
+)
 @click.option("--max-length", type=int, help="As annotate's --max-length.")
 def predict_cmd(model_dir, text, aggregation, segment, max_length):
     """Print the entities of TEXT as JSON lines (entity type, word, score, start, end)."""
-    import json
-
     from nerbatch.inference import annotate_texts
-    from nerbatch.modeling import ModelError, load_token_classifier
+    from nerbatch.modeling import load_token_classifier
 
-    try:
-        model, tokenizer = load_token_classifier(model_dir)
-    except ModelError as exc:
-        _fail(exc)
-    for span in annotate_texts([text], model, tokenizer, aggregation=aggregation, max_length=max_length,
-                               segment=segment)[0]:
-        click.echo(json.dumps({"entity_group": span.label, "word": span.text, "score": round(float(span.score), 4),
-                               "start": span.start, "end": span.end}, ensure_ascii=False))
+    model, tokenizer = load_token_classifier(model_dir)
+    for span in annotate_texts(
+        [text], model, tokenizer, aggregation=aggregation, max_length=max_length, segment=segment
+    )[0]:
+        click.echo(
+            json.dumps(
+                {
+                    "entity_group": span.label,
+                    "word": span.text,
+                    "score": round(float(span.score), 4),
+                    "start": span.start,
+                    "end": span.end,
+                },
+                ensure_ascii=False,
+            )
+        )
 
 
-# Commands that live with their stage.
-from nerbatch.annotate import annotate_command  # noqa: E402
-from nerbatch.bench import bench_command  # noqa: E402
-from nerbatch.demo import demo_command  # noqa: E402
+@main.command("annotate")
+@click.argument("model_dir")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option(
+    "--output",
+    "-o",
+    "output",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory for the part files (created; rerun into it to resume).",
+)
+@click.option("--text-column", default=Options.text_column, show_default=True, help="Column holding the document text.")
+@click.option(
+    "--id-column",
+    default=Options.id_column,
+    help="Column copied to the output to identify each row (default: source_file and row_index).",
+)
+@click.option(
+    "--aggregation",
+    type=click.Choice(AGGREGATIONS),
+    default=Options.aggregation,
+    show_default=True,
+    help="How subword predictions become spans, as in the transformers pipeline; first/average/max "
+    "keep spans on word boundaries.",
+)
+@click.option(
+    "--segment",
+    type=click.Choice(SEGMENTS),
+    default=Options.segment,
+    help="What a window holds: one "
+    "sentence (`sentences`) or running text (`none`) [default: as the model was trained: `none` for "
+    "nerbatch models trained with document context, `sentences` for others].",
+)
+@click.option(
+    "--max-length",
+    type=int,
+    default=Options.max_length,
+    help="Subwords per window, special tokens "
+    "included [default: the window a document-context model was trained on, else the model's limit].",
+)
+@click.option(
+    "--stride",
+    type=int,
+    default=Options.stride,
+    help="Overlap between consecutive windows, in subwords, at most half a window [default: a quarter of a window].",
+)
+@click.option(
+    "--batch-size", type=int, default=Options.batch_size, show_default=True, help="Most windows per forward pass."
+)
+@click.option(
+    "--max-batch-tokens",
+    type=int,
+    default=Options.max_batch_tokens,
+    help="Most padded subwords per forward pass [default: 1024 on CPU, 32768 on GPU].",
+)
+@click.option(
+    "--read-rows", type=int, default=Options.read_rows, show_default=True, help="Rows read and tokenized at a time."
+)
+@click.option("--overwrite", is_flag=True, help="Delete OUT_DIR's earlier output instead of refusing a different run.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def annotate_cmd(model_dir, inputs, output, no_progress, **options):
+    """Annotate Parquet documents with entity spans.
 
-for _command in (annotate_command, bench_command, demo_command):
-    main.add_command(_command)
+    MODEL_DIR is a token-classification model (a `nerbatch train` output or a hub id); INPUTS are
+    Parquet files, directories or glob patterns. Writes one output row per input row: the id
+    column(s), `entities` (start, end, label, text, score; character offsets, end exclusive),
+    `error` (why a row was skipped) and `n_windows`.
+
+    Run it plainly for one process, or under `accelerate launch -m nerbatch annotate ...` to split
+    the work over processes and machines. Rerun the same command after a crash or preemption: done
+    units are skipped, unfinished ones redone.
+    """
+    from nerbatch.annotate import annotate_units
+    from nerbatch.dist import process_state
+
+    state = process_state()  # two processes both believing they are rank 0 would collide: checked here
+    # SIGTERM (SLURM preemption, the launcher stopping a failed job) unwinds through `finally` like Ctrl-C.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    run = Options(model=model_dir, inputs=list(inputs), output=output, progress=not no_progress, **options)
+    tally = annotate_units(
+        run,
+        state.process_index,
+        state.num_processes,
+        state.wait_for_everyone,
+        None if state.device.type == "cpu" else str(state.device),
+    )
+    if tally.rows:
+        click.echo(
+            f"rank {state.process_index}: {tally.rows} rows ({tally.flagged} flagged), {tally.tokens} tokens, "
+            f"{tally.entities} entities in {tally.seconds:.1f}s",
+            err=True,
+        )
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    sys.exit(128 + signum)
+
+
+@main.command("demo")
+@click.option("--model", default=None, help="Encoder to fine-tune (default: the MiniLM package's directory).")
+@click.option("--dataset", default=None, help="Hub dataset to train on instead of the shipped sample (e.g. conll2003).")
+@click.option("--output-dir", default="runs/demo", show_default=True, type=click.Path(path_type=Path))
+@click.option("--epochs", default=8, show_default=True)
+@click.option("--lr", default=2e-4, show_default=True)
+@click.option("--show", default=4, show_default=True, help="Documents to print with their entities.")
+def demo_cmd(model, dataset, output_dir, epochs, lr, show):
+    """Fine-tune, evaluate, annotate with 2 processes and summarise, on shipped sample data.
+
+    With hub access, `nerbatch demo --model bert-base-cased --dataset conll2003 --epochs 3 --lr 2e-5`
+    runs the reference recipe instead of the offline sample.
+    """
+    from nerbatch.demo import run_demo
+
+    run_demo(model, dataset, output_dir, epochs, lr, show)

@@ -13,13 +13,15 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from nerbatch.errors import NerbatchError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
 
-class ConfigError(ValueError):
+class ConfigError(NerbatchError):
     """An invalid job file or option; the message names the file and key."""
 
 
@@ -106,9 +108,11 @@ def check_ranges(cfg: TrainConfig, source: str) -> None:
             raise ConfigError(f"{source}: {key} = {getattr(cfg, key)!r} must be one of {', '.join(allowed)}")
     too_long = cfg.context == "document" and cfg.max_length is not None and cfg.context_window > cfg.max_length
     if cfg.context_window < 16 or too_long:
-        raise ConfigError(f"{source}: context_window = {cfg.context_window} must be at least 16 and at most "
-                          f"max_length ({cfg.max_length})")
-    if not 0 < cfg.lr:
+        raise ConfigError(
+            f"{source}: context_window = {cfg.context_window} must be at least 16 and at most "
+            f"max_length ({cfg.max_length})"
+        )
+    if not cfg.lr > 0:
         raise ConfigError(f"{source}: lr = {cfg.lr} must be positive")
     if not 0 <= cfg.warmup_ratio <= 1:
         raise ConfigError(f"{source}: warmup_ratio = {cfg.warmup_ratio} must be between 0 and 1")

@@ -20,8 +20,9 @@ from nerbatch.data import Sentence
 MIN_WINDOW = 64  # shortest drawn window (content subwords): below that, it is the lone-sentence case
 
 
-def pack_features(features: list[Feature], sentences: list[Sentence], prefix: int, suffix: int, window: int,
-                  seed: int) -> list[Feature]:
+def pack_features(
+    features: list[Feature], sentences: list[Sentence], prefix: int, suffix: int, window: int, seed: int
+) -> list[Feature]:
     """Windows of consecutive same-document features, each at most `window` subwords with specials.
 
     `features` come from `align.encode` (in sentence order; a long sentence may have several);
@@ -51,17 +52,18 @@ def pack_features(features: list[Feature], sentences: list[Sentence], prefix: in
 def _join(group: list[Feature], prefix: int, suffix: int) -> Feature:
     """One feature from several: their contents between the first one's special tokens."""
     first, last = group[0], group[-1]
-    ids = first.input_ids[:prefix] + [i for f in group for i in f.input_ids[prefix:len(f.input_ids) - suffix]]
-    ids += last.input_ids[len(last.input_ids) - suffix:]
-    labels = first.labels[:prefix] + [x for f in group for x in f.labels[prefix:len(f.labels) - suffix]]
-    labels += last.labels[len(last.labels) - suffix:]
+    ids = first.input_ids[:prefix] + [i for f in group for i in f.input_ids[prefix : len(f.input_ids) - suffix]]
+    ids += last.input_ids[len(last.input_ids) - suffix :]
+    labels = first.labels[:prefix] + [x for f in group for x in f.labels[prefix : len(f.labels) - suffix]]
+    labels += last.labels[len(last.labels) - suffix :]
     token_types = None
     if first.token_type_ids is not None:
         token_types = [first.token_type_ids[0]] * len(ids)
     return Feature(ids, labels, first.sentence, first.first_word, sum(f.n_words for f in group), [], token_types)
 
 
-def document_features(features: list[Feature], sentences: list[Sentence], prefix: int, suffix: int, window: int,
-                      seed: int) -> list[Feature]:
+def document_features(
+    features: list[Feature], sentences: list[Sentence], prefix: int, suffix: int, window: int, seed: int
+) -> list[Feature]:
     """The document-context training set: every sentence feature alone, then the packed windows."""
     return features + pack_features(features, sentences, prefix, suffix, window, seed)

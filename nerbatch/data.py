@@ -10,11 +10,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nerbatch.errors import NerbatchError
+
 DOCSTART = "-DOCSTART-"
 TABULAR_SUFFIXES = {".parquet", ".jsonl", ".json"}
 
 
-class DataError(ValueError):
+class DataError(NerbatchError):
     """Bad input data; the message names the file (and line or row) at fault."""
 
 
@@ -48,12 +50,16 @@ class Corpus:
     def no_documents_reason(self) -> str:
         """Why this corpus cannot be scored or trained document by document (for error messages)."""
         if self.name.endswith("]"):  # a hub dataset: conll2003 and most copies drop -DOCSTART- lines
-            return (f"{self.name} keeps no document boundaries (the hub's conll2003 drops the -DOCSTART- lines); "
-                    "pass the original CoNLL files, or Parquet/JSON Lines with a document-id column")
+            return (
+                f"{self.name} keeps no document boundaries (the hub's conll2003 drops the -DOCSTART- lines); "
+                "pass the original CoNLL files, or Parquet/JSON Lines with a document-id column"
+            )
         if Path(self.name).suffix in TABULAR_SUFFIXES:
             return f"{self.name}: no document boundaries; name the document-id column (--document-column)"
-        return (f"{self.name}: no {DOCSTART} line, so no document boundaries; add {DOCSTART} lines before "
-                "each document (a whole file is not taken as one document: it is often a bag of sentences)")
+        return (
+            f"{self.name}: no {DOCSTART} line, so no document boundaries; add {DOCSTART} lines before "
+            "each document (a whole file is not taken as one document: it is often a bag of sentences)"
+        )
 
 
 @dataclass
@@ -64,8 +70,13 @@ class CorpusStats:
     entities: dict[str, int] = field(default_factory=dict)
 
 
-def load_corpus(spec: str, split: str = "train", tokens_column: str = "tokens",
-                tags_column: str = "ner_tags", document_column: str | None = None) -> Corpus:
+def load_corpus(
+    spec: str,
+    split: str = "train",
+    tokens_column: str = "tokens",
+    tags_column: str = "ner_tags",
+    document_column: str | None = None,
+) -> Corpus:
     """Load a labelled corpus from a local path (CoNLL, Parquet, JSON Lines) or a hub dataset name.
 
     `spec` is a path when it exists on disk; otherwise it is a hub dataset name, optionally written
@@ -161,8 +172,10 @@ def read_tabular(path: Path, tokens_column: str, tags_column: str, document_colu
         words, tags = row[tokens_column], row[tags_column]
         if tags and isinstance(tags[0], int):
             if label_names is None:
-                raise DataError(f"{path}: column {tags_column!r} holds integer ids but the file declares no "
-                                "label names (write tag strings, or Parquet saved by `datasets` with a ClassLabel)")
+                raise DataError(
+                    f"{path}: column {tags_column!r} holds integer ids but the file declares no "
+                    "label names (write tag strings, or Parquet saved by `datasets` with a ClassLabel)"
+                )
             tags = names_of(tags, label_names, f"{path}: row {i}")
         sentence = _checked_sentence(words, tags, str(path), i)
         if document_column:
@@ -184,8 +197,10 @@ def read_hub(name: str, split: str, tokens_column: str, tags_column: str) -> Cor
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as exc:  # the hub raises many types; the user needs one clear message
-        raise DataError(f"could not load dataset {name!r} split {split!r} from the hub ({exc}); "
-                        "pass a local CoNLL/Parquet/JSONL path instead when offline") from exc
+        raise DataError(
+            f"could not load dataset {name!r} split {split!r} from the hub ({exc}); "
+            "pass a local CoNLL/Parquet/JSONL path instead when offline"
+        ) from exc
     feature = ds.features.get(tags_column)
     label_names = getattr(getattr(feature, "feature", None), "names", None)
     sentences = []
@@ -276,8 +291,10 @@ def check_labels(corpus: Corpus, label2id: dict[str, int]) -> None:
     for sentence in corpus.sentences:
         for offset, tag in enumerate(sentence.tags):
             if tag not in label2id:
-                raise DataError(f"{sentence.where(offset)}: unknown tag {tag!r} on word {sentence.words[offset]!r}; "
-                                f"the training labels are {sorted(label2id)}")
+                raise DataError(
+                    f"{sentence.where(offset)}: unknown tag {tag!r} on word {sentence.words[offset]!r}; "
+                    f"the training labels are {sorted(label2id)}"
+                )
 
 
 def corpus_stats(corpus: Corpus) -> CorpusStats:

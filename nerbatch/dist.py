@@ -4,11 +4,14 @@ or plain ints."""
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
+from nerbatch.errors import NerbatchError
 
-class LaunchError(RuntimeError):
+
+class LaunchError(NerbatchError):
     """The launcher and accelerate disagree on the number of processes."""
 
 
@@ -26,8 +29,9 @@ def check_world(processes: int) -> None:
     """Refuse to run when the launcher started more processes than accelerate joined into one group."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != processes:
-        raise LaunchError(f"the launcher started {launched} processes but accelerate sees {processes}; "
-                          "check the launch command")
+        raise LaunchError(
+            f"the launcher started {launched} processes but accelerate sees {processes}; check the launch command"
+        )
 
 
 def make_accelerator(**kwargs):
@@ -51,3 +55,23 @@ def process_state():
 def describe(processes: int) -> str:
     """'1 process' / 'N processes', for log lines the tests read."""
     return f"{processes} process{'es' if processes > 1 else ''}"
+
+
+def launch_command(processes: int, port: int | None = None) -> list[str]:
+    """The `accelerate launch` command line (up to the script) that starts `processes` real processes
+    on this machine: `--multi_gpu` goes through torchrun on CPU too (see `use_cpu`)."""
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    return command + (["--main_process_port", str(port)] if port else [])

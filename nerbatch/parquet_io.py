@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-ENTITY = pa.struct([("start", pa.int32()), ("end", pa.int32()), ("label", pa.string()), ("text", pa.string()),
-                    ("score", pa.float32())])
+from nerbatch.errors import NerbatchError
+
+ENTITY = pa.struct(
+    [("start", pa.int32()), ("end", pa.int32()), ("label", pa.string()), ("text", pa.string()), ("score", pa.float32())]
+)
 ENTITIES = pa.list_(ENTITY)
 SOURCE_FIELDS = [pa.field("source_file", pa.string()), pa.field("row_index", pa.int64())]
 
 
-class InputError(ValueError):
+class InputError(NerbatchError):
     """Input that cannot be annotated; the message names the file (and column)."""
 
 
@@ -37,8 +40,12 @@ def iter_batches(path: Path, row_group: int | None, columns: list[str], batch_ro
 
 def output_schema(id_fields: list[pa.Field], metadata: dict[str, object]) -> pa.Schema:
     """Id column(s), `entities`, `error`, `n_windows`, with nerbatch key-value metadata (JSON values)."""
-    fields = [*id_fields, pa.field("entities", ENTITIES), pa.field("error", pa.string()),
-              pa.field("n_windows", pa.int32())]
+    fields = [
+        *id_fields,
+        pa.field("entities", ENTITIES),
+        pa.field("error", pa.string()),
+        pa.field("n_windows", pa.int32()),
+    ]
     return pa.schema(fields, metadata={f"nerbatch.{k}": json.dumps(v, sort_keys=True) for k, v in metadata.items()})
 
 

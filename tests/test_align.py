@@ -1,8 +1,9 @@
 """Label alignment and feature encoding."""
 
-from conftest import CONLL_LABELS
 from nerbatch.align import IGNORE, align_labels, b_to_i_map, encode
 from nerbatch.data import Sentence
+
+from conftest import CONLL_LABELS
 
 
 def test_reference_alignment_example():
@@ -23,8 +24,9 @@ def test_long_sentence_is_split_between_words_not_cut(tiny_model_dir):
     words = ["Johannesburg", "and", "Washington"] * 30
     tags = ["B-LOC", "O", "B-LOC"] * 30
     label2id = {label: i for i, label in enumerate(CONLL_LABELS)}
-    encoded = encode(tokenizer, [Sentence(words, tags, "mem", row=0)], label2id, max_length=32,
-                     label_all_subwords=False)
+    encoded = encode(
+        tokenizer, [Sentence(words, tags, "mem", row=0)], label2id, max_length=32, label_all_subwords=False
+    )
     assert encoded.split_sentences == 1
     assert len(encoded.features) > 1
     assert all(len(f.input_ids) <= 32 for f in encoded.features)
@@ -33,3 +35,20 @@ def test_long_sentence_is_split_between_words_not_cut(tiny_model_dir):
     assert covered == list(range(len(words)))
     labels = [label for f in encoded.features for label in f.labels if label != IGNORE]
     assert labels == [label2id[t] for t in tags]
+
+
+def test_a_word_longer_than_max_length_is_a_one_line_error(tiny_model_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from nerbatch.cli import main
+
+    data = tmp_path / "long.conll"
+    every_label = "".join(f"w{i} {label}\n" for i, label in enumerate(CONLL_LABELS))  # the model's head has all 9
+    data.write_text("-DOCSTART- O\n\nThe O\n" + "zq" * 45 + " B-MISC\nends O\n\n" + every_label)
+    result = CliRunner().invoke(
+        main,
+        ["train", "--model", str(tiny_model_dir), "--train", str(data), "--validation", str(data)]
+        + ["--output-dir", str(tmp_path / "out"), "--max-length", "16"],
+    )
+    assert result.exit_code == 1 and result.exception is not None and isinstance(result.exception, SystemExit)
+    assert "long.conll:4: the word 'zqzq" in result.output and "more than max length allows" in result.output

@@ -11,12 +11,15 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from conftest import REUTERS, need
 from nerbatch import __version__
 from nerbatch.cli import main
 
-README_QUERY = ("SELECT e.label, count(*) AS n FROM (SELECT unnest(entities) AS e FROM read_parquet('{out}/*.parquet')) "
-                "GROUP BY 1 ORDER BY n DESC")
+from conftest import REUTERS, need
+
+README_QUERY = (
+    "SELECT e.label, count(*) AS n FROM (SELECT unnest(entities) AS e FROM read_parquet('{out}/*.parquet')) "
+    "GROUP BY 1 ORDER BY n DESC"
+)
 
 
 def annotate(model: Path, *args) -> object:
@@ -25,16 +28,21 @@ def annotate(model: Path, *args) -> object:
 
 def read_output(out: Path) -> pa.Table:
     parts = sorted(out.glob("part-*.parquet"))
-    return pa.concat_tables(pq.read_table(p) for p in parts).sort_by([("source_file", "ascending"),
-                                                                      ("row_index", "ascending")])
+    return pa.concat_tables(pq.read_table(p) for p in parts).sort_by(
+        [("source_file", "ascending"), ("row_index", "ascending")]
+    )
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """160 Reuters rows (some with null text) plus hand-made bad rows, in two files, one with row groups."""
     table = pq.read_table(need(REUTERS), columns=["doc_id", "text"]).slice(0, 160)
-    extra = pa.table({"doc_id": pa.array([-1, -2, -3, -4], pa.int64()),
-                      "text": ["", "  \r\n\t ", "東京 São Paulo 👩‍👩‍👧 e\u0301", None]})
+    extra = pa.table(
+        {
+            "doc_id": pa.array([-1, -2, -3, -4], pa.int64()),
+            "text": ["", "  \r\n\t ", "東京 São Paulo 👩‍👩‍👧 e\u0301", None],
+        }
+    )
     directory = tmp_path_factory.mktemp("corpus")
     pq.write_table(pa.concat_tables([table.slice(0, 100), extra]), directory / "a.parquet", row_group_size=40)
     pq.write_table(table.slice(100), directory / "b.parquet")
@@ -51,10 +59,14 @@ def annotated(tiny_model_dir, corpus, tmp_path_factory) -> Path:
 
 def test_every_input_row_appears_once_and_bad_rows_are_flagged(corpus, annotated):
     table = read_output(annotated)
-    expected = [(str((corpus / name).resolve()), i) for name, n in [("a.parquet", 104), ("b.parquet", 60)]
-                for i in range(n)]
+    expected = [
+        (str((corpus / name).resolve()), i) for name, n in [("a.parquet", 104), ("b.parquet", 60)] for i in range(n)
+    ]
     assert list(zip(table["source_file"].to_pylist(), table["row_index"].to_pylist())) == expected
-    texts = pq.read_table(corpus / "a.parquet")["text"].to_pylist() + pq.read_table(corpus / "b.parquet")["text"].to_pylist()
+    texts = (
+        pq.read_table(corpus / "a.parquet")["text"].to_pylist()
+        + pq.read_table(corpus / "b.parquet")["text"].to_pylist()
+    )
     errors = table["error"].to_pylist()
     for text, error, entities in zip(texts, errors, table["entities"].to_pylist()):
         if text is None:
@@ -63,7 +75,7 @@ def test_every_input_row_appears_once_and_bad_rows_are_flagged(corpus, annotated
             assert error in ("empty text", "whitespace-only text") and entities == []
         else:
             assert error is None
-            assert all(text[e["start"]:e["end"]] == e["text"] for e in entities)
+            assert all(text[e["start"] : e["end"]] == e["text"] for e in entities)
     assert errors.count("null text") == sum(t is None for t in texts) >= 10
     assert errors[100:104] == ["empty text", "whitespace-only text", None, "null text"]
     windows = table["n_windows"].to_pylist()
@@ -74,8 +86,9 @@ def test_output_schema_metadata_and_stats(tiny_model_dir, annotated):
     parts = sorted(annotated.glob("part-*.parquet"))
     assert [p.name for p in parts] == [f"part-{i:06d}.parquet" for i in range(4)]  # 3 row groups + 1 file
     schema = pq.read_schema(parts[0])
-    assert str(schema.field("entities").type) == ("list<element: struct<start: int32, end: int32, label: string, "
-                                                  "text: string, score: float>>")
+    assert str(schema.field("entities").type) == (
+        "list<element: struct<start: int32, end: int32, label: string, text: string, score: float>>"
+    )
     meta = {k.decode(): json.loads(v) for k, v in schema.metadata.items() if k.startswith(b"nerbatch.")}
     assert meta["nerbatch.model"] == str(tiny_model_dir.resolve())
     assert meta["nerbatch.labels"][1] == "B-PER" and meta["nerbatch.version"] == __version__

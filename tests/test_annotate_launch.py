@@ -6,9 +6,7 @@ the job sleeps after writing each record batch, so the kill lands while a part i
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,31 +16,36 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, REUTERS, need
+from nerbatch.dist import launch_command
+
+from conftest import REUTERS, need
+from helpers import environment, free_port
 
 pytestmark = pytest.mark.slow
 
 
 def command(model: Path, corpus: Path, out: Path) -> list[str]:
-    return ["-m", "nerbatch", "annotate", str(model), str(corpus), "--output", str(out), "--max-length", "64",
-            "--read-rows", "8", "--id-column", "doc_id", "--no-progress"]
-
-
-def environment(**extra) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **extra}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    return env
+    return [
+        "-m",
+        "nerbatch",
+        "annotate",
+        str(model),
+        str(corpus),
+        "--output",
+        str(out),
+        "--max-length",
+        "64",
+        "--read-rows",
+        "8",
+        "--id-column",
+        "doc_id",
+        "--no-progress",
+    ]
 
 
 def rows(out: Path) -> list[dict]:
     table = pa.concat_tables(pq.read_table(p) for p in sorted(out.glob("part-*.parquet")))
     return table.sort_by("doc_id").to_pylist()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +61,13 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model_dir, corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("one") / "out"
-    done = subprocess.run([sys.executable, *command(tiny_model_dir, corpus, out)], env=environment(),
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, *command(tiny_model_dir, corpus, out)],
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     return out
 
@@ -69,10 +77,13 @@ def test_two_processes_give_the_rows_of_one(tiny_model_dir, corpus, uninterrupte
     # In accelerate 1.x `launch --cpu --num_processes 2` starts ONE process (its simple launcher; only
     # mpirun gives several). `--multi_gpu` on a machine without GPUs goes through torchrun and starts
     # two, which form a gloo group on CPU; the job checks that the launcher and accelerate agree.
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-              "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
-    done = subprocess.run([*launch, *command(tiny_model_dir, corpus, out)], env=environment(), capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [*launch_command(2, free_port()), *command(tiny_model_dir, corpus, out)],
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rank 0:" in done.stderr and "rank 1:" in done.stderr  # both ranks did work
     assert len(list((out / "_nerbatch" / "stats").glob("rank-*-of-00002.json"))) == 2
@@ -92,11 +103,15 @@ def wait_for(predicate, timeout: float = 120.0) -> None:
 def test_sigkill_mid_unit_then_rerun_equals_an_uninterrupted_run(tiny_model_dir, corpus, uninterrupted, tmp_path):
     out = tmp_path / "out"
     argv = [sys.executable, *command(tiny_model_dir, corpus, out)]
+    markers = out / "_nerbatch" / "done"
     for kill in range(2):  # killed twice, at different points, then run to completion
-        job = subprocess.Popen(argv, env=environment(NERBATCH_TEST_SLOW_BATCH_S="0.2"), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-        markers = out / "_nerbatch" / "done"
-        wait_for(lambda: len(list(markers.glob("*.json"))) > kill if markers.exists() else False)
+        job = subprocess.Popen(
+            argv,
+            env=environment(NERBATCH_TEST_SLOW_BATCH_S="0.2"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(lambda done=kill: markers.exists() and len(list(markers.glob("*.json"))) > done)
         wait_for(lambda: any((out / "_nerbatch" / "tmp").glob("*.parquet")))  # the next part is half written
         job.send_signal(signal.SIGKILL)
         assert job.wait() == -signal.SIGKILL

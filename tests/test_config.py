@@ -29,12 +29,15 @@ def test_command_line_overrides_file(tmp_path):
     assert (cfg.model, cfg.epochs, cfg.batch_size, cfg.lr) == ("m", 5, 8, 1.0)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("epoch = 3\n", "unknown key 'epoch'"),
-    ('epochs = "3"\n', "epochs = '3' should be int"),
-    ("group_by_length = 1\n", "should be bool"),
-    ("lr = true\n", "should be float"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("epoch = 3\n", "unknown key 'epoch'"),
+        ('epochs = "3"\n', "epochs = '3' should be int"),
+        ("group_by_length = 1\n", "should be bool"),
+        ("lr = true\n", "should be float"),
+    ],
+)
 def test_bad_keys_and_types_are_errors(tmp_path, text, message):
     job = tmp_path / "job.toml"
     job.write_text(text)
@@ -42,12 +45,15 @@ def test_bad_keys_and_types_are_errors(tmp_path, text, message):
         load_config(job, {})
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"batch_size": 0}, "batch_size = 0 must be at least 1"),
-    ({"gradient_accumulation_steps": 0}, "must be at least 1"),
-    ({"warmup_ratio": 1.5}, "between 0 and 1"),
-    ({"keep_checkpoints": 0}, "keep_checkpoints = 0 must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"batch_size": 0}, "batch_size = 0 must be at least 1"),
+        ({"gradient_accumulation_steps": 0}, "must be at least 1"),
+        ({"warmup_ratio": 1.5}, "between 0 and 1"),
+        ({"keep_checkpoints": 0}, "keep_checkpoints = 0 must be at least 1"),
+    ],
+)
 def test_values_that_cannot_work_are_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, override)

@@ -4,14 +4,18 @@ import json
 
 import pytest
 
-from conftest import CONLL, CONLL_LABELS, need
 from nerbatch.data import DataError, build_label_list, check_labels, corpus_stats, load_corpus, read_conll, to_iob2
 
+from conftest import CONLL, CONLL_LABELS, need
 
-@pytest.mark.parametrize("name, counts", [
-    ("train.txt", (14041, 946, 203621, {"PER": 6600, "ORG": 6321, "LOC": 7140, "MISC": 3438})),
-    ("valid.txt", (3250, 216, 51362, {"PER": 1842, "ORG": 1341, "LOC": 1837, "MISC": 922})),
-])
+
+@pytest.mark.parametrize(
+    "name, counts",
+    [
+        ("train.txt", (14041, 946, 203621, {"PER": 6600, "ORG": 6321, "LOC": 7140, "MISC": 3438})),
+        ("valid.txt", (3250, 216, 51362, {"PER": 1842, "ORG": 1341, "LOC": 1837, "MISC": 922})),
+    ],
+)
 def test_conll_reader_matches_published_counts(name, counts):
     corpus = read_conll(need(CONLL / name))
     stats = corpus_stats(corpus)
@@ -21,8 +25,14 @@ def test_conll_reader_matches_published_counts(name, counts):
 
 
 def test_iob1_is_converted_to_iob2():
-    assert to_iob2(["I-PER", "I-PER", "O", "I-LOC", "B-LOC", "I-ORG"]) == \
-        ["B-PER", "I-PER", "O", "B-LOC", "B-LOC", "B-ORG"]
+    assert to_iob2(["I-PER", "I-PER", "O", "I-LOC", "B-LOC", "I-ORG"]) == [
+        "B-PER",
+        "I-PER",
+        "O",
+        "B-LOC",
+        "B-LOC",
+        "B-ORG",
+    ]
 
 
 def test_two_column_file_and_label_order(tmp_path):
@@ -36,7 +46,9 @@ def test_two_column_file_and_label_order(tmp_path):
 
 def test_unknown_validation_tag_names_file_and_line(tmp_path):
     path = tmp_path / "valid.conll"
-    path.write_text("-DOCSTART- -X- -X- O\n\nAda NNP B-NP B-PER\nsaid VBD B-VP O\n\nin IN B-PP O\nOslo NNP B-NP B-CITY\n")
+    path.write_text(
+        "-DOCSTART- -X- -X- O\n\nAda NNP B-NP B-PER\nsaid VBD B-VP O\n\nin IN B-PP O\nOslo NNP B-NP B-CITY\n"
+    )
     corpus = read_conll(path)
     with pytest.raises(DataError, match=r"valid\.conll:7: unknown tag 'B-CITY'"):
         check_labels(corpus, {label: i for i, label in enumerate(CONLL_LABELS)})
@@ -45,10 +57,15 @@ def test_unknown_validation_tag_names_file_and_line(tmp_path):
 def test_parquet_with_classlabel_ids(tmp_path):
     import datasets
 
-    features = datasets.Features({"tokens": datasets.Sequence(datasets.Value("string")),
-                                  "ner_tags": datasets.Sequence(datasets.ClassLabel(names=CONLL_LABELS))})
-    ds = datasets.Dataset.from_dict({"tokens": [["EU", "rejects", "German", "call"]], "ner_tags": [[3, 0, 7, 0]]},
-                                    features=features)
+    features = datasets.Features(
+        {
+            "tokens": datasets.Sequence(datasets.Value("string")),
+            "ner_tags": datasets.Sequence(datasets.ClassLabel(names=CONLL_LABELS)),
+        }
+    )
+    ds = datasets.Dataset.from_dict(
+        {"tokens": [["EU", "rejects", "German", "call"]], "ner_tags": [[3, 0, 7, 0]]}, features=features
+    )
     ds.to_parquet(tmp_path / "x.parquet")
     corpus = load_corpus(str(tmp_path / "x.parquet"))
     assert corpus.sentences[0].tags == ["B-ORG", "O", "B-MISC", "O"]
@@ -80,12 +97,20 @@ def test_words_with_unicode_spaces_stay_whole(tmp_path):
 def test_out_of_range_tag_id_is_an_error(tmp_path):
     import datasets
 
-    features = datasets.Features({"tokens": datasets.Sequence(datasets.Value("string")),
-                                  "ner_tags": datasets.Sequence(datasets.ClassLabel(names=CONLL_LABELS))})
-    datasets.Dataset.from_dict({"tokens": [["EU"]], "ner_tags": [[3]]}, features=features).to_parquet(tmp_path / "x.parquet")
+    features = datasets.Features(
+        {
+            "tokens": datasets.Sequence(datasets.Value("string")),
+            "ner_tags": datasets.Sequence(datasets.ClassLabel(names=CONLL_LABELS)),
+        }
+    )
+    datasets.Dataset.from_dict({"tokens": [["EU"]], "ner_tags": [[3]]}, features=features).to_parquet(
+        tmp_path / "x.parquet"
+    )
     import pyarrow.parquet as pq
+
     table = pq.read_table(tmp_path / "x.parquet")
     import pyarrow as pa
+
     bad = table.set_column(1, "ner_tags", pa.array([[-100]], pa.list_(pa.int64())))
     pq.write_table(bad.replace_schema_metadata(table.schema.metadata), tmp_path / "bad.parquet")
     with pytest.raises(DataError, match="row 0: tag id -100 is not one of the 9 labels"):

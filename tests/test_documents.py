@@ -11,15 +11,15 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from annotate_fixtures import tuned_model_dir  # noqa: F401  (session fixture)
-from conftest import CONLL, need
 from nerbatch.cli import main
 from nerbatch.context import pack_features
 from nerbatch.data import Corpus, DataError, Sentence, load_corpus, read_conll
 from nerbatch.documents import build_documents, spans_to_word_tags, split_by_sentence
 from nerbatch.segment import is_hard_wrapped, sentence_bounds
 from nerbatch.spans import Span
-from test_train import last_json, run, write_conll
+
+from conftest import CONLL, need
+from helpers import last_json, run, write_conll
 
 
 def sentence(words: str, tags: str, document: int | None) -> Sentence:
@@ -31,9 +31,14 @@ def span(start: int, end: int, label: str) -> Span:
 
 
 def test_documents_are_rebuilt_as_text_with_word_spans():
-    corpus = Corpus([sentence("EU rejects German call", "B-ORG O B-MISC O", 0),
-                     sentence("Peter Blackburn", "B-PER I-PER", 0),
-                     sentence("BRUSSELS 1996", "B-LOC O", 1)], has_documents=True)
+    corpus = Corpus(
+        [
+            sentence("EU rejects German call", "B-ORG O B-MISC O", 0),
+            sentence("Peter Blackburn", "B-PER I-PER", 0),
+            sentence("BRUSSELS 1996", "B-LOC O", 1),
+        ],
+        has_documents=True,
+    )
     first, second = build_documents(corpus)
     assert first.text == "EU rejects German call\nPeter Blackburn" and second.text == "BRUSSELS 1996"
     assert first.sentences == [0, 1] and second.sentences == [2]
@@ -55,20 +60,29 @@ def test_spans_map_to_gold_words():
     text = "U.S. Steel and New York-based Acme met in Bonn."
     words = [(0, 4), (5, 10), (11, 14), (15, 18), (19, 29), (30, 34), (35, 38), (39, 41), (42, 47)]
     assert [text[a:b] for a, b in words][4] == "York-based"
-    spans = [span(0, 1, "ORG"), span(2, 10, "ORG"),  # words split by punctuation: "U" and "S. Steel"
-             span(15, 23, "LOC"),  # "New York" ends inside the word "York-based"
-             span(31, 34, "ORG"),  # starts inside "Acme"
-             span(42, 46, "LOC")]
+    spans = [
+        span(0, 1, "ORG"),
+        span(2, 10, "ORG"),  # words split by punctuation: "U" and "S. Steel"
+        span(15, 23, "LOC"),  # "New York" ends inside the word "York-based"
+        span(31, 34, "ORG"),  # starts inside "Acme"
+        span(42, 46, "LOC"),
+    ]
     assert spans_to_word_tags(spans, words) == ["B-ORG", "I-ORG", "O", "B-LOC", "I-LOC", "B-ORG", "O", "O", "B-LOC"]
     # the first span to touch a word wins; the next word continues the second span (seqeval reads
     # I-LOC after B-PER as a new LOC entity); an empty word is never labelled
-    assert spans_to_word_tags([span(0, 3, "PER"), span(2, 8, "LOC")], [(0, 4), (4, 4), (5, 8)]) == \
-        ["B-PER", "O", "I-LOC"]
+    assert spans_to_word_tags([span(0, 3, "PER"), span(2, 8, "LOC")], [(0, 4), (4, 4), (5, 8)]) == [
+        "B-PER",
+        "O",
+        "I-LOC",
+    ]
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.sampled_from(list("ab. !?\n\t \"')AZ9é") + ["Mr.", "U.S.", "\n\n", "\n    ", "x" * 50]),
-                max_size=80).map("".join))
+@given(
+    st.lists(
+        st.sampled_from(list("ab. !?\n\t \"')AZ9é") + ["Mr.", "U.S.", "\n\n", "\n    ", "x" * 50]), max_size=80
+    ).map("".join)
+)
 def test_segmentation_keeps_every_character(text):
     bounds = sentence_bounds(text)
     assert "".join(text[a:b] for a, b in bounds) == text
@@ -76,16 +90,28 @@ def test_segmentation_keeps_every_character(text):
 
 
 def test_segmentation_rules():
-    pieces = lambda text: [text[a:b] for a, b in sentence_bounds(text)]  # noqa: E731
-    assert pieces("Mr. J. Smith of the U.S. Navy arrived. He left! Then? 3 more.") == \
-        ["Mr. J. Smith of the U.S. Navy arrived. ", "He left! ", "Then? ", "3 more."]
+    def pieces(text: str) -> list[str]:
+        return [text[a:b] for a, b in sentence_bounds(text)]
+
+    assert pieces("Mr. J. Smith of the U.S. Navy arrived. He left! Then? 3 more.") == [
+        "Mr. J. Smith of the U.S. Navy arrived. ",
+        "He left! ",
+        "Then? ",
+        "3 more.",
+    ]
     # one sentence per line (a rebuilt CoNLL document, headlines, table rows): every line break counts
-    assert pieces("SOCCER - JAPAN WIN\nNadim Ladki\nAL-AIN 1996-12-06\nJapan began .") == \
-        ["SOCCER - JAPAN WIN\n", "Nadim Ladki\n", "AL-AIN 1996-12-06\n", "Japan began ."]
+    assert pieces("SOCCER - JAPAN WIN\nNadim Ladki\nAL-AIN 1996-12-06\nJapan began .") == [
+        "SOCCER - JAPAN WIN\n",
+        "Nadim Ladki\n",
+        "AL-AIN 1996-12-06\n",
+        "Japan began .",
+    ]
     # hard-wrapped newswire: only sentence ends and paragraph breaks count
-    wrapped = ("Standard Oil Co and BP North America\nInc said they plan to form a venture to manage the\n"
-               "money market borrowing and investment activities of both\ncompanies, the two firms said on Monday.\n"
-               "    BP North America is a subsidiary of British Petroleum Co\nPlc.\n\n Reuter")
+    wrapped = (
+        "Standard Oil Co and BP North America\nInc said they plan to form a venture to manage the\n"
+        "money market borrowing and investment activities of both\ncompanies, the two firms said on Monday.\n"
+        "    BP North America is a subsidiary of British Petroleum Co\nPlc.\n\n Reuter"
+    )
     assert is_hard_wrapped(wrapped)
     assert pieces(wrapped)[0].startswith("Standard Oil Co and BP North America\nInc said")
     assert pieces(wrapped)[1].startswith("BP North America is a subsidiary of British Petroleum Co\nPlc.")
@@ -99,15 +125,22 @@ def test_context_windows_stay_inside_documents_and_cover_each_sentence_once(tiny
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     # documents alternate between all-PER and all-LOC words, so a window mixing two documents shows
-    sentences = [sentence(" ".join(["Smith"] * n), " ".join(["B-PER"] * n), d) if d % 2 == 0 else
-                 sentence(" ".join(["Paris"] * n), " ".join(["B-LOC"] * n), d)
-                 for d in range(12) for n in (3, 9, 14, 5, 20, 7)]
+    sentences = [
+        sentence(" ".join(["Smith"] * n), " ".join(["B-PER"] * n), d)
+        if d % 2 == 0
+        else sentence(" ".join(["Paris"] * n), " ".join(["B-LOC"] * n), d)
+        for d in range(12)
+        for n in (3, 9, 14, 5, 20, 7)
+    ]
     labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
     features = encode(tokenizer, sentences, {x: i for i, x in enumerate(labels)}, 128).features
     prefix, suffix = map(len, special_tokens_around(tokenizer.backend_tokenizer))
     packed = pack_features(features, sentences, prefix, suffix, window=96, seed=3)
     assert pack_features(features, sentences, prefix, suffix, window=96, seed=3) == packed  # seeded
-    content = lambda f: f.input_ids[prefix:len(f.input_ids) - suffix]  # noqa: E731
+
+    def content(feature) -> list[int]:
+        return feature.input_ids[prefix : len(feature.input_ids) - suffix]
+
     assert sum(len(content(f)) for f in packed) == sum(len(content(f)) for f in features)
     assert all(len(f.input_ids) <= 96 for f in packed)
     assert len({len(f.input_ids) for f in packed}) > 5  # window lengths are mixed
@@ -119,9 +152,11 @@ def test_context_windows_stay_inside_documents_and_cover_each_sentence_once(tiny
 
 
 def test_tabular_documents_and_their_bad_input(tmp_path):
-    rows = [{"doc": "b", "tokens": ["Bonn"], "ner_tags": ["B-LOC"]},
-            {"doc": "a", "tokens": ["Kohl", "said"], "ner_tags": ["B-PER", "O"]},
-            {"doc": "b", "tokens": ["rain", "."], "ner_tags": ["O", "O"]}]
+    rows = [
+        {"doc": "b", "tokens": ["Bonn"], "ner_tags": ["B-LOC"]},
+        {"doc": "a", "tokens": ["Kohl", "said"], "ner_tags": ["B-PER", "O"]},
+        {"doc": "b", "tokens": ["rain", "."], "ner_tags": ["O", "O"]},
+    ]
     path = tmp_path / "docs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     corpus = load_corpus(str(path), document_column="doc")
@@ -133,16 +168,21 @@ def test_tabular_documents_and_their_bad_input(tmp_path):
     with pytest.raises(DataError, match="row 2: null in document column 'doc'"):
         load_corpus(str(path), document_column="doc")
     # copies of CoNLL that keep -DOCSTART- as a row: documents, and the row is not a sentence
-    path.write_text("\n".join(json.dumps({"tokens": t, "ner_tags": ["O"] * len(t)})
-                              for t in [["-DOCSTART-"], ["a", "b"], ["c"], ["-DOCSTART-"], ["d"]]))
+    path.write_text(
+        "\n".join(
+            json.dumps({"tokens": t, "ner_tags": ["O"] * len(t)})
+            for t in [["-DOCSTART-"], ["a", "b"], ["c"], ["-DOCSTART-"], ["d"]]
+        )
+    )
     corpus = load_corpus(str(path))
     assert corpus.has_documents and len(corpus) == 3 and [s.document for s in corpus.sentences] == [0, 0, 1]
 
 
 def test_conll_documents_with_blank_lines_at_odd_places(tmp_path):
     path = tmp_path / "odd.conll"
-    path.write_text("\n\n-DOCSTART- -X- O O\n\n\nEU B-ORG\n\n\nrejects O\n-DOCSTART- -X- O O\n-DOCSTART- -X- O O\n"
-                    "Bonn B-LOC\n\n")
+    path.write_text(
+        "\n\n-DOCSTART- -X- O O\n\n\nEU B-ORG\n\n\nrejects O\n-DOCSTART- -X- O O\n-DOCSTART- -X- O O\nBonn B-LOC\n\n"
+    )
     corpus = read_conll(path)
     assert [s.words for s in corpus.sentences] == [["EU"], ["rejects"], ["Bonn"]]
     assert [s.document for s in corpus.sentences] == [0, 0, 1]  # the empty document takes no index
@@ -152,22 +192,12 @@ def test_conll_documents_with_blank_lines_at_odd_places(tmp_path):
 @pytest.fixture(scope="module")
 def valid_docs(tmp_path_factory) -> Path:
     """The first 30 validation documents, as CoNLL with -DOCSTART- lines."""
-    corpus = read_conll(need(CONLL / "valid.txt"))
-    path = tmp_path_factory.mktemp("valid-docs") / "valid30.conll"
-    lines, previous = [], None
-    for s in corpus.sentences:
-        if s.document >= 30:
-            break
-        if s.document != previous:
-            lines.append("-DOCSTART- -X- -X- O\n\n")
-            previous = s.document
-        lines.append("".join(f"{w} {t}\n" for w, t in zip(s.words, s.tags)) + "\n")
-    path.write_text("".join(lines))
-    return path
+    sentences = [s for s in read_conll(need(CONLL / "valid.txt")).sentences if s.document < 30]
+    return write_conll(sentences, tmp_path_factory.mktemp("valid-docs") / "valid30.conll", documents=True)
 
 
 @pytest.mark.slow
-def test_document_scores_are_the_same_on_one_and_two_processes(tuned_model_dir, valid_docs):  # noqa: F811
+def test_document_scores_are_the_same_on_one_and_two_processes(tuned_model_dir, valid_docs):
     args = ["evaluate", str(tuned_model_dir), str(valid_docs), "--documents", "--max-length", "64"]
     single, double = run(args), run(args, processes=2)
     assert "on 1 process" in single and "on 2 processes" in double and "document level" in single
@@ -179,7 +209,7 @@ def test_document_scores_are_the_same_on_one_and_two_processes(tuned_model_dir, 
 
 
 @pytest.mark.slow
-def test_one_sentence_documents_score_like_sentence_evaluation(tuned_model_dir, valid_docs, tmp_path):  # noqa: F811
+def test_one_sentence_documents_score_like_sentence_evaluation(tuned_model_dir, valid_docs, tmp_path):
     """Each sentence its own document: the annotate path must see exactly what `evaluate` sees.
 
     Only sentences whose words the tokenizer does not split at punctuation: in "P." or "ex-England"
@@ -188,16 +218,21 @@ def test_one_sentence_documents_score_like_sentence_evaluation(tuned_model_dir, 
     path = tmp_path / "sentences.jsonl"
     sentences = [s for s in read_conll(valid_docs).sentences if all(w.isalnum() or len(w) == 1 for w in s.words)]
     assert len(sentences) > 200
-    path.write_text("\n".join(json.dumps({"id": i, "tokens": s.words, "ner_tags": s.tags})
-                              for i, s in enumerate(sentences)))
+    path.write_text(
+        "\n".join(json.dumps({"id": i, "tokens": s.words, "ner_tags": s.tags}) for i, s in enumerate(sentences))
+    )
     by_sentence = last_json(run(["evaluate", str(tuned_model_dir), str(path)]))
-    by_document = last_json(run(["evaluate", str(tuned_model_dir), str(path), "--documents", "--document-column",
-                                 "id", "--segment", "none"]))
+    by_document = last_json(
+        run(
+            ["evaluate", str(tuned_model_dir), str(path), "--documents", "--document-column", "id", "--segment", "none"]
+        )
+    )
     assert by_sentence["overall_f1"] > 0.3
     # every entity metric is identical; tag accuracy differs only because spans rewrite a raw I-X
     # that opens an entity as B-X (seqeval counts both as the same entity)
-    assert {k: v for k, v in by_sentence.items() if k != "overall_accuracy"} == \
-        {k: v for k, v in by_document.items() if k != "overall_accuracy"}
+    assert {k: v for k, v in by_sentence.items() if k != "overall_accuracy"} == {
+        k: v for k, v in by_document.items() if k != "overall_accuracy"
+    }
 
 
 @pytest.mark.slow
@@ -211,8 +246,25 @@ def test_document_context_training_records_how_to_annotate(tiny_model_dir, valid
     train = write_conll(read_conll(need(CONLL / "train.txt")).sentences[:300], tmp_path / "train.conll")
     job = tmp_path / "job.toml"
     job.write_text('context = "document"\ncontext_window = 96\n')
-    stdout = run(["train", "--config", str(job), "--model", str(tiny_model_dir), "--train", str(valid_docs),
-                  "--validation", str(valid_docs), "--output-dir", str(out), "--epochs", "1", "--batch-size", "16"])
+    stdout = run(
+        [
+            "train",
+            "--config",
+            str(job),
+            "--model",
+            str(tiny_model_dir),
+            "--train",
+            str(valid_docs),
+            "--validation",
+            str(valid_docs),
+            "--output-dir",
+            str(out),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+        ]
+    )
     assert "document context" in stdout and "best epoch by document-level" in stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["selected_by"] == "document"
@@ -222,6 +274,20 @@ def test_document_context_training_records_how_to_annotate(tiny_model_dir, valid
     annotator = Annotator(AutoModelForTokenClassification.from_pretrained(out), load_tokenizer(str(out)))
     assert (annotator.segment, annotator.max_length) == ("none", 96)
     # training data without documents cannot give document context: refused before any work
-    refused = CliRunner().invoke(main, ["train", "--config", str(job), "--model", str(tiny_model_dir), "--train",
-                                        str(train), "--validation", str(valid_docs), "--output-dir", str(tmp_path / "x")])
+    refused = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--config",
+            str(job),
+            "--model",
+            str(tiny_model_dir),
+            "--train",
+            str(train),
+            "--validation",
+            str(valid_docs),
+            "--output-dir",
+            str(tmp_path / "x"),
+        ],
+    )
     assert refused.exit_code != 0 and "context = document needs documents" in refused.output

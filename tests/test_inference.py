@@ -8,12 +8,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from annotate_fixtures import tuned_model_dir  # noqa: F401  (session fixture)
 from transformers import AutoModelForTokenClassification, BertConfig, BertForTokenClassification, pipeline
 
-from conftest import CONLL_LABELS, REUTERS, need
+from nerbatch.errors import OptionError
 from nerbatch.inference import Annotator, annotate_texts, plan_windows
 from nerbatch.modeling import load_tokenizer
+
+from conftest import CONLL_LABELS, REUTERS, need
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def tiny(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def tuned(tuned_model_dir):  # noqa: F811  (the fixture imported above)
+def tuned(tuned_model_dir):
     return AutoModelForTokenClassification.from_pretrained(tuned_model_dir).eval(), load_tokenizer(str(tuned_model_dir))
 
 
@@ -38,7 +39,7 @@ def test_matches_the_transformers_pipeline_on_reuters(tuned, reuters_texts, aggr
     lengths = [len(ids) for ids in tokenizer(reuters_texts[:800])["input_ids"]]
     fitting = [t for t, n in zip(reuters_texts, lengths) if n <= tokenizer.model_max_length][:docs]
     assert len(fitting) == docs
-    ours = annotate_texts(fitting, model, tokenizer, aggregation=aggregation)
+    ours = annotate_texts(fitting, model, tokenizer, aggregation=aggregation, segment="none")  # one window each
     pipe = pipeline("token-classification", model=model, tokenizer=tokenizer, aggregation_strategy=aggregation)
     entities = 0
     for text, mine in zip(fitting, ours):
@@ -68,9 +69,17 @@ def test_plan_windows_covers_every_subword_once_from_its_most_central_window():
 def context_free_model(vocab_size: int) -> BertForTokenClassification:
     """A BERT with no layers and zero position embeddings: each subword's logits depend on its id only."""
     torch.manual_seed(1)
-    config = BertConfig(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=0, num_attention_heads=2,
-                        intermediate_size=16, max_position_embeddings=8192, num_labels=len(CONLL_LABELS),
-                        id2label=dict(enumerate(CONLL_LABELS)), label2id={x: i for i, x in enumerate(CONLL_LABELS)})
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        num_hidden_layers=0,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=8192,
+        num_labels=len(CONLL_LABELS),
+        id2label=dict(enumerate(CONLL_LABELS)),
+        label2id={x: i for i, x in enumerate(CONLL_LABELS)},
+    )
     model = BertForTokenClassification(config)
     with torch.no_grad():
         model.bert.embeddings.position_embeddings.weight.zero_()
@@ -90,8 +99,12 @@ def test_windows_merge_exactly_when_predictions_do_not_depend_on_context(tiny, r
         whole = annotate_texts(texts, model, tokenizer, aggregation, max_length=8192, segment="none")
         assert sum(map(len, whole)) > 200
         for max_length, stride in [(16, 0), (16, 7), (64, 16), (130, 64)]:
-            assert annotate_texts(texts, model, tokenizer, aggregation, max_length=max_length, stride=stride,
-                                  segment=segment) == whole
+            assert (
+                annotate_texts(
+                    texts, model, tokenizer, aggregation, max_length=max_length, stride=stride, segment=segment
+                )
+                == whole
+            )
     finally:
         tokenizer.model_max_length = 128
 
@@ -122,7 +135,7 @@ def test_joined_articles_give_the_entities_of_each_article_alone(tuned, reuters_
     assert (separate == together)[~near].mean() >= 0.9
     assert (separate == together).mean() >= 0.88
     spans = annotator.decode(doc, joined)
-    assert len(spans) > 150 and all(joined[s.start:s.end] == s.text for s in spans)
+    assert len(spans) > 150 and all(joined[s.start : s.end] == s.text for s in spans)
     assert all(a.end <= b.start for a, b in zip(spans, spans[1:]))  # nothing emitted twice
 
 
@@ -138,7 +151,7 @@ def test_a_million_character_document(tiny, reuters_texts):
     assert time.perf_counter() - began < 120
     assert len(doc.windows) > 2000 and doc.keeps[-1][1] == doc.n_tokens
     assert doc.offsets[-1][1] >= len(text) - 1  # the end of the text was seen
-    assert spans and all(text[s.start:s.end] == s.text for s in spans)
+    assert spans and all(text[s.start : s.end] == s.text for s in spans)
     assert all(a.end <= b.start for a, b in zip(spans, spans[1:]))
 
 
@@ -152,12 +165,12 @@ def test_offsets_round_trip_on_real_text(tiny, reuters_texts):
         annotator.aggregation = aggregation
         for text, doc in zip(texts, docs):
             spans = annotator.decode(doc, text)
-            assert all(text[s.start:s.end] == s.text and s.text.strip() == s.text for s in spans)
+            assert all(text[s.start : s.end] == s.text and s.text.strip() == s.text for s in spans)
 
 
 def test_bad_stride_is_refused(tiny):
     model, tokenizer = tiny
-    with pytest.raises(ValueError, match="stride"):
+    with pytest.raises(OptionError, match="stride"):
         Annotator(model, tokenizer, stride=100)
 
 

@@ -55,11 +55,15 @@ def refused(args: list[str], output: Path | None = None) -> str:
 
 def every_command(model: Path, docs: Path, tmp_path: Path) -> list[tuple[list[str], Path | None]]:
     out = tmp_path / "out"
-    return [(["annotate", str(model), str(docs), "--output", str(out), "--no-progress"], out),
-            (["predict", str(model), "Angela Merkel met Joe Biden."], None),
-            (["evaluate", str(model), str(Path(__file__).parents[1] / "nerbatch/demo_data/valid.conll")], None),
-            (["evaluate", str(model), str(Path(__file__).parents[1] / "nerbatch/demo_data/valid.conll"),
-              "--documents"], None)]
+    return [
+        (["annotate", str(model), str(docs), "--output", str(out), "--no-progress"], out),
+        (["predict", str(model), "Angela Merkel met Joe Biden."], None),
+        (["evaluate", str(model), str(Path(__file__).parents[1] / "nerbatch/demo_data/valid.conll")], None),
+        (
+            ["evaluate", str(model), str(Path(__file__).parents[1] / "nerbatch/demo_data/valid.conll"), "--documents"],
+            None,
+        ),
+    ]
 
 
 def test_base_encoder_is_refused_by_every_command(tiny_model_dir, docs, tmp_path):
@@ -74,34 +78,48 @@ def test_checkpoint_without_architectures_but_missing_head_is_refused(tiny_model
     model = base_encoder(tiny_model_dir, tmp_path / "encoder")
     config = json.loads((model / "config.json").read_text())
     config.pop("architectures")
-    config.update(id2label={str(i): l for i, l in enumerate(["O", "B-PER", "I-PER"])},
-                  label2id={"O": 0, "B-PER": 1, "I-PER": 2})
+    config.update(
+        id2label={str(i): label for i, label in enumerate(["O", "B-PER", "I-PER"])},
+        label2id={"O": 0, "B-PER": 1, "I-PER": 2},
+    )
     (model / "config.json").write_text(json.dumps(config))
-    message = refused(["annotate", str(model), str(docs), "--output", str(tmp_path / "out"), "--no-progress"],
-                      tmp_path / "out")
+    message = refused(
+        ["annotate", str(model), str(docs), "--output", str(tmp_path / "out"), "--no-progress"], tmp_path / "out"
+    )
     assert "classifier.weight" in message and "initialised at random" in message
 
 
 def test_sequence_classifier_and_masked_lm_are_refused(tiny_model_dir, docs, tmp_path):
-    for arch, what in [("BertForSequenceClassification", "sequence classifier"),
-                       ("BertForMaskedLM", "masked language model")]:
+    for arch, what in [
+        ("BertForSequenceClassification", "sequence classifier"),
+        ("BertForMaskedLM", "masked language model"),
+    ]:
         model = with_config(tiny_model_dir, tmp_path / arch, architectures=[arch])
-        message = refused(["annotate", str(model), str(docs), "--output", str(tmp_path / "out"), "--no-progress"],
-                          tmp_path / "out")
+        message = refused(
+            ["annotate", str(model), str(docs), "--output", str(tmp_path / "out"), "--no-progress"], tmp_path / "out"
+        )
         assert arch in message and what in message
 
 
 def test_labels_that_are_not_entity_tags_are_refused(tiny_model_dir, docs, tmp_path):
-    cases = {"generic": ["LABEL_0", "LABEL_1", "LABEL_2"], "no_o": ["B-PER", "I-PER", "B-LOC"],
-             "sentiment": ["O", "positive-ish", "X-Y"]}
+    cases = {
+        "generic": ["LABEL_0", "LABEL_1", "LABEL_2"],
+        "no_o": ["B-PER", "I-PER", "B-LOC"],
+        "sentiment": ["O", "positive-ish", "X-Y"],
+    }
     for name, labels in cases.items():
-        model = with_config(tiny_model_dir, tmp_path / name, id2label={str(i): l for i, l in enumerate(labels)},
-                            label2id={l: i for i, l in enumerate(labels)})
+        model = with_config(
+            tiny_model_dir,
+            tmp_path / name,
+            id2label={str(i): label for i, label in enumerate(labels)},
+            label2id={label: i for i, label in enumerate(labels)},
+        )
         if name == "generic":
             model_args = ["predict", str(model), "Angela Merkel"]
             assert "are not entity tags" in refused(model_args)
-        message = refused(["annotate", str(model), str(docs), "--output", str(tmp_path / "out"), "--no-progress"],
-                          tmp_path / "out")
+        message = refused(
+            ["annotate", str(model), str(docs), "--output", str(tmp_path / "out"), "--no-progress"], tmp_path / "out"
+        )
         assert "are not entity tags" in message and "IOBES" in message
 
 
@@ -120,16 +138,19 @@ def test_good_model_still_loads_without_noise(tiny_model_dir, docs, tmp_path, ca
     model, tokenizer = load_token_classifier(str(tiny_model_dir))
     assert model.config.num_labels == 9 and tokenizer.is_fast and not model.training
     assert "LOAD REPORT" not in capfd.readouterr().err
-    result = CliRunner().invoke(main, ["annotate", str(tiny_model_dir), str(docs), "--output", str(tmp_path / "out"),
-                                       "--no-progress"])
+    result = CliRunner().invoke(
+        main, ["annotate", str(tiny_model_dir), str(docs), "--output", str(tmp_path / "out"), "--no-progress"]
+    )
     assert result.exit_code == 0, result.output
     assert pq.read_table(next((tmp_path / "out").glob("part-*.parquet"))).num_rows == 2
 
 
 def test_hub_id_offline_is_one_line(docs, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    message = refused(["annotate", "dslim/bert-base-NER", str(docs), "--output", str(tmp_path / "out"),
-                       "--no-progress"], tmp_path / "out")
+    message = refused(
+        ["annotate", "dslim/bert-base-NER", str(docs), "--output", str(tmp_path / "out"), "--no-progress"],
+        tmp_path / "out",
+    )
     assert "dslim/bert-base-NER" in message and "offline" in message
     with pytest.raises(ModelError):
         load_token_classifier("dslim/bert-base-NER")

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nerbatch.errors import OptionError
 from nerbatch.spans import Span, decode_spans, split_tag
 
 LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
@@ -58,20 +59,28 @@ def test_first_takes_the_first_subword_of_each_word():
 
 def test_max_takes_the_most_confident_subword():
     text = "Volkswagen rose"
-    spans = decode(text, ["Volks", "wagen", "rose"], ["O", "B-ORG", "O"], scores=[0.5, 0.9, 0.9],
-                   word_ids=[0, 0, 1], aggregation="max")
+    spans = decode(
+        text,
+        ["Volks", "wagen", "rose"],
+        ["O", "B-ORG", "O"],
+        scores=[0.5, 0.9, 0.9],
+        word_ids=[0, 0, 1],
+        aggregation="max",
+    )
     assert [(s.text, s.label, s.score) for s in spans] == [("Volkswagen", "ORG", 0.9)]
 
 
 def test_average_takes_the_argmax_of_mean_probabilities():
     text = "Volkswagen rose"
     probs = [[0.4, 0, 0, 0.6, 0, 0, 0, 0, 0], [0.7, 0, 0, 0.3, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0, 0]]
-    spans = decode(text, ["Volks", "wagen", "rose"], ["B-ORG", "O", "O"], word_ids=[0, 0, 1],
-                   aggregation="average", probs=probs)
+    spans = decode(
+        text, ["Volks", "wagen", "rose"], ["B-ORG", "O", "O"], word_ids=[0, 0, 1], aggregation="average", probs=probs
+    )
     assert spans == []  # mean O = 0.55 beats mean B-ORG = 0.45
     probs[1] = [0.5, 0, 0, 0.5, 0, 0, 0, 0, 0]
-    spans = decode(text, ["Volks", "wagen", "rose"], ["B-ORG", "O", "O"], word_ids=[0, 0, 1],
-                   aggregation="average", probs=probs)
+    spans = decode(
+        text, ["Volks", "wagen", "rose"], ["B-ORG", "O", "O"], word_ids=[0, 0, 1], aggregation="average", probs=probs
+    )
     assert [(s.text, s.label, s.score) for s in spans] == [("Volkswagen", "ORG", pytest.approx(0.55))]
 
 
@@ -84,15 +93,31 @@ def test_leading_space_in_offsets_is_trimmed():
 
 
 def test_unknown_aggregation_is_an_error():
-    with pytest.raises(ValueError, match="aggregation"):
+    with pytest.raises(OptionError, match="aggregation"):
         decode_spans("a", [(0, 1)], [0], [0], [1.0], LABELS, "mean")
 
 
 # Characters that break naive offset code: astral emoji, ZWJ sequences, CJK, combining marks, \r\n,
 # tabs, zero-width spaces/joiners, BOM, non-breaking and ideographic spaces, RTL text.
-TRICKY = list("aZ9.,-'\"() \t\r\n") + ["\u00e9", "e\u0301", "\u200b", "\u200d", "\ufeff", "\u00a0", "\u3000",
-                                        "\U0001F600", "\U0001F468\u200D\U0001F469", "東京", "中文", "한국",
-                                        "\u05e9\u05dc\u05d5\u05dd", "ß", "ﬁ", "\U00010348", "İ"]
+TRICKY = list("aZ9.,-'\"() \t\r\n") + [
+    "\u00e9",
+    "e\u0301",
+    "\u200b",
+    "\u200d",
+    "\ufeff",
+    "\u00a0",
+    "\u3000",
+    "\U0001f600",
+    "\U0001f468\u200d\U0001f469",
+    "東京",
+    "中文",
+    "한국",
+    "\u05e9\u05dc\u05d5\u05dd",
+    "ß",
+    "ﬁ",
+    "\U00010348",
+    "İ",
+]
 tricky_text = st.lists(st.one_of(st.sampled_from(TRICKY), st.text(max_size=3)), max_size=40).map("".join)
 
 
@@ -104,7 +129,9 @@ def tokenizer(tiny_model_dir):
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(text=tricky_text, seed=st.integers(0, 2**32 - 1), aggregation=st.sampled_from(["first", "simple", "average", "max"]))
+@given(
+    text=tricky_text, seed=st.integers(0, 2**32 - 1), aggregation=st.sampled_from(["first", "simple", "average", "max"])
+)
 def test_offsets_round_trip_on_generated_unicode(tokenizer, text, seed, aggregation):
     enc = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
     rng = random.Random(seed)
@@ -112,13 +139,14 @@ def test_offsets_round_trip_on_generated_unicode(tokenizer, text, seed, aggregat
     probs = [[rng.random() for _ in LABELS] for _ in range(n)]
     probs = [[p / sum(row) for p in row] for row in probs]
     best = [max(range(len(LABELS)), key=row.__getitem__) for row in probs]
-    spans = decode_spans(text, enc.offsets, enc.word_ids, best, [probs[i][b] for i, b in enumerate(best)], LABELS,
-                         aggregation, probs)
+    spans = decode_spans(
+        text, enc.offsets, enc.word_ids, best, [probs[i][b] for i, b in enumerate(best)], LABELS, aggregation, probs
+    )
     word_starts = {enc.offsets[i][0] for i in range(n) if i == 0 or enc.word_ids[i] != enc.word_ids[i - 1]}
     word_ends = {enc.offsets[i][1] for i in range(n) if i == n - 1 or enc.word_ids[i] != enc.word_ids[i + 1]}
     previous_end = 0
     for span in spans:
-        assert text[span.start:span.end] == span.text
+        assert text[span.start : span.end] == span.text
         assert 0 <= previous_end <= span.start < span.end <= len(text)
         assert span.text == span.text.strip()
         assert span.label in {"PER", "ORG", "LOC", "MISC"}

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,40 +12,11 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from conftest import CONLL, need
 from nerbatch.cli import main
 from nerbatch.data import read_conll
 
-# One thread per process: the tests run several processes on two cores.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-# accelerate's `--cpu` launcher starts a single process unless MPI is installed; `--multi_gpu` goes
-# through torchrun, which starts them all, and nerbatch joins them into a gloo group on the CPU.
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
-          "--mixed_precision", "no", "--dynamo_backend", "no"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run(args: list[str], processes: int = 1) -> str:
-    """Run `nerbatch` as a subprocess (under `accelerate launch` when processes > 1); return stdout."""
-    if processes > 1:
-        cmd = LAUNCH + ["--num_processes", str(processes), "--main_process_port", str(free_port()),
-                        "-m", "nerbatch"] + args
-    else:
-        cmd = [sys.executable, "-m", "nerbatch"] + args
-    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
-
-
-def write_conll(sentences, path: Path) -> Path:
-    """Write sentences as a 2-column CoNLL file."""
-    path.write_text("".join("".join(f"{w} {t}\n" for w, t in zip(s.words, s.tags)) + "\n" for s in sentences))
-    return path
+from conftest import CONLL, need
+from helpers import environment, last_json, nerbatch_command, run, write_conll
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +29,25 @@ def splits(tmp_path_factory):
 
 
 def train_args(model, splits, out, *extra):
-    return ["train", "--model", str(model), "--train", str(splits[0]), "--validation", str(splits[1]),
-            "--output-dir", str(out), "--batch-size", "16", "--eval-batch-size", "8", "--lr", "5e-3",
-            "--group-by-length", *extra]
-
-
-def last_json(stdout: str) -> dict:
-    return json.loads(stdout.strip().splitlines()[-1])
+    return [
+        "train",
+        "--model",
+        str(model),
+        "--train",
+        str(splits[0]),
+        "--validation",
+        str(splits[1]),
+        "--output-dir",
+        str(out),
+        "--batch-size",
+        "16",
+        "--eval-batch-size",
+        "8",
+        "--lr",
+        "5e-3",
+        "--group-by-length",
+        *extra,
+    ]
 
 
 def test_two_process_training_evaluates_exactly_like_one_and_three(tiny_model_dir, splits, tmp_path):
@@ -82,19 +63,22 @@ def test_two_process_training_evaluates_exactly_like_one_and_three(tiny_model_di
     assert single == three
     for key in ["overall_precision", "overall_recall", "overall_f1", "overall_accuracy", "PER", "LOC"]:
         assert trained[key] == single[key], key
-    assert sum(single[t]["number"] for t in ["PER", "ORG", "LOC", "MISC"] if t in single) == \
-        sum(t.startswith("B-") for s in read_conll(splits[1]).sentences for t in s.tags)
+    assert sum(single[t]["number"] for t in ["PER", "ORG", "LOC", "MISC"] if t in single) == sum(
+        t.startswith("B-") for s in read_conll(splits[1]).sentences for t in s.tags
+    )
 
     # the best model sits at the top of the output directory, usable by the transformers pipeline,
     # and `nerbatch predict` prints the same entities as JSON lines
     from transformers import pipeline
+
     text = "Peter Blackburn of the European Commission visited Brussels and Germany on Monday ."
     expected = pipeline("token-classification", model=str(out), aggregation_strategy="simple")(text)
     lines = run(["predict", str(out), text, "--aggregation", "simple"]).strip().splitlines()
     predicted = [json.loads(line) for line in lines]
-    assert [(e["entity_group"], e["start"], e["end"]) for e in predicted] == \
-        [(e["entity_group"], e["start"], e["end"]) for e in expected]
-    assert all(text[e["start"]:e["end"]] == e["word"] for e in predicted)
+    assert [(e["entity_group"], e["start"], e["end"]) for e in predicted] == [
+        (e["entity_group"], e["start"], e["end"]) for e in expected
+    ]
+    assert all(text[e["start"] : e["end"]] == e["word"] for e in predicted)
 
 
 def test_resume_from_mid_epoch_checkpoint_matches_uninterrupted_run(tiny_model_dir, splits, tmp_path):
@@ -126,14 +110,19 @@ def test_resume_from_mid_epoch_checkpoint_matches_uninterrupted_run(tiny_model_d
 def test_resume_refuses_changed_settings(tiny_model_dir, splits, tmp_path):
     out = tmp_path / "run"
     run(train_args(tiny_model_dir, splits, out, "--epochs", "1", "--max-train-samples", "64"))
-    result = CliRunner().invoke(main, train_args(tiny_model_dir, splits, out, "--epochs", "1",
-                                                 "--max-train-samples", "64", "--lr", "1e-3", "--resume"))
+    result = CliRunner().invoke(
+        main,
+        train_args(
+            tiny_model_dir, splits, out, "--epochs", "1", "--max-train-samples", "64", "--lr", "1e-3", "--resume"
+        ),
+    )
     assert result.exit_code == 1
     assert "other settings" in result.output and "lr: 0.005 -> 0.001" in result.output
     # batches_done counts one process's batches, so the process count may not change either
-    cmd = LAUNCH + ["--num_processes", "2", "--main_process_port", str(free_port()), "-m", "nerbatch"] + \
-        train_args(tiny_model_dir, splits, out, "--epochs", "1", "--max-train-samples", "64", "--resume")
-    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    cmd = nerbatch_command(
+        train_args(tiny_model_dir, splits, out, "--epochs", "1", "--max-train-samples", "64", "--resume"), processes=2
+    )
+    done = subprocess.run(cmd, env=environment(), capture_output=True, text=True, timeout=600)
     assert done.returncode != 0
     assert "written by 1 processes, this run has 2" in done.stderr
 
@@ -141,8 +130,20 @@ def test_resume_refuses_changed_settings(tiny_model_dir, splits, tmp_path):
 def test_label_mismatch_is_an_error_before_training(tiny_model_dir, tmp_path):
     data = tmp_path / "people.conll"
     data.write_text("Ada B-PERSON\nLovelace I-PERSON\nwrote O\n\n")
-    result = CliRunner().invoke(main, ["train", "--model", str(tiny_model_dir), "--train", str(data),
-                                       "--validation", str(data), "--output-dir", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--model",
+            str(tiny_model_dir),
+            "--train",
+            str(data),
+            "--validation",
+            str(data),
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+    )
     assert result.exit_code == 1
     assert "token-classification head with 9 labels" in result.output
     assert "['O', 'B-PERSON', 'I-PERSON']" in result.output
@@ -157,8 +158,20 @@ def test_slow_tokenizer_is_an_error_naming_the_model(tmp_path):
     CanineConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=32).save_pretrained(slow)
     data = tmp_path / "d.conll"
     data.write_text("Ada B-PER\n\n")
-    result = CliRunner().invoke(main, ["train", "--model", str(slow), "--train", str(data), "--validation", str(data),
-                                       "--output-dir", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--model",
+            str(slow),
+            "--train",
+            str(data),
+            "--validation",
+            str(data),
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+    )
     assert result.exit_code == 1
     assert str(slow) in result.output and "slow (pure Python) tokenizer" in result.output
     assert not (tmp_path / "out").exists()
@@ -171,11 +184,20 @@ def build_tiny_roberta(directory: Path, words: list[str]) -> Path:
 
     directory.mkdir(parents=True, exist_ok=True)
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([" ".join(words[i:i + 30]) for i in range(0, len(words), 30)], vocab_size=600,
-                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe.train_from_iterator(
+        [" ".join(words[i : i + 30]) for i in range(0, len(words), 30)],
+        vocab_size=600,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+    )
     bpe.save_model(str(directory))  # vocab.json + merges.txt, which AutoTokenizer reads for model_type roberta
-    config = RobertaConfig(vocab_size=bpe.get_vocab_size(), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           intermediate_size=64, max_position_embeddings=130)
+    config = RobertaConfig(
+        vocab_size=bpe.get_vocab_size(),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=130,
+    )
     RobertaForMaskedLM(config).save_pretrained(directory)  # a base checkpoint without a NER head
     AutoTokenizer.from_pretrained(directory).save_pretrained(directory)
     return directory
@@ -198,8 +220,18 @@ def test_roberta_words_get_a_prefix_space_and_train(splits, tmp_path):
 
 def test_resume_with_gradient_accumulation_matches_uninterrupted_run(tiny_model_dir, splits, tmp_path):
     # 25 batches per epoch, 2 per update: updates end on batches 2, 4, ... 24 and on 25 (epoch end)
-    args = ["--epochs", "2", "--max-train-samples", "400", "--gradient-accumulation-steps", "2",
-            "--checkpoint-every", "5", "--keep-checkpoints", "100"]
+    args = [
+        "--epochs",
+        "2",
+        "--max-train-samples",
+        "400",
+        "--gradient-accumulation-steps",
+        "2",
+        "--checkpoint-every",
+        "5",
+        "--keep-checkpoints",
+        "100",
+    ]
     full = tmp_path / "full"
     run(train_args(tiny_model_dir, splits, full, *args))
     mid = json.loads((full / "checkpoints" / "step_00000005" / "progress.json").read_text())
@@ -216,7 +248,19 @@ def test_resume_with_gradient_accumulation_matches_uninterrupted_run(tiny_model_
 def test_unreachable_model_is_a_one_line_error(tmp_path):
     data = tmp_path / "d.conll"
     data.write_text("Ada B-PER\n\n")
-    result = CliRunner().invoke(main, ["train", "--model", str(tmp_path / "no-such-model"), "--train", str(data),
-                                       "--validation", str(data), "--output-dir", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--model",
+            str(tmp_path / "no-such-model"),
+            "--train",
+            str(data),
+            "--validation",
+            str(data),
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+    )
     assert result.exit_code == 1
     assert "could not load model" in result.output and "no-such-model" in result.output

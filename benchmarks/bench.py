@@ -1,4 +1,7 @@
-"""`nerbatch bench`: side-by-side measurements in one run, on one machine, with one model.
+"""The benchmark: side-by-side measurements in one run, on one machine, with one model.
+
+    python benchmarks/bench.py --model MODEL_DIR --data ../shared/data   (or `make bench`)
+
 
 1. annotation: the transformers pipeline (best of several batch sizes) vs `nerbatch annotate`
    (Parquet in, Parquet out) vs a forward-only ceiling (pre-tokenized, length-sorted batches);
@@ -21,9 +24,10 @@ from pathlib import Path
 
 import click
 
-REPO_SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-RSS_WRAPPER = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
-               "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
+RSS_WRAPPER = (
+    "import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
+    "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)"
+)
 
 
 def machine() -> dict:
@@ -34,12 +38,18 @@ def machine() -> dict:
 
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):  # not Linux: keep platform's name
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cores": os.cpu_count(), "cpu": cpu, "gpu": gpu, "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__}
+    return {
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "gpu": gpu,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
 
 
 def load_documents(corpus: Path, count: int, tokenizer, max_length: int) -> list[str]:
@@ -73,8 +83,9 @@ def pipeline_runner(model, tokenizer, texts: list[str], batch_size: int, device)
     """`pipeline(aggregation_strategy="simple")` over the list of texts, warmed up."""
     from transformers import pipeline
 
-    ner = pipeline("token-classification", model=model, tokenizer=tokenizer, aggregation_strategy="simple",
-                   device=device)
+    ner = pipeline(
+        "token-classification", model=model, tokenizer=tokenizer, aggregation_strategy="simple", device=device
+    )
     ner(texts[:4])
     return lambda: ner(texts, batch_size=batch_size)
 
@@ -111,17 +122,30 @@ def annotate_runner(model_dir: str, texts: list[str], workdir: Path, aggregation
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from nerbatch.annotate import annotate_command
+    from nerbatch.cli import main
 
     source = workdir / "docs.parquet"
     pq.write_table(pa.table({"doc_id": list(range(len(texts))), "text": texts}), source)
     out = workdir / "annotated"
     # Whole documents in one window, as the pipeline runs them, so the spans can be compared one to one.
-    args = [model_dir, str(source), "--output", str(out), "--id-column", "doc_id", "--aggregation", aggregation,
-            "--segment", "none", "--overwrite", "--no-progress"]
+    args = [
+        "annotate",
+        model_dir,
+        str(source),
+        "--output",
+        str(out),
+        "--id-column",
+        "doc_id",
+        "--aggregation",
+        aggregation,
+        "--segment",
+        "none",
+        "--overwrite",
+        "--no-progress",
+    ]
 
     def run():
-        annotate_command.main(args, standalone_mode=False)
+        main.main(args, standalone_mode=False)
         return out
 
     run()
@@ -153,22 +177,32 @@ def run_annotation(model_dir: str, corpus: Path, docs: int, batch_sizes: list[in
     tokens = sum(len(ids) for ids in tokenizer(texts)["input_ids"])
     budget = CPU_BATCH_TOKENS if device == "cpu" else GPU_BATCH_TOKENS
     with tempfile.TemporaryDirectory() as tmp:
-        methods = {"annotate": annotate_runner(model_dir, texts, Path(tmp)),
-                   "ceiling": ceiling_runner(model, tokenizer, texts, budget, device)}
+        methods = {
+            "annotate": annotate_runner(model_dir, texts, Path(tmp)),
+            "ceiling": ceiling_runner(model, tokenizer, texts, budget, device),
+        }
         methods |= {size: pipeline_runner(model, tokenizer, texts, size, device) for size in batch_sizes}
         seconds, outputs = best_times(methods, repeats)
         rows = pq.read_table(outputs["annotate"]).sort_by("doc_id").to_pylist()
     rate = {name: len(texts) / s for name, s in seconds.items()}
     pipeline_best = max(batch_sizes, key=rate.get)
     best = rate[pipeline_best]
-    return {"docs": len(texts), "tokens": tokens, "device": device, "seconds": {str(k): v for k, v in seconds.items()},
-            "pipeline_docs_per_s": {size: rate[size] for size in batch_sizes}, "pipeline_best_batch_size": pipeline_best,
-            "annotate_docs_per_s": rate["annotate"], "ceiling_docs_per_s": rate["ceiling"],
-            "annotate_tokens_per_s": tokens / seconds["annotate"], "ceiling_tokens_per_s": tokens / seconds["ceiling"],
-            "pipeline_best_tokens_per_s": tokens / seconds[pipeline_best],
-            "annotate_over_pipeline": rate["annotate"] / best,
-            "annotate_over_ceiling": rate["annotate"] / rate["ceiling"],
-            "docs_with_different_spans": same_spans(outputs[pipeline_best], rows)}
+    return {
+        "docs": len(texts),
+        "tokens": tokens,
+        "device": device,
+        "seconds": {str(k): v for k, v in seconds.items()},
+        "pipeline_docs_per_s": {size: rate[size] for size in batch_sizes},
+        "pipeline_best_batch_size": pipeline_best,
+        "annotate_docs_per_s": rate["annotate"],
+        "ceiling_docs_per_s": rate["ceiling"],
+        "annotate_tokens_per_s": tokens / seconds["annotate"],
+        "ceiling_tokens_per_s": tokens / seconds["ceiling"],
+        "pipeline_best_tokens_per_s": tokens / seconds[pipeline_best],
+        "annotate_over_pipeline": rate["annotate"] / best,
+        "annotate_over_ceiling": rate["annotate"] / rate["ceiling"],
+        "docs_with_different_spans": same_spans(outputs[pipeline_best], rows),
+    }
 
 
 def reference_loop(model_dir: str, train_file: str, valid_file: str, sentences: int, seed: int = 42) -> dict:
@@ -209,18 +243,42 @@ def reference_loop(model_dir: str, train_file: str, valid_file: str, sentences: 
     seconds = time.perf_counter() - started
     val, val_loader = eval_loader(tokenizer, valid.sentences, label2id, 512, collator, 32)
     val_loader = accelerator.prepare(val_loader)
-    metrics = evaluate_features(accelerator, model, val_loader, val.features, [s.tags for s in valid.sentences],
-                                dict(enumerate(labels)))
+    metrics = evaluate_features(
+        accelerator, model, val_loader, val.features, [s.tags for s in valid.sentences], dict(enumerate(labels))
+    )
     return {"train_seconds": seconds, "f1": metrics["overall_f1"]}
 
 
 def nerbatch_epoch(model_dir: str, train_file: str, valid_file: str, sentences: int, workdir: Path) -> dict:
     """One epoch of `nerbatch train` with the recommended settings, in a subprocess."""
     out = workdir / "nerbatch-train"
-    cmd = [sys.executable, "-m", "nerbatch", "train", "--model", model_dir, "--train", train_file,
-           "--validation", valid_file, "--output-dir", str(out), "--epochs", "1", "--batch-size", "32",
-           "--lr", "1e-4", "--warmup-ratio", "0.06", "--weight-decay", "0.01", "--group-by-length",
-           "--max-train-samples", str(sentences)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "nerbatch",
+        "train",
+        "--model",
+        model_dir,
+        "--train",
+        train_file,
+        "--validation",
+        valid_file,
+        "--output-dir",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--lr",
+        "1e-4",
+        "--warmup-ratio",
+        "0.06",
+        "--weight-decay",
+        "0.01",
+        "--group-by-length",
+        "--max-train-samples",
+        str(sentences),
+    ]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     epoch = json.loads((out / "metrics.json").read_text())["epochs"][0]
     return {"train_seconds": epoch["train_seconds"], "f1": epoch["overall_f1"]}
@@ -232,9 +290,13 @@ def run_training(encoder: str, conll: Path, sentences: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         ours = nerbatch_epoch(encoder, train_file, valid_file, sentences, Path(tmp))
     reference = reference_loop(encoder, train_file, valid_file, sentences)
-    return {"sentences": sentences, "reference": reference, "nerbatch": ours,
-            "speedup": reference["train_seconds"] / ours["train_seconds"],
-            "f1_difference": ours["f1"] - reference["f1"]}
+    return {
+        "sentences": sentences,
+        "reference": reference,
+        "nerbatch": ours,
+        "speedup": reference["train_seconds"] / ours["train_seconds"],
+        "f1_difference": ours["f1"] - reference["f1"],
+    }
 
 
 def peak_rss_mb(cmd: list[str]) -> float:
@@ -270,10 +332,16 @@ def print_table(report: dict) -> None:
         click.echo(f"\nannotation ({a['docs']} docs, {a['tokens']} tokens, {a['device']}):")
         for size, rate in a["pipeline_docs_per_s"].items():
             click.echo(f"  pipeline batch {size:>3}: {rate:8.2f} docs/s")
-        click.echo(f"  nerbatch annotate:   {a['annotate_docs_per_s']:8.2f} docs/s {a['annotate_tokens_per_s']:9.0f} tokens/s")
-        click.echo(f"  forward-only ceiling:{a['ceiling_docs_per_s']:8.2f} docs/s {a['ceiling_tokens_per_s']:9.0f} tokens/s")
-        click.echo(f"  annotate / pipeline best = {a['annotate_over_pipeline']:.2f}x; annotate / ceiling = "
-                   f"{a['annotate_over_ceiling']:.1%}; documents with different spans: {a['docs_with_different_spans']}")
+        click.echo(
+            f"  nerbatch annotate:   {a['annotate_docs_per_s']:8.2f} docs/s {a['annotate_tokens_per_s']:9.0f} tokens/s"
+        )
+        click.echo(
+            f"  forward-only ceiling:{a['ceiling_docs_per_s']:8.2f} docs/s {a['ceiling_tokens_per_s']:9.0f} tokens/s"
+        )
+        click.echo(
+            f"  annotate / pipeline best = {a['annotate_over_pipeline']:.2f}x; annotate / ceiling = "
+            f"{a['annotate_over_ceiling']:.1%}; documents with different spans: {a['docs_with_different_spans']}"
+        )
     if "training" in report:
         t = report["training"]
         click.echo(f"\ntraining, one epoch on {t['sentences']} sentences:")
@@ -282,42 +350,65 @@ def print_table(report: dict) -> None:
         click.echo(f"  speed-up {t['speedup']:.2f}x, F1 difference {t['f1_difference']:+.4f}")
     if "memory" in report:
         r = report["memory"]
-        click.echo(f"\nmemory: peak RSS {r['peak_rss_mb_1x']:.0f} MiB on {r['docs']} docs, {r['peak_rss_mb_10x']:.0f} MiB "
-                   f"on 10 files of them (ratio {r['ratio']:.2f})")
+        click.echo(
+            f"\nmemory: peak RSS {r['peak_rss_mb_1x']:.0f} MiB on {r['docs']} docs, {r['peak_rss_mb_10x']:.0f} MiB "
+            f"on 10 files of them (ratio {r['ratio']:.2f})"
+        )
 
 
 @click.command("bench")
 @click.option("--model", "model_dir", required=True, help="A fine-tuned token classifier (for annotation/memory).")
 @click.option("--encoder", default=None, help="Base encoder for the training comparison (default: the MiniLM package).")
-@click.option("--data", type=click.Path(path_type=Path), default=REPO_SHARED, show_default=True,
-              help="Folder holding conll2003/ and reuters21578/.")
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    required=True,
+    envvar="NERBATCH_SHARED_DATA",
+    help="Folder holding conll2003/ and reuters21578/ [env: NERBATCH_SHARED_DATA].",
+)
 @click.option("--docs", default=300, show_default=True, help="Reuters documents for the annotation comparison.")
 @click.option("--batch-sizes", default="1,8,32", show_default=True, help="Pipeline batch sizes to try.")
-@click.option("--train-sentences", default=2000, show_default=True,
-              help="Training sentences per epoch (14041 = the full split; the default is the reduced mode).")
+@click.option(
+    "--train-sentences",
+    default=2000,
+    show_default=True,
+    help="Training sentences per epoch (14041 = the full split; the default is the reduced mode).",
+)
 @click.option("--memory-docs", default=1000, show_default=True, help="Documents per copy in the memory check.")
 @click.option("--sections", default="annotation,training,memory", show_default=True)
-@click.option("--repeats", default=3, show_default=True,
-              help="Rounds of the annotation comparison (methods interleaved); each figure is the best round.")
+@click.option(
+    "--repeats",
+    default=3,
+    show_default=True,
+    help="Rounds of the annotation comparison (methods interleaved); each figure is the best round.",
+)
 @click.option("--json-out", type=click.Path(path_type=Path), default=Path("bench.json"), show_default=True)
-def bench_command(model_dir, encoder, data, docs, batch_sizes, train_sentences, memory_docs, sections, repeats,
-                  json_out):
+def bench_command(
+    model_dir, encoder, data, docs, batch_sizes, train_sentences, memory_docs, sections, repeats, json_out
+):
     """Benchmark annotation, training and memory side by side; print a table and write JSON."""
     wanted = set(sections.split(","))
     report = {"machine": machine(), "command": " ".join(sys.argv), "model": model_dir, "repeats": repeats}
     corpus = data / "reuters21578" / "reuters21578.parquet"
     if "annotation" in wanted:
         from nerbatch.modeling import ModelError
+
         try:
-            report["annotation"] = run_annotation(model_dir, corpus, docs, [int(b) for b in batch_sizes.split(",")],
-                                                   repeats)
+            report["annotation"] = run_annotation(
+                model_dir, corpus, docs, [int(b) for b in batch_sizes.split(",")], repeats
+            )
         except ModelError as exc:
             raise click.ClickException(str(exc)) from exc
     if "training" in wanted:
         from nerbatch.demo import minilm_path
+
         report["training"] = run_training(encoder or minilm_path(), data / "conll2003", train_sentences)
     if "memory" in wanted:
         report["memory"] = run_memory(model_dir, corpus, memory_docs)
     json_out.write_text(json.dumps(report, indent=1, default=str))
     print_table(report)
     click.echo(f"\nwritten: {json_out}")
+
+
+if __name__ == "__main__":
+    bench_command()

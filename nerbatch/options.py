@@ -1,0 +1,41 @@
+"""The annotate job's options and the choices they take: plain data, cheap to import (the command
+line reads its defaults here without loading torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# How subword predictions become spans, as in the transformers pipeline (see nerbatch.spans).
+AGGREGATIONS = ("first", "simple", "average", "max")
+# How a text is cut before windowing (see nerbatch.inference): `sentences` runs each sentence as its
+# own window(s); `none` covers the whole text with overlapping windows.
+SEGMENTS = ("sentences", "none")
+
+
+@dataclass(kw_only=True)
+class Options:
+    """Everything the command line decides; the output-relevant part goes into config.json.
+
+    Each default is defined here once; `nerbatch.cli` reads its defaults from this class.
+    """
+
+    model: str
+    inputs: list[str]
+    output: Path
+    text_column: str = "text"
+    id_column: str | None = None
+    aggregation: str = "first"
+    max_length: int | None = None  # None: the window a document-context model was trained on, else the limit
+    stride: int | None = None  # None: a quarter of a window
+    segment: str | None = None  # None: follow how the model was trained (see nerbatch.inference)
+    batch_size: int = 64
+    max_batch_tokens: int | None = None  # None: inference.CPU_BATCH_TOKENS or GPU_BATCH_TOKENS
+    read_rows: int = 512
+    overwrite: bool = False
+    progress: bool = True
+
+    @property
+    def columns(self) -> list[str]:
+        """The input columns the job reads: the text, and the id column when there is one."""
+        return [self.text_column] + ([self.id_column] if self.id_column else [])

@@ -1,0 +1,90 @@
+"""Input rows to model input and back: validating texts, reading a unit in tokenized chunks, and
+building the output columns of a chunk.
+
+No row is ever dropped: a text that cannot be annotated (null, empty, not a string, nothing the
+tokenizer keeps) gets an output row with the reason in `error` and no entities.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nerbatch.inference import Annotator, Document
+from nerbatch.parquet_io import iter_batches
+from nerbatch.rundir import Tally
+from nerbatch.shards import Unit
+
+NO_TOKENS = "no tokens (the tokenizer keeps no character of this text)"
+
+
+@dataclass
+class Chunk:
+    """One record batch, validated and tokenized: ids, texts, per-row errors and documents."""
+
+    ids: dict[str, list]
+    texts: list
+    errors: list[str | None]
+    docs: list[Document | None] = field(default_factory=list)
+
+    def documents(self) -> list[Document]:
+        """The rows that go through the model."""
+        return [d for d in self.docs if d is not None]
+
+
+def text_error(value) -> str | None:
+    """Why a text cell cannot be annotated, or None when it can."""
+    if value is None:
+        return "null text"
+    if not isinstance(value, str):
+        return f"non-string text ({type(value).__name__})"
+    if not value:
+        return "empty text"
+    if value.isspace():
+        return "whitespace-only text"
+    return None
+
+
+def read_chunks(
+    unit: Unit, annotator: Annotator, text_column: str, id_column: str | None, read_rows: int
+) -> Iterator[Chunk]:
+    """Read, validate and tokenize the unit's record batches (runs in the prefetch thread)."""
+    columns = [text_column] + ([id_column] if id_column else [])
+    row = unit.first_row
+    for batch in iter_batches(Path(unit.path), unit.row_group, columns, read_rows):
+        texts = batch.column(text_column).to_pylist()
+        if id_column:
+            ids = {id_column: batch.column(id_column).to_pylist()}
+        else:
+            ids = {"source_file": [unit.path] * len(texts), "row_index": list(range(row, row + len(texts)))}
+        row += len(texts)
+        errors = [text_error(t) for t in texts]
+        good = [t for t, e in zip(texts, errors) if e is None]
+        encoded = iter(annotator.encode(good))
+        docs = [next(encoded) if e is None else None for e in errors]
+        # e.g. only control or zero-width characters: nothing reaches the model, so say so
+        errors = [NO_TOKENS if d is not None and d.n_tokens == 0 else e for d, e in zip(docs, errors)]
+        docs = [d if e is None else None for d, e in zip(docs, errors)]
+        yield Chunk(ids, texts, errors, docs)
+
+
+def output_columns(chunk: Chunk, annotator: Annotator, tally: Tally) -> dict[str, list]:
+    """Decode a chunk whose documents went through the model into output columns; count into `tally`."""
+    entities, windows = [], []
+    for text, doc in zip(chunk.texts, chunk.docs):
+        if doc is None:
+            entities.append([])
+            windows.append(0)
+            continue
+        spans = annotator.decode(doc, text)
+        entities.append([s.as_dict() for s in spans])
+        windows.append(len(doc.windows))
+        tally.tokens += doc.n_tokens
+        tally.windows += len(doc.windows)
+        tally.entities += len(spans)
+    flagged = sum(e is not None for e in chunk.errors)
+    tally.rows += len(chunk.texts)
+    tally.flagged += flagged
+    tally.docs += len(chunk.texts) - flagged
+    return {**chunk.ids, "entities": entities, "error": chunk.errors, "n_windows": windows}

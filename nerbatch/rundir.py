@@ -1,0 +1,200 @@
+"""The output directory's bookkeeping: run config and resume checks, completion markers, totals.
+
+OUT_DIR layout::
+
+    part-000000.parquet ...      published parts (what analysts read)
+    _nerbatch/config.json        the run's resolved config: a rerun must match it
+    _nerbatch/done/part-*.json   completion markers, with the unit's stats
+    _nerbatch/failed/part-*.json units that raised, with the error
+    _nerbatch/tmp/               parts being written
+    _nerbatch/stats/rank-*.json  what each rank did in its last run
+    _nerbatch/stats.json         totals, written once every unit is done
+
+(Spark and Hive skip `_`-prefixed paths; DuckDB's `OUT_DIR/*.parquet` glob does not descend.)
+Completion is per unit, never per rank, so a rerun may use any number of processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from nerbatch import __version__
+from nerbatch.parquet_io import InputError, write_json_atomic
+from nerbatch.shards import Unit
+
+META = "_nerbatch"
+
+
+@dataclass
+class Tally:
+    """Counts of one unit, one rank or the whole run (added up with `add`)."""
+
+    rows: int = 0
+    docs: int = 0
+    flagged: int = 0
+    tokens: int = 0
+    windows: int = 0
+    entities: int = 0
+    seconds: float = 0.0
+
+    def add(self, other: Tally) -> None:
+        for name in vars(self):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+class RunDir:
+    """Paths and state of one OUT_DIR."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.meta = self.root / META
+
+    def part(self, unit: Unit) -> Path:
+        return self.root / f"{unit.name}.parquet"
+
+    def temporary(self, unit: Unit, rank: int) -> Path:
+        return self.meta / "tmp" / f"{unit.name}.rank{rank}.parquet"
+
+    def marker(self, unit: Unit) -> Path:
+        return self.meta / "done" / f"{unit.name}.json"
+
+    def failure(self, unit: Unit) -> Path:
+        return self.meta / "failed" / f"{unit.name}.json"
+
+    def is_done(self, unit: Unit) -> bool:
+        return self.marker(unit).exists() and self.part(unit).exists()
+
+    def mark_done(self, unit: Unit, stats: dict) -> None:
+        """Record completion (after the part is published); clears an earlier failure."""
+        write_json_atomic(self.marker(unit), {"unit": asdict(unit), **stats})
+        self.failure(unit).unlink(missing_ok=True)
+
+    def mark_failed(self, unit: Unit, error: str) -> None:
+        write_json_atomic(self.failure(unit), {"unit": asdict(unit), "error": error})
+
+    def unit_stats(self, unit: Unit) -> dict:
+        return json.loads(self.marker(unit).read_text(encoding="utf-8"))
+
+    def prepare(self, config: dict, overwrite: bool) -> None:
+        """Check OUT_DIR against this run's config (resume), or claim it; `overwrite` clears it first.
+
+        Refuses an OUT_DIR written with another model, options or inputs, and a non-empty directory
+        that nerbatch did not write, because mixing them would silently corrupt the output.
+        """
+        config_path = self.meta / "config.json"
+        if overwrite and self.root.exists():
+            for part in self.root.glob("part-*.parquet"):
+                part.unlink()
+            shutil.rmtree(self.meta, ignore_errors=True)
+        elif config_path.exists():
+            previous = json.loads(config_path.read_text(encoding="utf-8"))
+            changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
+            if changed:
+                details = "; ".join(f"{k}: was {_short(previous.get(k))}, now {_short(config.get(k))}" for k in changed)
+                raise InputError(
+                    f"{self.root} holds output of a different run ({details}). Rerun with the same "
+                    "model, options and inputs to resume, choose another --output, or pass --overwrite "
+                    "to delete it and start again"
+                )
+            return
+        elif self.root.exists() and any(self.root.iterdir()):
+            raise InputError(
+                f"{self.root} is not empty and was not written by `nerbatch annotate`; choose an empty "
+                "or new --output directory, or pass --overwrite"
+            )
+        write_json_atomic(config_path, config)
+
+    def check(self, config: dict) -> None:
+        """Fail if OUT_DIR's config is not `config` (non-main ranks, after the main rank prepared it)."""
+        previous = json.loads((self.meta / "config.json").read_text(encoding="utf-8"))
+        if previous != config:
+            raise InputError(
+                f"{self.root}: config.json differs from this process's config; were all processes "
+                "started with the same command?"
+            )
+
+
+def run_config(options, units: list[Unit], annotator) -> dict:
+    """The facts that determine the output; a rerun into the same OUT_DIR must have the same ones."""
+    from nerbatch.modeling import resolve_model
+
+    model = resolve_model(options.model)
+    return {
+        "model": str(Path(model).resolve()) if Path(model).exists() else model,
+        "model_fingerprint": model_fingerprint(model),
+        "labels": annotator.labels,
+        "options": {"text_column": options.text_column, "id_column": options.id_column, **annotator.settings()},
+        "inputs": [[u.path, u.row_group, u.rows] for u in units],
+    }
+
+
+def model_fingerprint(model: str) -> str:
+    """A hash of a local model dir: config, tokenizer and every byte of the weights files (a
+    sequential read, about a second per GB; two checkpoints of one size can differ anywhere)."""
+    root = Path(model)
+    if not root.is_dir():
+        return model
+    digest = hashlib.sha256()
+    for path in sorted(root.iterdir()):
+        if path.name in {"config.json", "tokenizer.json", "tokenizer_config.json"} or path.suffix in {
+            ".safetensors",
+            ".bin",
+            ".pt",
+        }:
+            digest.update(path.name.encode())
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def output_metadata(config: dict) -> dict:
+    """The key-value metadata of every part file: model, labels, options, nerbatch version."""
+    return {"model": config["model"], "labels": config["labels"], "options": config["options"], "version": __version__}
+
+
+def write_totals_if_complete(out: RunDir, units: list[Unit], config: dict) -> None:
+    """Whoever finds every unit done writes the run totals (several may: same content, atomic write)."""
+    if not all(out.is_done(u) for u in units):
+        return
+    total = Tally()
+    for unit in units:
+        stats = out.unit_stats(unit)
+        total.add(Tally(**{k: stats[k] for k in vars(Tally())}))
+    write_json_atomic(
+        out.meta / "stats.json",
+        {"complete": True, "units": len(units), **vars(total), "model": config["model"], "options": config["options"]},
+    )
+
+
+def wait_for_other_ranks(
+    out: RunDir, units: list[Unit], mine: set, since: float, poll: float = 2.0, stall: float = 1800.0
+) -> None:
+    """Before a failing rank exits (non-zero), wait until the other ranks have finished their units:
+    the launcher kills all processes when one fails, which would waste their work in progress.
+    Gives up when no other unit has settled for `stall` seconds (a rank that died without a trace)."""
+    others = [u for u in units if u not in mine]
+
+    def settled(unit: Unit) -> bool:
+        failure = out.failure(unit)
+        return out.is_done(unit) or failure.exists() and failure.stat().st_mtime >= since
+
+    count, changed = -1, time.monotonic()
+    while (now := sum(map(settled, others))) < len(others):
+        if now != count:
+            count, changed = now, time.monotonic()
+        elif time.monotonic() - changed > stall:
+            print(f"nerbatch annotate: no other unit finished in {stall:.0f} s; exiting", file=sys.stderr)
+            return
+        time.sleep(poll)
+
+
+def _short(value, limit: int = 120) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else text[:limit] + "..."

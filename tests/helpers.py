@@ -1,0 +1,118 @@
+"""Helpers shared by the tests: running nerbatch as real processes, and small data/model builders.
+
+Fixtures live in `conftest.py`; this module holds plain functions that tests import by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from nerbatch.dist import launch_command
+
+from conftest import CONLL, REPO, need
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def environment(**extra) -> dict:
+    """The environment of a nerbatch subprocess: offline, one thread per process (the tests run
+    several processes on two cores), and this checkout importable."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return env
+
+
+def nerbatch_command(args: list[str], processes: int = 1) -> list[str]:
+    """`python -m nerbatch ARGS`, under `accelerate launch` with `processes` real processes when > 1."""
+    prefix = launch_command(processes, free_port()) if processes > 1 else [sys.executable]
+    return prefix + ["-m", "nerbatch"] + list(args)
+
+
+def run(args: list[str], processes: int = 1) -> str:
+    """Run `nerbatch` as a subprocess that must succeed; return its stdout."""
+    done = subprocess.run(
+        nerbatch_command(args, processes), env=environment(), capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def last_json(stdout: str) -> dict:
+    """The JSON object on the last line of a command's output (evaluate's metrics)."""
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def write_conll(sentences, path: Path, documents: bool = False) -> Path:
+    """Write sentences as a 2-column CoNLL file (with -DOCSTART- lines between documents if asked)."""
+    lines, previous = [], None
+    for s in sentences:
+        if documents and s.document != previous:
+            lines.append("-DOCSTART- O\n\n")
+            previous = s.document
+        lines.append("".join(f"{w} {t}\n" for w, t in zip(s.words, s.tags)) + "\n")
+    path.write_text("".join(lines))
+    return path
+
+
+TUNE_STEPS = 700
+TUNE_BATCH = 16
+PACK_WORDS = 90
+
+
+def packed(sentences: list, words: int) -> list:
+    """Join consecutive sentences up to `words` words, so every position embedding up to the model's
+    length gets trained (CoNLL sentences alone rarely pass position 50; windows use all 128)."""
+    from nerbatch.data import Sentence
+
+    out: list = []
+    for s in sentences:
+        if out and len(out[-1].words) + len(s.words) <= words:
+            out[-1] = Sentence(out[-1].words + s.words, out[-1].tags + s.tags, s.source, line=out[-1].line)
+        else:
+            out.append(s)
+    return out
+
+
+def fine_tune(base: Path, out: Path, steps: int = TUNE_STEPS) -> Path:
+    """Copy the model in `base` to `out` and train it for `steps` steps on the CoNLL train split."""
+    import torch
+    from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification
+
+    from nerbatch.align import encode
+    from nerbatch.data import read_conll
+    from nerbatch.modeling import load_tokenizer
+
+    shutil.copytree(base, out, dirs_exist_ok=True)
+    tokenizer = load_tokenizer(str(out))
+    model = AutoModelForTokenClassification.from_pretrained(out)
+    sentences = packed(read_conll(need(CONLL / "train.txt")).sentences, PACK_WORDS)
+    features = encode(tokenizer, sentences, model.config.label2id, 128).features
+    collate = DataCollatorForTokenClassification(tokenizer)
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # deterministic and faster for a model this small
+    try:
+        model.train()
+        for _ in range(steps):
+            pick = torch.randint(len(features), (TUNE_BATCH,), generator=generator).tolist()
+            batch = collate([features[i].to_model_input() for i in pick])
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    model.save_pretrained(out)
+    return out
