@@ -9,8 +9,9 @@ from pathlib import Path
 # How subword predictions become spans, as in the transformers pipeline (see nerbatch.spans).
 AGGREGATIONS = ("first", "simple", "average", "max")
 # How a text is cut before windowing (see nerbatch.inference): `sentences` runs each sentence as its
-# own window(s); `none` covers the whole text with overlapping windows.
-SEGMENTS = ("sentences", "none")
+# own window(s); `none` covers the whole text with overlapping windows; `both` runs the two and
+# averages their probabilities (about twice the compute, more accurate).
+SEGMENTS = ("sentences", "none", "both")
 
 
 @dataclass(kw_only=True)

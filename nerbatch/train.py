@@ -70,6 +70,25 @@ def training_features(cfg: TrainConfig, tokenizer, corpus: Corpus, label2id: dic
     return encoded
 
 
+def score_documents(accelerator, model, tokenizer, cfg: TrainConfig, corpus: Corpus, documents) -> tuple:
+    """Document-level validation scores under each way annotate may run this model: one sentence per
+    window, and (document-context models) running text in windows of the training length.
+
+    Returns the better segmentation (recorded in the model, so annotate defaults to it), its metrics
+    and the F1 of each.
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    segments = ["none", "sentences"] if cfg.context == "document" else ["sentences"]
+    results = {}
+    for segment in segments:
+        annotator = Annotator(unwrapped, tokenizer, segment=segment)
+        results[segment] = evaluate_documents(
+            annotator, corpus, documents, accelerator.process_index, accelerator.num_processes
+        )
+    best = max(segments, key=lambda s: results[s]["overall_f1"])  # a tie keeps the first
+    return best, results[best], {s: r["overall_f1"] for s, r in results.items()}
+
+
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW without weight decay on biases and LayerNorm weights (the usual BERT recipe)."""
     decay, no_decay = [], []
@@ -252,11 +271,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         }
         line = f"sentence f1 {metrics['overall_f1']:.4f}"
         if val_documents is not None:
-            annotator = Annotator(accelerator.unwrap_model(model), tokenizer)  # annotate's defaults for this model
-            record["document"] = evaluate_documents(
-                annotator, val_corpus, val_documents, accelerator.process_index, accelerator.num_processes
+            segment, record["document"], record["document_f1_by_segment"] = score_documents(
+                accelerator, model, tokenizer, cfg, val_corpus, val_documents
             )
-            line += f", document f1 {record['document']['overall_f1']:.4f}"
+            accelerator.unwrap_model(model).config.nerbatch["segment"] = segment  # annotate's default for it
+            line += f", document f1 {record['document']['overall_f1']:.4f} (segment {segment})"
         progress["history"].append(record)
         accelerator.print(f"epoch {epoch + 1}: {line}, loss {train_loss or float('nan'):.4f} ({seconds:.0f} s)")
         accelerator.log(

@@ -270,9 +270,13 @@ def test_document_context_training_records_how_to_annotate(tiny_model_dir, valid
     assert metrics["selected_by"] == "document"
     epoch = metrics["epochs"][0]
     assert {"overall_f1", "document"} <= epoch.keys() and "overall_f1" in epoch["document"]
-    assert json.loads((out / "config.json").read_text())["nerbatch"] == {"context": "document", "window": 96}
+    scores = epoch["document_f1_by_segment"]
+    assert set(scores) == {"none", "sentences"} and epoch["document"]["overall_f1"] == max(scores.values())
+    record = json.loads((out / "config.json").read_text())["nerbatch"]
+    assert record == {"context": "document", "window": 96, "segment": max(scores, key=scores.get)}
     annotator = Annotator(AutoModelForTokenClassification.from_pretrained(out), load_tokenizer(str(out)))
-    assert (annotator.segment, annotator.max_length) == ("none", 96)
+    assert (annotator.segment, annotator.max_length) == (record["segment"], 96)
+    assert Annotator(annotator.model, load_tokenizer(str(out)), segment="none").max_length == 96
     # training data without documents cannot give document context: refused before any work
     refused = CliRunner().invoke(
         main,

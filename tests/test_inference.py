@@ -86,7 +86,7 @@ def context_free_model(vocab_size: int) -> BertForTokenClassification:
     return model.eval()
 
 
-@pytest.mark.parametrize("segment", ["none", "sentences"])
+@pytest.mark.parametrize("segment", ["none", "sentences", "both"])
 @pytest.mark.parametrize("aggregation", ["first", "simple"])
 def test_windows_merge_exactly_when_predictions_do_not_depend_on_context(tiny, reuters_texts, aggregation, segment):
     """With a context-free model, any window layout must give exactly the entities of one huge window:
