@@ -227,16 +227,16 @@ def predict_cmd(model_dir, text, aggregation, segment, max_length):
     "--segment",
     type=click.Choice(SEGMENTS),
     default=Options.segment,
-    help="What a window holds: one "
-    "sentence (`sentences`) or running text (`none`) [default: as the model was trained: `none` for "
-    "nerbatch models trained with document context, `sentences` for others].",
+    help="What a window holds: one sentence (`sentences`), running text (`none`), or both views averaged "
+    "(`both`, twice the compute) [default: what `nerbatch train` recorded as best for the model; "
+    "`sentences` for other models].",
 )
 @click.option(
     "--max-length",
     type=int,
     default=Options.max_length,
-    help="Subwords per window, special tokens "
-    "included [default: the window a document-context model was trained on, else the model's limit].",
+    help="Subwords per window, special tokens included [default: the window a document-context model was "
+    "trained on; 128 for the running-text view of --segment both; else the model's limit].",
 )
 @click.option(
     "--stride",

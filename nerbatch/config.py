@@ -108,10 +108,8 @@ def check_ranges(cfg: TrainConfig, source: str) -> None:
             raise ConfigError(f"{source}: {key} = {getattr(cfg, key)!r} must be one of {', '.join(allowed)}")
     too_long = cfg.context == "document" and cfg.max_length is not None and cfg.context_window > cfg.max_length
     if cfg.context_window < 16 or too_long:
-        raise ConfigError(
-            f"{source}: context_window = {cfg.context_window} must be at least 16 and at most "
-            f"max_length ({cfg.max_length})"
-        )
+        limit = f" and at most max_length ({cfg.max_length})" if too_long else ""
+        raise ConfigError(f"{source}: context_window = {cfg.context_window} must be at least 16{limit}")
     if not cfg.lr > 0:
         raise ConfigError(f"{source}: lr = {cfg.lr} must be positive")
     if not 0 <= cfg.warmup_ratio <= 1:

@@ -36,6 +36,11 @@ def pack_features(
     used, budget = 0, 0
     for feature in features:
         size = len(feature.input_ids) - prefix - suffix
+        if size > budget_max:  # a sentence longer than any window: it is in the set on its own already
+            if group:
+                packed.append(_join(group, prefix, suffix))
+                group = []
+            continue
         same_document = group and sentences[group[-1].sentence].document == sentences[feature.sentence].document
         if group and (not same_document or used + size > budget):
             packed.append(_join(group, prefix, suffix))

@@ -182,6 +182,11 @@ def read_tabular(path: Path, tokens_column: str, tags_column: str, document_colu
             key = row[document_column]
             if key is None:
                 raise DataError(f"{path}: row {i}: null in document column {document_column!r}")
+            if isinstance(key, (list, dict)):
+                raise DataError(
+                    f"{path}: row {i}: document column {document_column!r} holds a "
+                    f"{type(key).__name__}; it must be a string or a number"
+                )
             sentence.document = document_index.setdefault(key, len(document_index))
         sentences.append(sentence)
     if document_column:

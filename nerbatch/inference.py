@@ -122,7 +122,7 @@ class Annotator:
         # the segmentation that scored best on validation documents in training, else the model's kind
         self.segment = segment or record.get("segment") or ("none" if document_model else "sentences")
         if self.segment not in SEGMENTS:
-            raise OptionError(f"unknown segment {segment!r}; choose one of {', '.join(SEGMENTS)}")
+            raise OptionError(f"unknown segment {self.segment!r}; choose one of {', '.join(SEGMENTS)}")
         if max_length is None and document_model:
             max_length = record.get("window")  # the window length the model was trained on
         elif max_length is None and self.segment == "both":
@@ -148,6 +148,9 @@ class Annotator:
                 f"stride {self.stride} must be between 0 and half a window ({self.length // 2} "
                 f"subwords with max_length {self.max_length}): it is the overlap between windows"
             )
+        # `both`: max_length sizes the running-text view; the sentence view keeps whole sentences up
+        # to the model's limit, exactly as `sentences` alone would
+        self.sentence_length = limit - len(self.prefix) - len(self.suffix) if self.segment == "both" else self.length
         self.batch_size = batch_size
         on_gpu = self.device.type == "cuda"
         self.max_batch_tokens = max_batch_tokens or (GPU_BATCH_TOKENS if on_gpu else CPU_BATCH_TOKENS)
@@ -176,7 +179,10 @@ class Annotator:
                     segments = subword_segments(text, enc.offsets)
                 else:
                     segments = [(0, len(enc.ids))] if enc.ids else []
-                planned = plan_segment_windows(segments, self.length, self.stride)
+                if view == "sentences" and self.segment == "both":
+                    planned = plan_segment_windows(segments, self.sentence_length, self.sentence_length // 4)
+                else:
+                    planned = plan_segment_windows(segments, self.length, self.stride)
                 windows += planned[0]
                 keeps += planned[1]
             docs.append(Document(enc.offsets, enc.word_ids, enc.ids, windows, keeps, len(views)))

@@ -59,7 +59,10 @@ def load_tokenizer(name: str):
     name = resolve_model(name)
     config = load_config(name)
     kwargs = {"add_prefix_space": True} if config.model_type in PREFIX_SPACE_MODELS else {}
-    tokenizer = AutoTokenizer.from_pretrained(name, use_fast=True, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, use_fast=True, **kwargs)
+    except (OSError, ValueError) as exc:  # no tokenizer files in the directory, an unknown tokenizer class
+        raise ModelError(f"{name}: could not load its tokenizer ({str(exc).splitlines()[0]})") from exc
     if not tokenizer.is_fast:
         raise ModelError(
             f"{name}: {type(tokenizer).__name__} is a slow (pure Python) tokenizer; nerbatch needs a "
@@ -148,6 +151,8 @@ def load_token_classifier(name: str):
     hf_logging.disable_progress_bar()
     try:
         model, info = AutoModelForTokenClassification.from_pretrained(name, output_loading_info=True)
+    except (OSError, ValueError) as exc:  # no weights file, a truncated or foreign one
+        raise ModelError(f"{name}: could not load its weights ({str(exc).splitlines()[0]})") from exc
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:

@@ -27,7 +27,7 @@ class Options:
     text_column: str = "text"
     id_column: str | None = None
     aggregation: str = "first"
-    max_length: int | None = None  # None: the window a document-context model was trained on, else the limit
+    max_length: int | None = None  # None: a document model's window; `both`: 128 (running text); else the limit
     stride: int | None = None  # None: a quarter of a window
     segment: str | None = None  # None: follow how the model was trained (see nerbatch.inference)
     batch_size: int = 64

@@ -34,7 +34,7 @@ ABBREVIATIONS = frozenset(
 
 _END = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s+[\"'“‘(\[A-Z0-9\u00c0-\u00de])")
 _PARAGRAPH = re.compile(r"\n[ \t]*\n\s*|\n[ \t]+(?=\S)")
-_LINE = re.compile(r"\n\s*(?=[^\sa-z])")  # a line that starts lower-case continues the one before
+_LINE = re.compile(r"\n\s*")
 _LAST_WORD = re.compile(r"(\S+)$")
 
 
@@ -44,9 +44,13 @@ def sentence_bounds(text: str) -> list[tuple[int, int]]:
     Each range is one sentence with the whitespace that follows it; their concatenation is `text`.
     """
     cuts = {0, len(text)}
-    breaks = _PARAGRAPH if is_hard_wrapped(text) else _LINE
-    for match in breaks.finditer(text):
-        cuts.add(match.end())
+    wrapped = is_hard_wrapped(text)
+    for match in (_PARAGRAPH if wrapped else _LINE).finditer(text):
+        after = match.end()
+        # a line that starts lower-case continues the one before (checked here, not in the regex:
+        # a lookahead after `\s*` backtracks over long whitespace runs)
+        if wrapped or after == len(text) or not text[after].islower():
+            cuts.add(after)
     for match in _END.finditer(text):
         if match.group().startswith(".") and _is_abbreviation(text, match.start()):
             continue

@@ -134,7 +134,9 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, progress: dict, 
 
 def check_resumable(saved: dict, cfg: TrainConfig, checkpoint: Path) -> None:
     """Refuse to resume a checkpoint written with different settings (model, data, schedule...)."""
-    current = cfg.to_dict()
+    current, defaults = cfg.to_dict(), TrainConfig().to_dict()
+    # a key the checkpoint lacks was added in a later version: it ran with that key's default
+    saved = {**defaults, **saved}
     changed = {k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]}
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in sorted(changed))

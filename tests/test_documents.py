@@ -47,13 +47,16 @@ def test_documents_are_rebuilt_as_text_with_word_spans():
     assert split_by_sentence(first, tags) == [tags[:4], tags[4:]]
 
 
-def test_a_corpus_without_documents_is_refused_with_the_reason(tmp_path):
+def test_a_corpus_without_documents_is_refused_with_the_reason(tiny_model_dir, tmp_path):
     path = tmp_path / "plain.conll"
     path.write_text("EU B-ORG\nrejects O\n\nPeter B-PER\n")
     with pytest.raises(DataError, match="-DOCSTART-"):
         build_documents(read_conll(path))
-    result = CliRunner().invoke(main, ["evaluate", "unused-model", str(path), "--documents"])
-    assert result.exit_code != 0
+    result = CliRunner().invoke(main, ["evaluate", str(tiny_model_dir), str(path), "--documents"])
+    assert result.exit_code == 1 and "no -DOCSTART- line" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    hub = Corpus([], name="conll2003[validation]")
+    assert "drops the -DOCSTART- lines" in hub.no_documents_reason()
 
 
 def test_spans_map_to_gold_words():
@@ -116,6 +119,9 @@ def test_segmentation_rules():
     assert pieces(wrapped)[0].startswith("Standard Oil Co and BP North America\nInc said")
     assert pieces(wrapped)[1].startswith("BP North America is a subsidiary of British Petroleum Co\nPlc.")
     assert pieces("ends here\nand continues lower-case") == ["ends here\nand continues lower-case"]
+    # long whitespace runs stay linear (a row of blank lines must not stall the job)
+    text = "A." + "\n" * 200_000 + "b"
+    assert "".join(pieces(text)) == text
 
 
 def test_context_windows_stay_inside_documents_and_cover_each_sentence_once(tiny_model_dir):
@@ -166,6 +172,10 @@ def test_tabular_documents_and_their_bad_input(tmp_path):
     rows[2]["doc"] = None
     path.write_text("\n".join(json.dumps(r) for r in rows))
     with pytest.raises(DataError, match="row 2: null in document column 'doc'"):
+        load_corpus(str(path), document_column="doc")
+    rows[2]["doc"] = ["b"]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(DataError, match="row 2: document column 'doc' holds a list"):
         load_corpus(str(path), document_column="doc")
     # copies of CoNLL that keep -DOCSTART- as a row: documents, and the row is not a sentence
     path.write_text(

@@ -179,3 +179,14 @@ def test_every_user_error_is_a_nerbatch_error():
 
     for error in (ConfigError, DataError, InputError, LaunchError, ModelError, OptionError, UnitsFailed):
         assert issubclass(error, NerbatchError), error
+
+
+def test_a_checkpoint_from_before_a_config_key_existed_still_resumes(tmp_path):
+    from nerbatch.config import ConfigError, TrainConfig
+    from nerbatch.train import check_resumable
+
+    cfg = TrainConfig(output_dir=str(tmp_path))
+    saved = {k: v for k, v in cfg.to_dict().items() if k not in ("context", "context_window", "select_by")}
+    check_resumable(saved, cfg, tmp_path)  # 0.1.0 checkpoints lack the new keys: they ran with the defaults
+    with pytest.raises(ConfigError, match="context: 'sentence' -> 'document'"):
+        check_resumable(saved, TrainConfig(output_dir=str(tmp_path), context="document"), tmp_path)
