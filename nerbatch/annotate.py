@@ -130,6 +130,7 @@ def load_annotator(options: Options, device: str | None = None) -> Annotator:
         options.batch_size,
         options.max_batch_tokens,
         options.segment,
+        options.precision,
     )
 
 

@@ -18,7 +18,7 @@ import click
 
 from nerbatch import __version__
 from nerbatch.errors import NerbatchError
-from nerbatch.options import AGGREGATIONS, SEGMENTS, Options
+from nerbatch.options import AGGREGATIONS, PRECISIONS, SEGMENTS, Options
 
 
 class Commands(click.Group):
@@ -122,8 +122,15 @@ def train_cmd(config_path, resume, train_data, **options):
 )
 @click.option("--stride", type=int, help="With --documents: as annotate's --stride.")
 @click.option("--segment", type=click.Choice(SEGMENTS), help="With --documents: as annotate's --segment.")
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default=Options.precision,
+    show_default=True,
+    help="As annotate's --precision (both levels).",
+)
 def evaluate_cmd(
-    model_dir, data, split, batch_size, max_length, documents, document_column, aggregation, stride, segment
+    model_dir, data, split, batch_size, max_length, documents, document_column, aggregation, stride, segment, precision
 ):
     """Score MODEL_DIR on labelled DATA; the last line printed is the metrics as one JSON object.
 
@@ -135,7 +142,13 @@ def evaluate_cmd(
     from nerbatch.dist import describe, process_state
     from nerbatch.evaluation import evaluate_dir
 
-    annotate_options = {"aggregation": aggregation, "max_length": max_length, "stride": stride, "segment": segment}
+    annotate_options = {
+        "aggregation": aggregation,
+        "max_length": max_length,
+        "stride": stride,
+        "segment": segment,
+        "precision": precision,
+    }
     metrics = evaluate_dir(
         model_dir,
         data,
@@ -175,14 +188,21 @@ def print_table(metrics: dict) -> None:
     "--segment", type=click.Choice(SEGMENTS), help="As annotate's --segment [default: as the model was trained]."
 )
 @click.option("--max-length", type=int, help="As annotate's --max-length.")
-def predict_cmd(model_dir, text, aggregation, segment, max_length):
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default=Options.precision,
+    show_default=True,
+    help="As annotate's --precision.",
+)
+def predict_cmd(model_dir, text, aggregation, segment, max_length, precision):
     """Print the entities of TEXT as JSON lines (entity type, word, score, start, end)."""
     from nerbatch.inference import annotate_texts
     from nerbatch.modeling import load_token_classifier
 
     model, tokenizer = load_token_classifier(model_dir)
     for span in annotate_texts(
-        [text], model, tokenizer, aggregation=aggregation, max_length=max_length, segment=segment
+        [text], model, tokenizer, aggregation=aggregation, max_length=max_length, segment=segment, precision=precision
     )[0]:
         click.echo(
             json.dumps(
@@ -243,6 +263,14 @@ def predict_cmd(model_dir, text, aggregation, segment, max_length):
     type=int,
     default=Options.stride,
     help="Overlap between consecutive windows, in subwords, at most half a window [default: a quarter of a window].",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default=Options.precision,
+    show_default=True,
+    help="Numeric precision: auto = bf16 on a GPU, fp32 on CPU; int8 = int8 weights and activations on CPU "
+    "(about 2.5x faster, -0.001 F1 measured), fp16 on GPUs without bf16. Recorded in the output metadata.",
 )
 @click.option(
     "--batch-size", type=int, default=Options.batch_size, show_default=True, help="Most windows per forward pass."

@@ -167,11 +167,19 @@ def evaluate_dir(
         rebuilt = build_documents(corpus)
         annotator = Annotator(model.to(accelerator.device), tokenizer, **(annotate_options or {}))
         return evaluate_documents(annotator, corpus, rebuilt, accelerator.process_index, accelerator.num_processes)
+    from nerbatch.precision import autocast_dtype, quantize_int8, resolve_precision
+
+    precision = resolve_precision((annotate_options or {}).get("precision") or "auto", accelerator.device)
+    if precision == "int8":
+        model = quantize_int8(model)
     length = max_length or max_model_length(tokenizer, model.config)
     encoded, loader = eval_loader(
         tokenizer, corpus.sentences, label2id, length, DataCollatorForTokenClassification(tokenizer), batch_size
     )
     id2label = {int(i): label for i, label in model.config.id2label.items()}
-    model, loader = accelerator.prepare(model, loader)
+    # inference only: the model is not wrapped for gradient sync, only the loader is sharded
+    model, loader = model.to(accelerator.device), accelerator.prepare(loader)
     gold = [s.tags for s in corpus.sentences]
-    return evaluate_features(accelerator, model, loader, encoded.features, gold, id2label)
+    dtype = autocast_dtype(precision)
+    with torch.autocast(accelerator.device.type, dtype=dtype, enabled=dtype is not None):
+        return evaluate_features(accelerator, model, loader, encoded.features, gold, id2label)

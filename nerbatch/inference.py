@@ -23,6 +23,7 @@ import torch
 from nerbatch.errors import OptionError
 from nerbatch.modeling import ModelError, max_model_length, training_record
 from nerbatch.options import SEGMENTS
+from nerbatch.precision import autocast_dtype, quantize_int8, resolve_precision
 from nerbatch.segment import sentence_bounds
 from nerbatch.spans import AGGREGATIONS, Span, decode_spans
 
@@ -112,6 +113,7 @@ class Annotator:
         batch_size: int = 64,
         max_batch_tokens: int | None = None,
         segment: str | None = None,
+        precision: str = "auto",
     ):
         if aggregation not in AGGREGATIONS:
             raise OptionError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
@@ -155,9 +157,10 @@ class Annotator:
         on_gpu = self.device.type == "cuda"
         self.max_batch_tokens = max_batch_tokens or (GPU_BATCH_TOKENS if on_gpu else CPU_BATCH_TOKENS)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.autocast_dtype = None
-        if on_gpu:
-            self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.precision = resolve_precision(precision, self.device)
+        if self.precision == "int8" and not _is_quantized(model):
+            self.model = model = quantize_int8(model)
+        self.autocast_dtype = autocast_dtype(self.precision)
 
     def settings(self) -> dict:
         """The options that determine the output (for run configs and Parquet metadata)."""
@@ -166,6 +169,7 @@ class Annotator:
             "max_length": self.max_length,
             "stride": self.stride,
             "segment": self.segment,
+            "precision": self.precision,
         }
 
     def encode(self, texts: list[str]) -> list[Document]:
@@ -254,6 +258,10 @@ class Annotator:
         return [self.decode(doc, text) for doc, text in zip(docs, texts)]
 
 
+def _is_quantized(model) -> bool:
+    return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules())
+
+
 def _width(window: tuple[int, int]) -> int:
     return window[1] - window[0]
 
@@ -267,6 +275,7 @@ def annotate_texts(
     stride: int | None = None,
     batch_size: int = 64,
     segment: str | None = None,
+    precision: str = "auto",
 ) -> list[list[Span]]:
     """Entity spans for each of `texts`, of any length, with a token-classification model.
 
@@ -274,5 +283,7 @@ def annotate_texts(
     `stride` (overlap between windows, in subwords) defaults to a quarter of a window. Offsets are
     Python string indices into each text.
     """
-    annotator = Annotator(model, tokenizer, aggregation, max_length, stride, batch_size, segment=segment)
+    annotator = Annotator(
+        model, tokenizer, aggregation, max_length, stride, batch_size, segment=segment, precision=precision
+    )
     return annotator.annotate(list(texts))

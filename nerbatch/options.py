@@ -12,6 +12,8 @@ AGGREGATIONS = ("first", "simple", "average", "max")
 # own window(s); `none` covers the whole text with overlapping windows; `both` runs the two and
 # averages their probabilities (about twice the compute, more accurate).
 SEGMENTS = ("sentences", "none", "both")
+# Numeric precision of inference (see nerbatch.precision).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 
 
 @dataclass(kw_only=True)
@@ -30,6 +32,7 @@ class Options:
     max_length: int | None = None  # None: a document model's window; `both`: 128 (running text); else the limit
     stride: int | None = None  # None: a quarter of a window
     segment: str | None = None  # None: follow how the model was trained (see nerbatch.inference)
+    precision: str = "auto"  # bf16 on a GPU, fp32 on CPU; int8 on request (CPU)
     batch_size: int = 64
     max_batch_tokens: int | None = None  # None: inference.CPU_BATCH_TOKENS or GPU_BATCH_TOKENS
     read_rows: int = 512
