@@ -256,24 +256,9 @@ def test_document_context_training_records_how_to_annotate(tiny_model_dir, valid
     train = write_conll(read_conll(need(CONLL / "train.txt")).sentences[:300], tmp_path / "train.conll")
     job = tmp_path / "job.toml"
     job.write_text('context = "document"\ncontext_window = 96\n')
+    job_args = ["train", "--config", str(job), "--model", str(tiny_model_dir), "--validation", str(valid_docs)]
     stdout = run(
-        [
-            "train",
-            "--config",
-            str(job),
-            "--model",
-            str(tiny_model_dir),
-            "--train",
-            str(valid_docs),
-            "--validation",
-            str(valid_docs),
-            "--output-dir",
-            str(out),
-            "--epochs",
-            "1",
-            "--batch-size",
-            "16",
-        ]
+        job_args + ["--train", str(valid_docs), "--output-dir", str(out), "--epochs", "1", "--batch-size", "16"]
     )
     assert "document context" in stdout and "best epoch by document-level" in stdout
     metrics = json.loads((out / "metrics.json").read_text())
@@ -288,20 +273,5 @@ def test_document_context_training_records_how_to_annotate(tiny_model_dir, valid
     assert (annotator.segment, annotator.max_length) == (record["segment"], 96)
     assert Annotator(annotator.model, load_tokenizer(str(out)), segment="none").max_length == 96
     # training data without documents cannot give document context: refused before any work
-    refused = CliRunner().invoke(
-        main,
-        [
-            "train",
-            "--config",
-            str(job),
-            "--model",
-            str(tiny_model_dir),
-            "--train",
-            str(train),
-            "--validation",
-            str(valid_docs),
-            "--output-dir",
-            str(tmp_path / "x"),
-        ],
-    )
+    refused = CliRunner().invoke(main, job_args + ["--train", str(train), "--output-dir", str(tmp_path / "x")])
     assert refused.exit_code != 0 and "context = document needs documents" in refused.output
