@@ -324,6 +324,41 @@ def _exit_on_sigterm(signum, frame) -> None:
     sys.exit(128 + signum)
 
 
+@main.command("stats")
+@click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def stats_cmd(out_dir, as_json):
+    """Summarise an annotate OUT_DIR: units done/failed/missing, rows, flagged rows by reason,
+    entities by label, throughput per rank."""
+    from nerbatch.report import collect_stats, format_stats
+
+    stats = collect_stats(out_dir)
+    click.echo(json.dumps(stats, sort_keys=True) if as_json else format_stats(stats))
+
+
+@main.command("show")
+@click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--sample", default=5, show_default=True, help="Documents to show.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the sample (same seed, same documents).")
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write one self-contained HTML page here instead of printing to the terminal.",
+)
+def show_cmd(out_dir, sample, seed, html_path):
+    """Show a sample of annotated documents with their entities highlighted (texts are read back
+    from the run's inputs)."""
+    from nerbatch.report import render_html, render_terminal, sample_documents
+
+    docs = sample_documents(out_dir, sample, seed)
+    if html_path:
+        html_path.write_text(render_html(docs, f"nerbatch: {out_dir}"), encoding="utf-8")
+        click.echo(f"{len(docs)} documents written to {html_path}", err=True)
+    else:
+        click.echo(render_terminal(docs, color=sys.stdout.isatty()))
+
+
 @main.command("demo")
 @click.option("--model", default=None, help="Encoder to fine-tune (default: the MiniLM package's directory).")
 @click.option("--dataset", default=None, help="Hub dataset to train on instead of the shipped sample (e.g. conll2003).")
