@@ -2,9 +2,10 @@
 
 Each process takes its share of the units (`nerbatch.shards`), and for each unit streams record
 batches, tokenizes them in a background thread (`nerbatch.prefetch`, `nerbatch.rows`) while the
-model runs on the previous chunk, writes a zstd part file under a temporary name, publishes it
-atomically and records completion (`nerbatch.rundir`). A rerun of the same command skips completed
-units and redoes the rest.
+model runs on the previous chunk, writes the unit's rows as a piece under a temporary name,
+publishes it atomically and records completion (`nerbatch.rundir`). When every unit has settled,
+the output files are assembled from the pieces, each by one rank (`nerbatch.assemble`). A rerun of
+the same command skips completed units and files and redoes the rest.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from nerbatch.errors import NerbatchError
+from nerbatch.assemble import assemble_file, check_partition_values, file_name
+from nerbatch.errors import NerbatchError, OptionError
 from nerbatch.inference import Annotator
 from nerbatch.options import Options
 from nerbatch.parquet_io import SOURCE_FIELDS, PartWriter, open_parquet, output_schema, write_json_atomic
 from nerbatch.prefetch import prefetch
 from nerbatch.rows import output_columns, read_chunks
 from nerbatch.rundir import RunDir, Tally, output_metadata, run_config, wait_for_other_ranks, write_totals_if_complete
-from nerbatch.shards import Unit, discover_inputs, plan_units, units_for_rank
+from nerbatch.shards import Unit, discover_inputs, group_units, plan_units, units_for_rank
 
 # Test hook (documented in tests/test_annotate_launch.py): sleep this many seconds after writing each
 # record batch, so a test can SIGKILL the job while a part is half written.
@@ -53,23 +55,29 @@ def annotate_units(
     and `UnitsFailed` at the end when some units raised (the others are complete).
     """
     started = time.time()
+    check_options(options)
     annotator = load_annotator(options, device)  # a model that cannot annotate fails here, before any work
-    units = plan_units(discover_inputs(options.inputs, exclude=options.output), options.columns)
+    files = discover_inputs(options.inputs, exclude=options.output)
+    units = plan_units(files, options.columns, same_type=options.carried)
+    if options.partition_by:
+        check_partition_values(files, options.partition_by)
+    groups = group_units(units, options.file_rows)
     config = run_config(options, units, annotator)
     out = RunDir(options.output)
     if rank == 0:
         out.prepare(config, options.overwrite)
-    barrier()  # nobody writes parts before the main process has checked (or cleared) OUT_DIR
+    barrier()  # nobody writes pieces before the main process has checked (or cleared) OUT_DIR
     if rank != 0:
         out.check(config)
 
-    mine = [u for u in units_for_rank(units, rank, world) if not out.is_done(u)]
+    mine = set(units_for_rank(units, rank, world))
+    todo = [u for u in units if u in mine and not out.is_done(u)]
     tally = Tally()
     failed: list[tuple[Unit, str]] = []
-    if mine:
-        schema = output_schema(_id_fields(units, options.id_column), output_metadata(config))
-        bar = Progress(sum(u.rows for u in mine), options.progress and rank == 0)
-        for unit in mine:
+    schema = output_schema(carried_fields(units, options), output_metadata(config))
+    if todo:
+        bar = Progress(sum(u.rows for u in todo), options.progress and rank == 0)
+        for unit in todo:
             try:
                 tally.add(annotate_unit(unit, annotator, options, out, schema, rank, bar))
             except Exception as exc:  # one corrupt file must not stop the other units
@@ -80,13 +88,46 @@ def annotate_units(
         bar.close()
     write_json_atomic(
         out.meta / "stats" / f"rank-{rank:05d}-of-{world:05d}.json",
-        {**vars(tally), "units": len(mine), "failed": [m for _, m in failed], "wall_seconds": time.time() - started},
+        {**vars(tally), "units": len(todo), "failed": [m for _, m in failed], "wall_seconds": time.time() - started},
     )
+    wait_for_other_ranks(out, units, mine, started)  # a file may hold units of every rank
+    for index, group in enumerate(groups):
+        if index % world == rank:
+            assemble_if_ready(out, file_name(index), group, schema, options)
     if failed:
-        wait_for_other_ranks(out, units, set(units_for_rank(units, rank, world)), started)
         raise UnitsFailed(failed)
-    write_totals_if_complete(out, units, config)
+    write_totals_if_complete(out, units, [file_name(k) for k in range(len(groups))], config)
     return tally
+
+
+def check_options(options: Options) -> None:
+    """Option combinations that cannot work: one-line errors before anything is loaded."""
+    if options.partition_by and options.partition_by in [options.id_column, *options.keep_columns]:
+        raise OptionError(
+            f"--partition-by {options.partition_by}: the partition value lives in the directory name "
+            "(readers add it back as a column), so it cannot also be the id or a kept column"
+        )
+    if options.partition_by == options.text_column or options.text_column in options.keep_columns:
+        raise OptionError(f"--keep-columns/--partition-by: {options.text_column!r} is the text column")
+    for name, value in (("--row-group-rows", options.row_group_rows), ("--file-rows", options.file_rows)):
+        if value < 1:
+            raise OptionError(f"{name} must be at least 1 (got {value})")
+
+
+def assemble_if_ready(out: RunDir, name: str, group: list[Unit], schema, options: Options) -> None:
+    """Assemble output file `name` from its units' pieces once all are done (and it is not yet)."""
+    if out.is_assembled(name) or not all(out.is_done(u) for u in group):
+        return
+    published = assemble_file(
+        name,
+        [out.piece(u) for u in group],
+        out.root,
+        out.assembling(name),
+        schema,
+        options.partition_by,
+        options.row_group_rows,
+    )
+    out.mark_assembled(name, group, published)
 
 
 def annotate_unit(
@@ -95,9 +136,11 @@ def annotate_unit(
     """Annotate one unit into its part file, publish it and record completion."""
     began = time.perf_counter()
     tally = Tally()
-    writer = PartWriter(out.part(unit), out.temporary(unit, rank), schema)
+    writer = PartWriter(out.piece(unit), out.temporary(unit, rank), schema)
     slow = float(os.environ.get(SLOW_ENV, "0"))
-    chunks = read_chunks(unit, annotator, options.text_column, options.id_column, options.read_rows)
+    chunks = read_chunks(
+        unit, annotator, options.text_column, options.carried, options.read_rows, has_id=bool(options.id_column)
+    )
     try:
         for chunk in prefetch(chunks):
             annotator.forward(chunk.documents())
@@ -134,10 +177,14 @@ def load_annotator(options: Options, device: str | None = None) -> Annotator:
     )
 
 
-def _id_fields(units: list[Unit], id_column: str | None):
-    if not id_column:
-        return SOURCE_FIELDS
-    return [open_parquet(Path(units[0].path)).schema_arrow.field(id_column)] if units else []
+def carried_fields(units: list[Unit], options: Options) -> list:
+    """The output's leading fields: the carried input columns with their input types (one type in
+    every file, checked in planning), or source_file and row_index without an id column."""
+    fields = [] if options.id_column else list(SOURCE_FIELDS)
+    if units and options.carried:
+        schema = open_parquet(Path(units[0].path)).schema_arrow
+        fields += [schema.field(name) for name in options.carried]
+    return fields
 
 
 class Progress:

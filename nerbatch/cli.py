@@ -284,15 +284,41 @@ def predict_cmd(model_dir, text, aggregation, segment, max_length, precision):
 @click.option(
     "--read-rows", type=int, default=Options.read_rows, show_default=True, help="Rows read and tokenized at a time."
 )
+@click.option(
+    "--keep-columns",
+    default="",
+    help="Input columns copied to every output row with their types, comma-separated (e.g. date,title).",
+)
+@click.option(
+    "--partition-by",
+    default=Options.partition_by,
+    help="An input column: output files go to Hive-style COLUMN=value/ directories that DuckDB, Polars "
+    "and Spark prune on (values must be safe directory names; checked before any work).",
+)
+@click.option(
+    "--row-group-rows",
+    type=int,
+    default=Options.row_group_rows,
+    show_default=True,
+    help="Rows per output row group (each file's last may be smaller).",
+)
+@click.option(
+    "--file-rows",
+    type=int,
+    default=Options.file_rows,
+    show_default=True,
+    help="About this many rows per output file (files hold whole input row groups).",
+)
 @click.option("--overwrite", is_flag=True, help="Delete OUT_DIR's earlier output instead of refusing a different run.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def annotate_cmd(model_dir, inputs, output, no_progress, **options):
+def annotate_cmd(model_dir, inputs, output, no_progress, keep_columns, **options):
     """Annotate Parquet documents with entity spans.
 
     MODEL_DIR is a token-classification model (a `nerbatch train` output or a hub id); INPUTS are
     Parquet files, directories or glob patterns. Writes one output row per input row: the id
-    column(s), `entities` (start, end, label, text, score; character offsets, end exclusive),
-    `error` (why a row was skipped) and `n_windows`.
+    column(s), the kept columns, `entities` (start, end, label, text, score; character offsets, end
+    exclusive), `error` (why a row was skipped) and `n_windows`, in files of about --file-rows rows
+    assembled once their input row groups are done.
 
     Run it plainly for one process, or under `accelerate launch -m nerbatch annotate ...` to split
     the work over processes and machines. Rerun the same command after a crash or preemption: done
@@ -304,7 +330,10 @@ def annotate_cmd(model_dir, inputs, output, no_progress, **options):
     state = process_state()  # two processes both believing they are rank 0 would collide: checked here
     # SIGTERM (SLURM preemption, the launcher stopping a failed job) unwinds through `finally` like Ctrl-C.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    run = Options(model=model_dir, inputs=list(inputs), output=output, progress=not no_progress, **options)
+    kept = [c.strip() for c in keep_columns.split(",") if c.strip()]
+    run = Options(
+        model=model_dir, inputs=list(inputs), output=output, progress=not no_progress, keep_columns=kept, **options
+    )
     tally = annotate_units(
         run,
         state.process_index,

@@ -3,7 +3,7 @@ line reads its defaults here without loading torch)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # How subword predictions become spans, as in the transformers pipeline (see nerbatch.spans).
@@ -36,10 +36,22 @@ class Options:
     batch_size: int = 64
     max_batch_tokens: int | None = None  # None: inference.CPU_BATCH_TOKENS or GPU_BATCH_TOKENS
     read_rows: int = 512
+    keep_columns: list[str] = field(default_factory=list)  # input columns copied to the output, types kept
+    partition_by: str | None = None  # an input column: Hive-style COLUMN=value/ directories
+    row_group_rows: int = 100_000  # rows per output row group (each file's last may be smaller)
+    file_rows: int = 1_000_000  # about this many rows per output file (whole units; see nerbatch.assemble)
     overwrite: bool = False
     progress: bool = True
 
     @property
+    def carried(self) -> list[str]:
+        """Input columns copied to the output rows: the id, the kept columns, the partition column."""
+        named = ([self.id_column] if self.id_column else []) + self.keep_columns
+        if self.partition_by:
+            named.append(self.partition_by)
+        return list(dict.fromkeys(named))
+
+    @property
     def columns(self) -> list[str]:
-        """The input columns the job reads: the text, and the id column when there is one."""
-        return [self.text_column] + ([self.id_column] if self.id_column else [])
+        """The input columns the job reads: the text and the carried columns."""
+        return [self.text_column] + [c for c in self.carried if c != self.text_column]

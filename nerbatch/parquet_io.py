@@ -63,13 +63,14 @@ class PartWriter:
 
     def write(self, columns: dict[str, list]) -> None:
         """Append rows given as column lists (keys = schema field names)."""
-        arrays = [pa.array(columns[f.name], type=f.type) for f in self.schema]
+        arrays = [_array(columns[f.name], f.type) for f in self.schema]
         self.writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
 
     def publish(self) -> None:
         """Close, flush to disk and move the part to its final name."""
         self.writer.close()
-        _fsync(self.temporary)
+        fsync_file(self.temporary)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(self.temporary, self.final)
 
     def abandon(self) -> None:
@@ -80,16 +81,24 @@ class PartWriter:
             self.temporary.unlink(missing_ok=True)
 
 
+def _array(values, kind: pa.DataType) -> pa.Array:
+    """An Arrow array of `kind` from a Python list or an Arrow array (copied input columns)."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    return values if isinstance(values, pa.Array) else pa.array(values, type=kind)
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write JSON to `path` through a temporary file and a rename, so readers see all or nothing."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    _fsync(temporary)
+    fsync_file(temporary)
     os.replace(temporary, path)
 
 
-def _fsync(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Flush a file's data to disk (before the rename that publishes it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

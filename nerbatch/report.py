@@ -98,7 +98,7 @@ def read_run(out_dir: Path) -> Run:
         key = (path, row_group)
         state = "done" if key in done else "failed" if key in failed else "missing"
         error = failed[key] if state == "failed" else None
-        units.append(UnitState(f"part-{index:06d}", path, row_group, rows, state, error))
+        units.append(UnitState(f"unit-{index:06d}", path, row_group, rows, state, error))
     ranks = [_rank_figures(path) for path in sorted((meta / "stats").glob("rank-*-of-*.json"))]
     return Run(config, units, ranks)
 
@@ -153,6 +153,12 @@ def output_files(out_dir: Path) -> list[Path]:
     )
 
 
+def written_files(out_dir: Path) -> list[Path]:
+    """The output files, then the pieces of done units whose output file is not assembled yet
+    (an incomplete run): together, every row written so far, each once."""
+    return output_files(out_dir) + sorted((Path(out_dir) / META / "pieces").glob("*.parquet"))
+
+
 def _batches(path: Path, columns: list[str]) -> Iterator[pa.RecordBatch]:
     yield from open_parquet(path).iter_batches(batch_size=BATCH_ROWS, columns=columns, use_threads=False)
 
@@ -169,6 +175,7 @@ def collect_stats(out_dir: Path) -> dict:
     """
     run = read_run(out_dir)
     files = output_files(out_dir)
+    written = written_files(out_dir)
     states = Counter(unit.state for unit in run.units)
     return {
         "out_dir": str(out_dir),
@@ -180,7 +187,8 @@ def collect_stats(out_dir: Path) -> dict:
         "missing_units": [{"unit": u.name, "input": u.describe()} for u in run.units if u.state == "missing"],
         "input_rows": sum(unit.rows for unit in run.units),
         "files": len(files),
-        **_count_output(files),
+        "pieces": len(written) - len(files),
+        **_count_output(written),
         "ranks": run.ranks,
     }
 
@@ -224,7 +232,9 @@ def format_stats(stats: dict) -> str:
     lines = [
         f"output    {stats['out_dir']}",
         f"status    {status}",
-        f"rows      {stats['rows']:,} in {stats['files']:,} Parquet files (inputs of the run: {stats['input_rows']:,})",
+        f"rows      {stats['rows']:,} in {stats['files']:,} output files"
+        + (f" and {stats['pieces']:,} pieces awaiting assembly" if stats["pieces"] else "")
+        + f" (inputs of the run: {stats['input_rows']:,})",
         f"flagged   {stats['flagged']:,}",
         *_indent(_align([[reason, f"{n:,}"] for reason, n in stats["flagged_by_reason"].items()])),
         f"entities  {stats['entities']:,} in {stats['documents_with_entities']:,} documents with at least one",
@@ -289,7 +299,7 @@ def sample_documents(out_dir: Path, n: int, seed: int = 0) -> list[dict]:
     run = read_run(out_dir)
     options = run.config["options"]
     id_fields = [options["id_column"]] if options["id_column"] else SOURCE_ID
-    files = output_files(out_dir)
+    files = written_files(out_dir)
     docs = []
     for file_index, rows in _group(_pick_rows(files, n, seed)).items():
         for row in _read_rows(files[file_index], rows, [*id_fields, "entities", "error"]):

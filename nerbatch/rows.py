@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
+
 from nerbatch.inference import Annotator, Document
 from nerbatch.parquet_io import iter_batches
 from nerbatch.rundir import Tally
@@ -21,9 +23,9 @@ NO_TOKENS = "no tokens (the tokenizer keeps no character of this text)"
 
 @dataclass
 class Chunk:
-    """One record batch, validated and tokenized: ids, texts, per-row errors and documents."""
+    """One record batch, validated and tokenized: carried columns, texts, per-row errors and documents."""
 
-    ids: dict[str, list]
+    carried: dict[str, list | pa.Array]  # the row's id (or source_file, row_index) and copied input columns
     texts: list
     errors: list[str | None]
     docs: list[Document | None] = field(default_factory=list)
@@ -47,17 +49,20 @@ def text_error(value) -> str | None:
 
 
 def read_chunks(
-    unit: Unit, annotator: Annotator, text_column: str, id_column: str | None, read_rows: int
+    unit: Unit, annotator: Annotator, text_column: str, carried: list[str], read_rows: int, has_id: bool
 ) -> Iterator[Chunk]:
-    """Read, validate and tokenize the unit's record batches (runs in the prefetch thread)."""
-    columns = [text_column] + ([id_column] if id_column else [])
+    """Read, validate and tokenize the unit's record batches (runs in the prefetch thread).
+
+    `carried` columns go to the output as Arrow arrays (their types untouched); without an id
+    column (`has_id` false) each row is named by its file and row index."""
+    columns = [text_column] + [c for c in carried if c != text_column]
     row = unit.first_row
     for batch in iter_batches(Path(unit.path), unit.row_group, columns, read_rows):
         texts = batch.column(text_column).to_pylist()
-        if id_column:
-            ids = {id_column: batch.column(id_column).to_pylist()}
-        else:
-            ids = {"source_file": [unit.path] * len(texts), "row_index": list(range(row, row + len(texts)))}
+        ids = (
+            {} if has_id else {"source_file": [unit.path] * len(texts), "row_index": list(range(row, row + len(texts)))}
+        )
+        ids |= {name: batch.column(name) for name in carried}
         row += len(texts)
         errors = [text_error(t) for t in texts]
         good = [t for t, e in zip(texts, errors) if e is None]
@@ -87,4 +92,4 @@ def output_columns(chunk: Chunk, annotator: Annotator, tally: Tally) -> dict[str
     tally.rows += len(chunk.texts)
     tally.flagged += flagged
     tally.docs += len(chunk.texts) - flagged
-    return {**chunk.ids, "entities": entities, "error": chunk.errors, "n_windows": windows}
+    return {**chunk.carried, "entities": entities, "error": chunk.errors, "n_windows": windows}

@@ -2,13 +2,16 @@
 
 OUT_DIR layout::
 
-    part-000000.parquet ...      published parts (what analysts read)
-    _nerbatch/config.json        the run's resolved config: a rerun must match it
-    _nerbatch/done/part-*.json   completion markers, with the unit's stats
-    _nerbatch/failed/part-*.json units that raised, with the error
-    _nerbatch/tmp/               parts being written
-    _nerbatch/stats/rank-*.json  what each rank did in its last run
-    _nerbatch/stats.json         totals, written once every unit is done
+    part-00000.parquet ...         output files (what analysts read), or with --partition-by
+    COLUMN=value/part-00000.parquet  the same split into Hive-style directories
+    _nerbatch/config.json          the run's resolved config: a rerun must match it
+    _nerbatch/pieces/unit-*.parquet  each done unit's rows, until its output file is assembled
+    _nerbatch/done/unit-*.json     completion markers, with the unit's stats
+    _nerbatch/failed/unit-*.json   units that raised, with the error
+    _nerbatch/files/part-*.json    output files assembled, with the paths written
+    _nerbatch/tmp/                 pieces and files being written
+    _nerbatch/stats/rank-*.json    what each rank did in its last run
+    _nerbatch/stats.json           totals, written once every unit is done and every file assembled
 
 (Spark and Hive skip `_`-prefixed paths; DuckDB's `OUT_DIR/*.parquet` glob does not descend.)
 Completion is per unit, never per rank, so a rerun may use any number of processes.
@@ -55,8 +58,8 @@ class RunDir:
         self.root = Path(root)
         self.meta = self.root / META
 
-    def part(self, unit: Unit) -> Path:
-        return self.root / f"{unit.name}.parquet"
+    def piece(self, unit: Unit) -> Path:
+        return self.meta / "pieces" / f"{unit.name}.parquet"
 
     def temporary(self, unit: Unit, rank: int) -> Path:
         return self.meta / "tmp" / f"{unit.name}.rank{rank}.parquet"
@@ -67,19 +70,39 @@ class RunDir:
     def failure(self, unit: Unit) -> Path:
         return self.meta / "failed" / f"{unit.name}.json"
 
+    def file_marker(self, name: str) -> Path:
+        return self.meta / "files" / f"{name}.json"
+
+    def assembling(self, name: str) -> Path:
+        """Where output file `name` (and its partitions) is written before the rename into place."""
+        return self.meta / "tmp" / "files" / name
+
     def is_done(self, unit: Unit) -> bool:
-        return self.marker(unit).exists() and self.part(unit).exists()
+        """The unit's rows are written (its piece is published, or already assembled into its file)."""
+        return self.marker(unit).exists()
+
+    def is_assembled(self, name: str) -> bool:
+        return self.file_marker(name).exists()
 
     def mark_done(self, unit: Unit, stats: dict) -> None:
-        """Record completion (after the part is published); clears an earlier failure."""
+        """Record completion (after the piece is published); clears an earlier failure."""
         write_json_atomic(self.marker(unit), {"unit": asdict(unit), **stats})
         self.failure(unit).unlink(missing_ok=True)
 
     def mark_failed(self, unit: Unit, error: str) -> None:
         write_json_atomic(self.failure(unit), {"unit": asdict(unit), "error": error})
 
+    def mark_assembled(self, name: str, units: list[Unit], published: dict) -> None:
+        """Record an assembled file, then drop its pieces (the marker makes them redundant)."""
+        write_json_atomic(self.file_marker(name), {"units": [u.index for u in units], **published})
+        for unit in units:
+            self.piece(unit).unlink(missing_ok=True)
+
     def unit_stats(self, unit: Unit) -> dict:
         return json.loads(self.marker(unit).read_text(encoding="utf-8"))
+
+    def file_record(self, name: str) -> dict:
+        return json.loads(self.file_marker(name).read_text(encoding="utf-8"))
 
     def prepare(self, config: dict, overwrite: bool) -> None:
         """Check OUT_DIR against this run's config (resume), or claim it; `overwrite` clears it first.
@@ -89,9 +112,7 @@ class RunDir:
         """
         config_path = self.meta / "config.json"
         if overwrite and self.root.exists():
-            for part in self.root.glob("part-*.parquet"):
-                part.unlink()
-            shutil.rmtree(self.meta, ignore_errors=True)
+            self._clear()
         elif config_path.exists():
             previous = json.loads(config_path.read_text(encoding="utf-8"))
             changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
@@ -109,6 +130,15 @@ class RunDir:
                 "or new --output directory, or pass --overwrite"
             )
         write_json_atomic(config_path, config)
+
+    def _clear(self) -> None:
+        """Delete what nerbatch wrote here: output files (partition directories too) and bookkeeping."""
+        for part in self.root.rglob("part-*.parquet"):
+            part.unlink()
+        for directory in sorted((d for d in self.root.rglob("*=*") if d.is_dir()), reverse=True):
+            if not any(directory.iterdir()):
+                directory.rmdir()
+        shutil.rmtree(self.meta, ignore_errors=True)
 
     def check(self, config: dict) -> None:
         """Fail if OUT_DIR's config is not `config` (non-main ranks, after the main rank prepared it)."""
@@ -129,7 +159,15 @@ def run_config(options, units: list[Unit], annotator) -> dict:
         "model": str(Path(model).resolve()) if Path(model).exists() else model,
         "model_fingerprint": model_fingerprint(model),
         "labels": annotator.labels,
-        "options": {"text_column": options.text_column, "id_column": options.id_column, **annotator.settings()},
+        "options": {
+            "text_column": options.text_column,
+            "id_column": options.id_column,
+            "keep_columns": options.keep_columns,
+            "partition_by": options.partition_by,
+            "row_group_rows": options.row_group_rows,
+            "file_rows": options.file_rows,
+            **annotator.settings(),
+        },
         "inputs": [[u.path, u.row_group, u.rows] for u in units],
     }
 
@@ -159,9 +197,10 @@ def output_metadata(config: dict) -> dict:
     return {"model": config["model"], "labels": config["labels"], "options": config["options"], "version": __version__}
 
 
-def write_totals_if_complete(out: RunDir, units: list[Unit], config: dict) -> None:
-    """Whoever finds every unit done writes the run totals (several may: same content, atomic write)."""
-    if not all(out.is_done(u) for u in units):
+def write_totals_if_complete(out: RunDir, units: list[Unit], files: list[str], config: dict) -> None:
+    """Whoever finds every unit done and every file assembled writes the run totals (several may:
+    same content, atomic write)."""
+    if not all(out.is_done(u) for u in units) or not all(out.is_assembled(name) for name in files):
         return
     total = Tally()
     for unit in units:
@@ -169,7 +208,14 @@ def write_totals_if_complete(out: RunDir, units: list[Unit], config: dict) -> No
         total.add(Tally(**{k: stats[k] for k in vars(Tally())}))
     write_json_atomic(
         out.meta / "stats.json",
-        {"complete": True, "units": len(units), **vars(total), "model": config["model"], "options": config["options"]},
+        {
+            "complete": True,
+            "units": len(units),
+            "files": sorted(f for name in files for f in out.file_record(name)["files"]),
+            **vars(total),
+            "model": config["model"],
+            "options": config["options"],
+        },
     )
 
 

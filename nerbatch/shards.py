@@ -25,7 +25,7 @@ class Unit:
 
     @property
     def name(self) -> str:
-        return f"part-{self.index:06d}"
+        return f"unit-{self.index:06d}"
 
     def describe(self) -> str:
         where = "" if self.row_group is None else f" row group {self.row_group}"
@@ -60,24 +60,47 @@ def _hidden(relative: Path) -> bool:
     return any(part.startswith((".", "_")) for part in relative.parts)
 
 
-def plan_units(files: list[Path], columns: list[str]) -> list[Unit]:
-    """Read every footer, check that `columns` exist, and number the units. Fails before any work."""
+def plan_units(files: list[Path], columns: list[str], same_type: list[str] = ()) -> list[Unit]:
+    """Read every footer, check that `columns` exist (and that the `same_type` ones have one type in
+    every file, since they are copied into one output schema), and number the units. Fails before any work."""
     units: list[Unit] = []
+    types: dict[str, tuple[Path, object]] = {}
     for path in files:
         meta = open_parquet(path).metadata
-        names = meta.schema.to_arrow_schema().names
+        schema = meta.schema.to_arrow_schema()
         for column in columns:
-            if column not in names:
-                raise InputError(f"{path}: no column {column!r} (columns: {', '.join(names)})")
+            if column not in schema.names:
+                raise InputError(f"{path}: no column {column!r} (columns: {', '.join(schema.names)})")
+        for column in same_type:
+            first, kind = types.setdefault(column, (path, schema.field(column).type))
+            if schema.field(column).type != kind:
+                raise InputError(
+                    f"{path}: column {column!r} is {schema.field(column).type}, but {kind} in {first}; "
+                    "a copied column needs one type in every input file"
+                )
         if meta.num_row_groups <= 1:
             units.append(Unit(len(units), str(path), None, 0, meta.num_rows))
             continue
-        first = 0
+        first_row = 0
         for group in range(meta.num_row_groups):
             rows = meta.row_group(group).num_rows
-            units.append(Unit(len(units), str(path), group, first, rows))
-            first += rows
+            units.append(Unit(len(units), str(path), group, first_row, rows))
+            first_row += rows
     return units
+
+
+def group_units(units: list[Unit], file_rows: int) -> list[list[Unit]]:
+    """Consecutive units gathered into output files of at least `file_rows` rows (the last may
+    have fewer): file k holds the rows of its units in input order."""
+    groups: list[list[Unit]] = []
+    rows = file_rows
+    for unit in units:
+        if rows >= file_rows:
+            groups.append([])
+            rows = 0
+        groups[-1].append(unit)
+        rows += unit.rows
+    return groups
 
 
 def units_for_rank(units: list[Unit], rank: int, world: int) -> list[Unit]:

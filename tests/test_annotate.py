@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from nerbatch import __version__
 from nerbatch.cli import main
+from nerbatch.rundir import RunDir
 
 from conftest import REUTERS, need
 
@@ -83,8 +84,10 @@ def test_every_input_row_appears_once_and_bad_rows_are_flagged(corpus, annotated
 
 
 def test_output_schema_metadata_and_stats(tiny_model_dir, annotated):
-    parts = sorted(annotated.glob("part-*.parquet"))
-    assert [p.name for p in parts] == [f"part-{i:06d}.parquet" for i in range(4)]  # 3 row groups + 1 file
+    parts = sorted(annotated.glob("*.parquet"))
+    assert [p.name for p in parts] == ["part-00000.parquet"]  # 4 units (3 row groups + 1 file), one output file
+    assert pq.ParquetFile(parts[0]).metadata.num_row_groups == 1  # 164 rows < --row-group-rows
+    assert not list((annotated / "_nerbatch" / "pieces").iterdir())  # assembled pieces are dropped
     schema = pq.read_schema(parts[0])
     assert str(schema.field("entities").type) == (
         "list<element: struct<start: int32, end: int32, label: string, text: string, score: float>>"
@@ -130,20 +133,37 @@ def test_a_different_model_is_refused_unless_overwrite(tiny_model_dir, tmp_path,
     refused = annotate(other, corpus / "b.parquet", "--output", out)
     assert refused.exit_code != 0 and "model" in refused.output and "--overwrite" in refused.output
     assert annotate(other, corpus / "b.parquet", "--output", out, "--overwrite").exit_code == 0
-    meta = pq.read_schema(out / "part-000000.parquet").metadata
+    meta = pq.read_schema(out / "part-00000.parquet").metadata
     assert json.loads(meta[b"nerbatch.model"]) == str(other.resolve())
 
 
-def test_a_partial_unit_is_redone(tiny_model_dir, corpus, tmp_path):
+def test_a_crash_before_marking_or_during_assembly_is_repaired_by_a_rerun(
+    tiny_model_dir, corpus, annotated, tmp_path, monkeypatch
+):
+    """Killed after publishing a piece but before marking it done, then killed after renaming the
+    output file into place but before recording it: each rerun redoes exactly what is missing."""
     out = tmp_path / "out"
-    assert annotate(tiny_model_dir, corpus, "--output", out, "--max-length", 48).exit_code == 0
-    reference = read_output(out)
-    (out / "_nerbatch" / "done" / "part-000002.json").unlink()  # as if killed after publishing, before marking
-    (out / "part-000001.parquet").unlink()  # as if killed before publishing
-    (out / "_nerbatch" / "tmp").mkdir(exist_ok=True)
-    (out / "_nerbatch" / "tmp" / "part-000001.rank0.parquet").write_bytes(b"half a part")
-    assert annotate(tiny_model_dir, corpus, "--output", out, "--max-length", 48).exit_code == 0
-    assert read_output(out).equals(reference)
+    args = ("--output", out, "--max-length", 48, "--read-rows", 16)
+    mark_done, mark_assembled = RunDir.mark_done, RunDir.mark_assembled
+
+    def killed_at_unit_2(self, unit, stats):
+        if unit.index == 2:
+            raise KeyboardInterrupt
+        mark_done(self, unit, stats)
+
+    monkeypatch.setattr(RunDir, "mark_done", killed_at_unit_2)
+    assert annotate(tiny_model_dir, corpus, *args).exit_code == 1
+    assert (out / "_nerbatch" / "pieces" / "unit-000002.parquet").exists() and not list(out.glob("*.parquet"))
+    monkeypatch.setattr(RunDir, "mark_done", mark_done)
+    monkeypatch.setattr(RunDir, "mark_assembled", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    (out / "_nerbatch" / "tmp" / "unit-000003.rank0.parquet").write_bytes(b"half a piece")
+    assert annotate(tiny_model_dir, corpus, *args).exit_code == 1
+    assert (out / "part-00000.parquet").exists() and not (out / "_nerbatch" / "files").exists()
+    monkeypatch.setattr(RunDir, "mark_assembled", mark_assembled)
+    assert annotate(tiny_model_dir, corpus, *args).exit_code == 0
+    assert read_output(out).equals(read_output(annotated))
+    assert [p.name for p in out.glob("*.parquet")] == ["part-00000.parquet"]
+    assert not list((out / "_nerbatch" / "pieces").iterdir()) and (out / "_nerbatch" / "stats.json").exists()
 
 
 def test_missing_text_column_is_an_error_naming_file_and_column(tiny_model_dir, corpus, tmp_path):
@@ -177,17 +197,20 @@ def test_a_corrupt_file_fails_its_unit_only(tiny_model_dir, corpus, tmp_path):
     result = annotate(tiny_model_dir, inputs, "--output", out, "--id-column", "doc_id")
     assert result.exit_code != 0
     assert "zcorrupt.parquet" in result.output and "failed" in result.output
-    assert [p.name for p in out.glob("part-*.parquet")] == ["part-000000.parquet"]
-    good = pq.read_table(out / "part-000000.parquet")
-    assert good["doc_id"].to_pylist() == table["doc_id"].to_pylist()
+    # the good unit is done and kept; the output file that would hold both is not published half
+    assert not list(out.glob("*.parquet")) and (out / "_nerbatch" / "done" / "unit-000000.json").exists()
+    assert pq.read_table(out / "_nerbatch" / "pieces" / "unit-000000.parquet").num_rows == table.num_rows
     assert not (out / "_nerbatch" / "stats.json").exists()  # the run is not complete
-    assert list((out / "_nerbatch" / "tmp").iterdir()) == []
+    assert [p.name for p in (out / "_nerbatch" / "tmp").iterdir()] == []
+    pq.write_table(table, inputs / "zcorrupt.parquet", compression="zstd")  # the input is repaired
+    assert annotate(tiny_model_dir, inputs, "--output", out, "--id-column", "doc_id").exit_code == 0
+    assert pq.read_table(out / "part-00000.parquet")["doc_id"].to_pylist() == table["doc_id"].to_pylist() * 2
 
 
 def test_id_column_is_passed_through_with_its_type(tiny_model_dir, corpus, tmp_path):
     out = tmp_path / "out"
     assert annotate(tiny_model_dir, corpus / "b.parquet", "--output", out, "--id-column", "doc_id").exit_code == 0
-    table = pq.read_table(out / "part-000000.parquet")
+    table = pq.read_table(out / "part-00000.parquet")
     assert table.schema.field("doc_id").type == pa.int64()
     assert table.column_names == ["doc_id", "entities", "error", "n_windows"]
     assert table["doc_id"].to_pylist() == pq.read_table(corpus / "b.parquet")["doc_id"].to_pylist()

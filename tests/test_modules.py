@@ -71,9 +71,11 @@ def test_run_dir_refuses_another_run_and_foreign_files(tmp_path):
         out.prepare({**config, "options": {"stride": 16}}, overwrite=False)
     with pytest.raises(InputError, match="same command"):
         out.check({**config, "model": "other"})
-    (out.root / "part-000000.parquet").write_bytes(b"x")
-    out.prepare({**config, "model": "other"}, overwrite=True)  # --overwrite clears parts and bookkeeping
-    assert not (out.root / "part-000000.parquet").exists()
+    (out.root / "part-00000.parquet").write_bytes(b"x")
+    (out.root / "lang=en").mkdir()
+    (out.root / "lang=en" / "part-00000.parquet").write_bytes(b"x")
+    out.prepare({**config, "model": "other"}, overwrite=True)  # --overwrite clears files and bookkeeping
+    assert list(out.root.iterdir()) == [out.meta]
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")

@@ -73,7 +73,7 @@ def input_rows(corpus) -> list[dict]:
 @pytest.fixture(scope="module")
 def plain_out(tiny_model_dir, corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("plain") / "out"
-    result = annotate(tiny_model_dir, corpus, "--output", out, "--read-rows", 8)
+    result = annotate(tiny_model_dir, corpus, "--output", out, "--read-rows", 8, "--file-rows", 9)  # 3 files
     assert result.exit_code == 0, result.output
     return out
 
@@ -107,7 +107,7 @@ def test_stats_equal_the_counts_of_the_output_files(plain_out):
 def test_format_stats_is_an_aligned_report(plain_out):
     stats = collect_stats(plain_out)
     report = format_stats(stats)
-    assert "complete: 3 of 3 units done" in report and "30 in 3 Parquet files" in report
+    assert "complete: 3 of 3 units done" in report and "30 in 3 output files" in report
     labels = stats["entities_by_label"]
     lines = {line.split()[0]: line for line in report.splitlines() if line.split()[0] in labels}
     assert {label: line.split()[1:] for label, line in lines.items()} == {k: [f"{n:,}"] for k, n in labels.items()}
@@ -132,13 +132,13 @@ def test_parts_are_found_in_hive_style_subdirectories(plain_out, tmp_path):
 def test_a_unit_without_its_done_marker_is_missing(plain_out, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(plain_out, out)
-    (out / "_nerbatch" / "done" / "part-000001.json").unlink()
+    (out / "_nerbatch" / "done" / "unit-000001.json").unlink()
     stats = collect_stats(out)
     assert not stats["complete"] and stats["units"] == {"total": 3, "done": 2, "failed": 0, "missing": 1}
     [missing] = stats["missing_units"]
-    assert missing["unit"] == "part-000001" and missing["input"].endswith("a.parquet row group 1")
+    assert missing["unit"] == "unit-000001" and missing["input"].endswith("a.parquet row group 1")
     report = format_stats(stats)
-    assert "INCOMPLETE: 2 of 3 units done, 0 failed, 1 missing" in report and "part-000001" in report
+    assert "INCOMPLETE: 2 of 3 units done, 0 failed, 1 missing" in report and "unit-000001" in report
 
 
 def test_a_failed_unit_is_reported_with_its_error(tiny_model_dir, tmp_path):
@@ -154,13 +154,14 @@ def test_a_failed_unit_is_reported_with_its_error(tiny_model_dir, tmp_path):
     (inputs / "zcorrupt.parquet").write_bytes(bytes(data))
     out = tmp_path / "out"
     assert annotate(tiny_model_dir, inputs, "--output", out).exit_code != 0
-    recorded = json.loads((out / "_nerbatch" / "failed" / "part-000001.json").read_text())["error"]
+    recorded = json.loads((out / "_nerbatch" / "failed" / "unit-000001.json").read_text())["error"]
     stats = collect_stats(out)
     assert not stats["complete"] and stats["units"] == {"total": 2, "done": 1, "failed": 1, "missing": 0}
     assert stats["failed_units"] == [
-        {"unit": "part-000001", "input": str((inputs / "zcorrupt.parquet").resolve()), "error": recorded}
+        {"unit": "unit-000001", "input": str((inputs / "zcorrupt.parquet").resolve()), "error": recorded}
     ]
-    assert "zcorrupt.parquet" in recorded and stats["rows"] == 2
+    assert "zcorrupt.parquet" in recorded and stats["rows"] == 2  # the good unit's piece, awaiting assembly
+    assert (stats["files"], stats["pieces"]) == (0, 1)
     assert stats["ranks"][0]["failed"] == 1
     report = format_stats(stats)
     assert "failed units" in report and " ".join(recorded.split()) in report

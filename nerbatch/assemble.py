@@ -1,0 +1,182 @@
+"""Analytics-sized output: the pieces of consecutive units assembled into large part files.
+
+Work and output have different right sizes. A unit (one input row group) is small so that a
+preempted run loses little and every rank gets work; analytics engines want few files of large row
+groups (DuckDB reads row groups under ~5,000 rows several times slower; ~100,000 is where it stops
+mattering). So each unit is written as a *piece* under `_nerbatch/pieces/`, and once every unit of
+an output file is done, the file is assembled from its pieces in input order, in row groups of
+`row_group_rows`, written under a temporary name and renamed into place. Readers of OUT_DIR only
+ever see whole files. With `partition_by`, the rows of a file go to Hive-style directories
+`COLUMN=value/part-K.parquet`, the value kept in the path (not in the file) as Hive, Spark, DuckDB
+and Polars expect.
+
+A crash during assembly leaves the pieces and no file marker: the rerun assembles again, replacing
+whatever was renamed into place with the same content.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from nerbatch.parquet_io import InputError, fsync_file
+
+# Buffered rows are flushed early (as a smaller row group) past this many bytes, so a kept column of
+# long strings cannot make memory grow with `row_group_rows`.
+BUFFER_BYTES = 256 << 20
+# More directories than this is almost always a column chosen by mistake (an id, a timestamp).
+MAX_PARTITIONS = 10_000
+_SAFE_VALUE = re.compile(r"[\w+@-][\w.+@-]*")
+
+
+def partition_name(value) -> str:
+    """The directory name of a partition value: its text, which must be a safe, portable name."""
+    text = value.isoformat() if hasattr(value, "isoformat") else str(value)
+    return text
+
+
+def check_partition_values(files: list[Path], column: str) -> int:
+    """Scan `column` of every input before any work: no nulls, every value a safe directory name,
+    at most MAX_PARTITIONS values. Returns the number of distinct values."""
+    seen: set[str] = set()
+    for path in files:
+        row = 0
+        for batch in pq.ParquetFile(path).iter_batches(columns=[column], batch_size=65536):
+            values = batch.column(0)
+            if values.null_count:
+                first = row + pc.index(pc.is_null(values), True).as_py()
+                raise InputError(
+                    f"{path}: row {first}: column {column!r} is null; --partition-by needs a value in every row"
+                )
+            for value in pc.unique(values).to_pylist():
+                name = partition_name(value)
+                if name not in seen:
+                    _check_safe(name, path, column)
+                    seen.add(name)
+            row += len(values)
+        if len(seen) > MAX_PARTITIONS:
+            raise InputError(
+                f"{path}: column {column!r} has more than {MAX_PARTITIONS:,} distinct values; "
+                "--partition-by wants a low-cardinality column (a date, a language, a source)"
+            )
+    return len(seen)
+
+
+def _check_safe(name: str, path: Path, column: str) -> None:
+    if not _SAFE_VALUE.fullmatch(name) or len(name.encode()) > 200:
+        raise InputError(
+            f"{path}: column {column!r} has the value {name!r}, which is not a safe directory name "
+            "(letters, digits, _ - . + @; not starting with '.'; at most 200 bytes)"
+        )
+
+
+class FileAssembler:
+    """Writes the rows of one output file (or its partitions) in row groups of `row_group_rows`."""
+
+    def __init__(
+        self,
+        root: Path,
+        temporary_root: Path,
+        name: str,
+        schema: pa.Schema,
+        partition_by: str | None,
+        row_group_rows: int,
+    ):
+        self.root, self.temporary_root, self.name = root, temporary_root, name
+        self.partition_by, self.row_group_rows = partition_by, row_group_rows
+        self.schema = schema.remove(schema.get_field_index(partition_by)) if partition_by else schema
+        self.writers: dict[str, pq.ParquetWriter] = {}
+        self.buffers: dict[str, list[pa.RecordBatch]] = {}
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        """Route a batch of piece rows to its file(s), flushing full row groups."""
+        if not self.partition_by:
+            self._buffer("", batch)
+            return
+        keys = batch.column(self.partition_by)
+        data = batch.drop_columns([self.partition_by])
+        for value in pc.unique(keys).to_pylist():
+            self._buffer(partition_name(value), data.filter(pc.equal(keys, value)))
+
+    def _buffer(self, key: str, batch: pa.RecordBatch) -> None:
+        buffer = self.buffers.setdefault(key, [])
+        buffer.append(batch)
+        rows = sum(b.num_rows for b in buffer)
+        while rows >= self.row_group_rows:
+            self._write(key, self.row_group_rows)
+            rows -= self.row_group_rows
+        if sum(b.nbytes for bs in self.buffers.values() for b in bs) > BUFFER_BYTES:
+            largest = max(self.buffers, key=lambda k: sum(b.nbytes for b in self.buffers[k]))
+            self._write(largest, None)
+
+    def _write(self, key: str, rows: int | None) -> None:
+        """Write the first `rows` buffered rows of `key` (all when None) as one row group."""
+        table = pa.Table.from_batches(self.buffers[key], schema=self.schema)
+        if rows is None or rows >= table.num_rows:
+            head, rest = table, []
+        else:
+            head, rest = table.slice(0, rows), table.slice(rows).to_batches()
+        self.buffers[key] = list(rest)
+        if head.num_rows:
+            self._writer(key).write_table(head, row_group_size=head.num_rows)
+
+    def _writer(self, key: str) -> pq.ParquetWriter:
+        if key not in self.writers:
+            path = self._temporary(key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.writers[key] = pq.ParquetWriter(path, self.schema, compression="zstd")
+        return self.writers[key]
+
+    def _relative(self, key: str) -> Path:
+        directory = Path(f"{self.partition_by}={key}") if self.partition_by else Path()
+        return directory / f"{self.name}.parquet"
+
+    def _temporary(self, key: str) -> Path:
+        return self.temporary_root / self._relative(key)
+
+    def publish(self) -> list[str]:
+        """Flush, close and rename every file into place; returns their paths relative to the root."""
+        for key in list(self.buffers):
+            self._write(key, None)
+        if not self.writers and not self.partition_by:  # an output file of zero rows still exists
+            self._writer("")
+        published = []
+        for key, writer in self.writers.items():
+            writer.close()
+            temporary, final = self._temporary(key), self.root / self._relative(key)
+            fsync_file(temporary)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            temporary.replace(final)
+            published.append(str(self._relative(key)))
+        return sorted(published)
+
+
+def assemble_file(
+    name: str,
+    pieces: list[Path],
+    root: Path,
+    temporary_root: Path,
+    schema: pa.Schema,
+    partition_by: str | None,
+    row_group_rows: int,
+) -> dict:
+    """Assemble one output file from its units' pieces (in order); returns what was published."""
+    assembler = FileAssembler(root, temporary_root, name, schema, partition_by, row_group_rows)
+    rows = 0
+    for piece in pieces:
+        for batch in pq.ParquetFile(piece).iter_batches(batch_size=65536, use_threads=False):
+            assembler.add(batch)
+            rows += batch.num_rows
+    published = {"files": assembler.publish(), "rows": rows}
+    shutil.rmtree(temporary_root, ignore_errors=True)
+    return published
+
+
+def file_name(index: int) -> str:
+    """The name of output file `index` (without directory or suffix)."""
+    return f"part-{index:05d}"
