@@ -14,17 +14,17 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from nerbatch.assemble import assemble_file, check_partition_values, file_name
 from nerbatch.errors import NerbatchError, OptionError
 from nerbatch.inference import Annotator
 from nerbatch.options import Options
-from nerbatch.parquet_io import SOURCE_FIELDS, PartWriter, open_parquet, output_schema, write_json_atomic
+from nerbatch.parquet_io import SOURCE_FIELDS, PartWriter, open_parquet, output_schema
 from nerbatch.prefetch import prefetch
 from nerbatch.rows import output_columns, read_chunks
 from nerbatch.rundir import RunDir, Tally, output_metadata, run_config, wait_for_other_ranks, write_totals_if_complete
 from nerbatch.shards import Unit, discover_inputs, group_units, plan_units, units_for_rank
+from nerbatch.storage import check_access, locate
 
 # Test hook (documented in tests/test_annotate_launch.py): sleep this many seconds after writing each
 # record batch, so a test can SIGKILL the job while a part is half written.
@@ -57,13 +57,14 @@ def annotate_units(
     started = time.time()
     check_options(options)
     annotator = load_annotator(options, device)  # a model that cannot annotate fails here, before any work
-    files = discover_inputs(options.inputs, exclude=options.output)
+    out = RunDir(locate(options.output))
+    check_access(out.root, str(options.output))
+    files = discover_inputs(options.inputs, exclude=out.root)
     units = plan_units(files, options.columns, same_type=options.carried)
     if options.partition_by:
         check_partition_values(files, options.partition_by)
     groups = group_units(units, options.file_rows)
     config = run_config(options, units, annotator)
-    out = RunDir(options.output)
     if rank == 0:
         out.prepare(config, options.overwrite)
     barrier()  # nobody writes pieces before the main process has checked (or cleared) OUT_DIR
@@ -86,8 +87,7 @@ def annotate_units(
                 failed.append((unit, message))
                 print(f"nerbatch annotate: unit {unit.name} failed: {message}", file=sys.stderr)
         bar.close()
-    write_json_atomic(
-        out.meta / "stats" / f"rank-{rank:05d}-of-{world:05d}.json",
+    (out.meta / "stats" / f"rank-{rank:05d}-of-{world:05d}.json").write_json(
         {**vars(tally), "units": len(todo), "failed": [m for _, m in failed], "wall_seconds": time.time() - started},
     )
     wait_for_other_ranks(out, units, mine, started)  # a file may hold units of every rank
@@ -182,7 +182,7 @@ def carried_fields(units: list[Unit], options: Options) -> list:
     every file, checked in planning), or source_file and row_index without an id column."""
     fields = [] if options.id_column else list(SOURCE_FIELDS)
     if units and options.carried:
-        schema = open_parquet(Path(units[0].path)).schema_arrow
+        schema = open_parquet(units[0].location).schema_arrow
         fields += [schema.field(name) for name in options.carried]
     return fields
 

@@ -17,14 +17,13 @@ whatever was renamed into place with the same content.
 from __future__ import annotations
 
 import re
-import shutil
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from nerbatch.parquet_io import InputError, fsync_file
+from nerbatch.parquet_io import InputError
+from nerbatch.storage import Location
 
 # Buffered rows are flushed early (as a smaller row group) past this many bytes, so a kept column of
 # long strings cannot make memory grow with `row_group_rows`.
@@ -40,13 +39,13 @@ def partition_name(value) -> str:
     return text
 
 
-def check_partition_values(files: list[Path], column: str) -> int:
+def check_partition_values(files: list[Location], column: str) -> int:
     """Scan `column` of every input before any work: no nulls, every value a safe directory name,
     at most MAX_PARTITIONS values. Returns the number of distinct values."""
     seen: set[str] = set()
     for path in files:
         row = 0
-        for batch in pq.ParquetFile(path).iter_batches(columns=[column], batch_size=65536):
+        for batch in pq.ParquetFile(path.path, filesystem=path.fs).iter_batches(columns=[column], batch_size=65536):
             values = batch.column(0)
             if values.null_count:
                 first = row + pc.index(pc.is_null(values), True).as_py()
@@ -67,7 +66,7 @@ def check_partition_values(files: list[Path], column: str) -> int:
     return len(seen)
 
 
-def _check_safe(name: str, path: Path, column: str) -> None:
+def _check_safe(name: str, path: Location, column: str) -> None:
     if not _SAFE_VALUE.fullmatch(name) or len(name.encode()) > 200:
         raise InputError(
             f"{path}: column {column!r} has the value {name!r}, which is not a safe directory name "
@@ -80,8 +79,8 @@ class FileAssembler:
 
     def __init__(
         self,
-        root: Path,
-        temporary_root: Path,
+        root: Location,
+        temporary_root: Location,
         name: str,
         schema: pa.Schema,
         partition_by: str | None,
@@ -127,17 +126,16 @@ class FileAssembler:
 
     def _writer(self, key: str) -> pq.ParquetWriter:
         if key not in self.writers:
-            path = self._temporary(key)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.writers[key] = pq.ParquetWriter(path, self.schema, compression="zstd")
+            temporary = self.temporary_root / self._relative(key)
+            temporary.make_parent()
+            self.writers[key] = pq.ParquetWriter(
+                temporary.path, self.schema, compression="zstd", filesystem=temporary.fs
+            )
         return self.writers[key]
 
-    def _relative(self, key: str) -> Path:
-        directory = Path(f"{self.partition_by}={key}") if self.partition_by else Path()
-        return directory / f"{self.name}.parquet"
-
-    def _temporary(self, key: str) -> Path:
-        return self.temporary_root / self._relative(key)
+    def _relative(self, key: str) -> str:
+        file = f"{self.name}.parquet"
+        return f"{self.partition_by}={key}/{file}" if self.partition_by else file
 
     def publish(self) -> list[str]:
         """Flush, close and rename every file into place; returns their paths relative to the root."""
@@ -148,19 +146,16 @@ class FileAssembler:
         published = []
         for key, writer in self.writers.items():
             writer.close()
-            temporary, final = self._temporary(key), self.root / self._relative(key)
-            fsync_file(temporary)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            temporary.replace(final)
-            published.append(str(self._relative(key)))
+            (self.temporary_root / self._relative(key)).move_to(self.root / self._relative(key))
+            published.append(self._relative(key))
         return sorted(published)
 
 
 def assemble_file(
     name: str,
-    pieces: list[Path],
-    root: Path,
-    temporary_root: Path,
+    pieces: list[Location],
+    root: Location,
+    temporary_root: Location,
     schema: pa.Schema,
     partition_by: str | None,
     row_group_rows: int,
@@ -169,11 +164,11 @@ def assemble_file(
     assembler = FileAssembler(root, temporary_root, name, schema, partition_by, row_group_rows)
     rows = 0
     for piece in pieces:
-        for batch in pq.ParquetFile(piece).iter_batches(batch_size=65536, use_threads=False):
+        for batch in pq.ParquetFile(piece.path, filesystem=piece.fs).iter_batches(batch_size=65536, use_threads=False):
             assembler.add(batch)
             rows += batch.num_rows
     published = {"files": assembler.publish(), "rows": rows}
-    shutil.rmtree(temporary_root, ignore_errors=True)
+    temporary_root.remove_tree()
     return published
 
 

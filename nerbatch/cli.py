@@ -226,8 +226,8 @@ def predict_cmd(model_dir, text, aggregation, segment, max_length, precision):
     "-o",
     "output",
     required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Directory for the part files (created; rerun into it to resume).",
+    help="Directory or URI (s3://, gs://, hdfs://, file://, ...) for the output files (created; rerun into "
+    "it to resume).",
 )
 @click.option("--text-column", default=Options.text_column, show_default=True, help="Column holding the document text.")
 @click.option(
@@ -354,7 +354,7 @@ def _exit_on_sigterm(signum, frame) -> None:
 
 
 @main.command("stats")
-@click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out_dir")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def stats_cmd(out_dir, as_json):
     """Summarise an annotate OUT_DIR: units done/failed/missing, rows, flagged rows by reason,
@@ -366,7 +366,7 @@ def stats_cmd(out_dir, as_json):
 
 
 @main.command("show")
-@click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out_dir")
 @click.option("--sample", default=5, show_default=True, help="Documents to show.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the sample (same seed, same documents).")
 @click.option(

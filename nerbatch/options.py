@@ -4,7 +4,6 @@ line reads its defaults here without loading torch)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 # How subword predictions become spans, as in the transformers pipeline (see nerbatch.spans).
 AGGREGATIONS = ("first", "simple", "average", "max")
@@ -25,7 +24,7 @@ class Options:
 
     model: str
     inputs: list[str]
-    output: Path
+    output: str  # a directory path or URI
     text_column: str = "text"
     id_column: str | None = None
     aggregation: str = "first"

@@ -11,7 +11,6 @@ alone, the one function that knows its layout.
 from __future__ import annotations
 
 import html
-import json
 import re
 from bisect import bisect_right
 from collections import Counter
@@ -26,6 +25,7 @@ import pyarrow.compute as pc
 from nerbatch.errors import NerbatchError
 from nerbatch.parquet_io import open_parquet
 from nerbatch.rundir import META
+from nerbatch.storage import Location, locate
 
 BATCH_ROWS = 65_536
 SOURCE_ID = ["source_file", "row_index"]
@@ -83,14 +83,15 @@ class Run:
     ranks: list[dict]
 
 
-def read_run(out_dir: Path) -> Run:
+def read_run(out_dir: str | Path) -> Run:
     """Read OUT_DIR's bookkeeping; raise `ReportError` when OUT_DIR is not an annotate output.
 
     Units are the config's "inputs" in order. A done or failed marker is matched to its unit by the
     input path and row group it records, not by its file name, so renaming the markers is harmless.
     """
-    meta = Path(out_dir) / META
-    config = _read_config(Path(out_dir), meta / "config.json")
+    root = locate(out_dir)
+    meta = root / META
+    config = _read_config(root, meta / "config.json")
     done = {_unit_key(marker) for marker in _read_markers(meta / "done")}
     failed = {_unit_key(marker): marker.get("error", "") for marker in _read_markers(meta / "failed")}
     units = []
@@ -99,17 +100,17 @@ def read_run(out_dir: Path) -> Run:
         state = "done" if key in done else "failed" if key in failed else "missing"
         error = failed[key] if state == "failed" else None
         units.append(UnitState(f"unit-{index:06d}", path, row_group, rows, state, error))
-    ranks = [_rank_figures(path) for path in sorted((meta / "stats").glob("rank-*-of-*.json"))]
+    ranks = [_rank_figures(path) for path in _json_files(meta / "stats") if path.name.startswith("rank-")]
     return Run(config, units, ranks)
 
 
-def _read_config(out_dir: Path, path: Path) -> dict:
+def _read_config(out_dir: Location, path: Location) -> dict:
     if not out_dir.is_dir():
         raise ReportError(f"{out_dir}: no such directory")
     if not path.is_file():
         raise ReportError(f"{out_dir}: not a `nerbatch annotate` output directory (no {META}/config.json)")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = path.read_json()
     except (OSError, ValueError) as exc:
         raise ReportError(f"{path}: unreadable ({exc})") from exc
     if not isinstance(config, dict) or not {"inputs", "options"} <= config.keys():
@@ -117,18 +118,22 @@ def _read_config(out_dir: Path, path: Path) -> dict:
     return config
 
 
-def _read_markers(directory: Path) -> Iterator[dict]:
-    for path in sorted(directory.glob("*.json")):
-        yield json.loads(path.read_text(encoding="utf-8"))
+def _json_files(directory: Location) -> list[Location]:
+    return [path for path in directory.children() if path.name.endswith(".json")]
+
+
+def _read_markers(directory: Location) -> Iterator[dict]:
+    for path in _json_files(directory):
+        yield path.read_json()
 
 
 def _unit_key(marker: dict) -> tuple[str, int | None]:
     return marker["unit"]["path"], marker["unit"]["row_group"]
 
 
-def _rank_figures(path: Path) -> dict:
-    rank, world = map(int, re.findall(r"\d+", path.stem)[:2])
-    figures = json.loads(path.read_text(encoding="utf-8"))
+def _rank_figures(path: Location) -> dict:
+    rank, world = map(int, re.findall(r"\d+", path.name)[:2])
+    figures = path.read_json()
     seconds = figures["wall_seconds"]
     return {
         "rank": rank,
@@ -143,30 +148,30 @@ def _rank_figures(path: Path) -> dict:
     }
 
 
-def output_files(out_dir: Path) -> list[Path]:
+def output_files(out_dir: str | Path) -> list[Location]:
     """Every `*.parquet` under OUT_DIR, sorted, except under a path component starting with `_` or `.`."""
-    root = Path(out_dir)
-    return sorted(
+    root = locate(out_dir)
+    return [
         path
-        for path in root.rglob("*.parquet")
-        if not any(part.startswith(("_", ".")) for part in path.relative_to(root).parts)
-    )
+        for path in root.find(".parquet")
+        if not any(part.startswith(("_", ".")) for part in path.relative_to(root).split("/"))
+    ]
 
 
-def written_files(out_dir: Path) -> list[Path]:
+def written_files(out_dir: str | Path) -> list[Location]:
     """The output files, then the pieces of done units whose output file is not assembled yet
     (an incomplete run): together, every row written so far, each once."""
-    return output_files(out_dir) + sorted((Path(out_dir) / META / "pieces").glob("*.parquet"))
+    return output_files(out_dir) + (locate(out_dir) / META / "pieces").find(".parquet")
 
 
-def _batches(path: Path, columns: list[str]) -> Iterator[pa.RecordBatch]:
+def _batches(path: Location, columns: list[str]) -> Iterator[pa.RecordBatch]:
     yield from open_parquet(path).iter_batches(batch_size=BATCH_ROWS, columns=columns, use_threads=False)
 
 
 # ---------------------------------------------------------------------------------------------- stats
 
 
-def collect_stats(out_dir: Path) -> dict:
+def collect_stats(out_dir: str | Path) -> dict:
     """Summarise an annotate output directory as a JSON-serialisable dict.
 
     Units done / failed / missing (with the failures' messages), rows, flagged rows by reason,
@@ -193,7 +198,7 @@ def collect_stats(out_dir: Path) -> dict:
     }
 
 
-def _count_output(files: list[Path]) -> dict:
+def _count_output(files: list[Location]) -> dict:
     """Rows, flagged rows by reason, entities by label and documents with entities in `files`."""
     rows = with_entities = 0
     reasons: Counter = Counter()
@@ -288,7 +293,7 @@ def _indent(lines: list[str]) -> list[str]:
 # ----------------------------------------------------------------------------------------------- show
 
 
-def sample_documents(out_dir: Path, n: int, seed: int = 0) -> list[dict]:
+def sample_documents(out_dir: str | Path, n: int, seed: int = 0) -> list[dict]:
     """`n` output rows chosen at random (the same for the same seed), with their texts.
 
     Each is a dict: "id" (the id column, or `source_file` and `row_index`), "text" (read back from
@@ -314,7 +319,7 @@ def sample_documents(out_dir: Path, n: int, seed: int = 0) -> list[dict]:
     return docs
 
 
-def _pick_rows(files: list[Path], n: int, seed: int) -> list[tuple[int, int]]:
+def _pick_rows(files: list[Location], n: int, seed: int) -> list[tuple[int, int]]:
     """(file index, row) of the rows to show, in file order.
 
     A uniform sample (the `n` lowest of one random key per row, kept while streaming), in which rows
@@ -365,7 +370,7 @@ def _group(picks: list[tuple[int, int]]) -> dict[int, list[int]]:
     return grouped
 
 
-def _read_rows(path: Path, rows: list[int], columns: list[str]) -> list[dict]:
+def _read_rows(path: Location, rows: list[int], columns: list[str]) -> list[dict]:
     """Rows `rows` (indices in the file) of `columns`, reading only the row groups that hold them."""
     source = open_parquet(path)
     meta = source.metadata
@@ -389,7 +394,7 @@ def _attach_texts_by_row(docs: list[dict], text_column: str) -> None:
         by_file.setdefault(doc["id"]["source_file"], []).append(doc)
     for source, group in by_file.items():
         _require_input(source)
-        rows = _read_rows(Path(source), [doc["id"]["row_index"] for doc in group], [text_column])
+        rows = _read_rows(locate(source), [doc["id"]["row_index"] for doc in group], [text_column])
         for doc, row in zip(group, rows):
             doc["text"] = row[text_column]
 
@@ -405,9 +410,9 @@ def _attach_texts_by_id(docs: list[dict], inputs: list[str], id_column: str, tex
         if len(texts) == len(wanted):
             break
         _require_input(source)
-        id_type = open_parquet(Path(source)).schema_arrow.field(id_column).type
+        id_type = open_parquet(locate(source)).schema_arrow.field(id_column).type
         value_set = pa.array([value for value in wanted if value not in texts], type=id_type)
-        for batch in _batches(Path(source), [id_column, text_column]):
+        for batch in _batches(locate(source), [id_column, text_column]):
             for row in batch.filter(pc.is_in(batch.column(id_column), value_set=value_set)).to_pylist():
                 texts.setdefault(row[id_column], row[text_column])
             if len(texts) == len(wanted):
@@ -423,11 +428,11 @@ def _attach_texts_by_id(docs: list[dict], inputs: list[str], id_column: str, tex
 
 
 def _require_input(source: str) -> None:
-    if not Path(source).is_file():
+    if not locate(source).is_file():
         raise ReportError(f"{source}: input of the run not found (moved or deleted?); cannot recover its texts")
 
 
-def _check_text(doc: dict, out_dir: Path) -> None:
+def _check_text(doc: dict, out_dir: str | Path) -> None:
     text = doc["text"] if isinstance(doc["text"], str) else ""
     for entity in doc["entities"]:
         if text[entity["start"] : entity["end"]] != entity["text"]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
 
@@ -57,7 +56,7 @@ def read_chunks(
     column (`has_id` false) each row is named by its file and row index."""
     columns = [text_column] + [c for c in carried if c != text_column]
     row = unit.first_row
-    for batch in iter_batches(Path(unit.path), unit.row_group, columns, read_rows):
+    for batch in iter_batches(unit.location, unit.row_group, columns, read_rows):
         texts = batch.column(text_column).to_pylist()
         ids = (
             {} if has_id else {"source_file": [unit.path] * len(texts), "row_index": list(range(row, row + len(texts)))}

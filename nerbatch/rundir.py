@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from nerbatch import __version__
-from nerbatch.parquet_io import InputError, write_json_atomic
+from nerbatch.parquet_io import InputError
 from nerbatch.shards import Unit
+from nerbatch.storage import Location
 
 META = "_nerbatch"
 
@@ -52,28 +52,28 @@ class Tally:
 
 
 class RunDir:
-    """Paths and state of one OUT_DIR."""
+    """Paths and state of one OUT_DIR (a local directory or a URI)."""
 
-    def __init__(self, root: Path):
-        self.root = Path(root)
-        self.meta = self.root / META
+    def __init__(self, root: Location):
+        self.root = root
+        self.meta = root / META
 
-    def piece(self, unit: Unit) -> Path:
+    def piece(self, unit: Unit) -> Location:
         return self.meta / "pieces" / f"{unit.name}.parquet"
 
-    def temporary(self, unit: Unit, rank: int) -> Path:
+    def temporary(self, unit: Unit, rank: int) -> Location:
         return self.meta / "tmp" / f"{unit.name}.rank{rank}.parquet"
 
-    def marker(self, unit: Unit) -> Path:
+    def marker(self, unit: Unit) -> Location:
         return self.meta / "done" / f"{unit.name}.json"
 
-    def failure(self, unit: Unit) -> Path:
+    def failure(self, unit: Unit) -> Location:
         return self.meta / "failed" / f"{unit.name}.json"
 
-    def file_marker(self, name: str) -> Path:
+    def file_marker(self, name: str) -> Location:
         return self.meta / "files" / f"{name}.json"
 
-    def assembling(self, name: str) -> Path:
+    def assembling(self, name: str) -> Location:
         """Where output file `name` (and its partitions) is written before the rename into place."""
         return self.meta / "tmp" / "files" / name
 
@@ -86,23 +86,24 @@ class RunDir:
 
     def mark_done(self, unit: Unit, stats: dict) -> None:
         """Record completion (after the piece is published); clears an earlier failure."""
-        write_json_atomic(self.marker(unit), {"unit": asdict(unit), **stats})
-        self.failure(unit).unlink(missing_ok=True)
+        self.marker(unit).write_json({"unit": asdict(unit), **stats})
+        self.failure(unit).remove()
 
     def mark_failed(self, unit: Unit, error: str) -> None:
-        write_json_atomic(self.failure(unit), {"unit": asdict(unit), "error": error})
+        # the time is in the content: object stores' modification times are not comparable with ours
+        self.failure(unit).write_json({"unit": asdict(unit), "error": error, "at": time.time()})
 
     def mark_assembled(self, name: str, units: list[Unit], published: dict) -> None:
         """Record an assembled file, then drop its pieces (the marker makes them redundant)."""
-        write_json_atomic(self.file_marker(name), {"units": [u.index for u in units], **published})
+        self.file_marker(name).write_json({"units": [u.index for u in units], **published})
         for unit in units:
-            self.piece(unit).unlink(missing_ok=True)
+            self.piece(unit).remove()
 
     def unit_stats(self, unit: Unit) -> dict:
-        return json.loads(self.marker(unit).read_text(encoding="utf-8"))
+        return self.marker(unit).read_json()
 
     def file_record(self, name: str) -> dict:
-        return json.loads(self.file_marker(name).read_text(encoding="utf-8"))
+        return self.file_marker(name).read_json()
 
     def prepare(self, config: dict, overwrite: bool) -> None:
         """Check OUT_DIR against this run's config (resume), or claim it; `overwrite` clears it first.
@@ -114,7 +115,7 @@ class RunDir:
         if overwrite and self.root.exists():
             self._clear()
         elif config_path.exists():
-            previous = json.loads(config_path.read_text(encoding="utf-8"))
+            previous = config_path.read_json()
             changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
             if changed:
                 details = "; ".join(f"{k}: was {_short(previous.get(k))}, now {_short(config.get(k))}" for k in changed)
@@ -124,25 +125,26 @@ class RunDir:
                     "to delete it and start again"
                 )
             return
-        elif self.root.exists() and any(self.root.iterdir()):
+        elif self.root.children():
             raise InputError(
                 f"{self.root} is not empty and was not written by `nerbatch annotate`; choose an empty "
                 "or new --output directory, or pass --overwrite"
             )
-        write_json_atomic(config_path, config)
+        config_path.write_json(config)
 
     def _clear(self) -> None:
         """Delete what nerbatch wrote here: output files (partition directories too) and bookkeeping."""
-        for part in self.root.rglob("part-*.parquet"):
-            part.unlink()
-        for directory in sorted((d for d in self.root.rglob("*=*") if d.is_dir()), reverse=True):
-            if not any(directory.iterdir()):
-                directory.rmdir()
-        shutil.rmtree(self.meta, ignore_errors=True)
+        for part in self.root.find(".parquet"):
+            if part.name.startswith("part-") and not part.is_inside(self.meta):
+                part.remove()
+        for child in self.root.children():  # partition directories left empty
+            if "=" in child.name and child.is_dir() and not child.find():
+                child.remove_tree()
+        self.meta.remove_tree()  # last: until then a rerun still recognises the directory as ours
 
     def check(self, config: dict) -> None:
         """Fail if OUT_DIR's config is not `config` (non-main ranks, after the main rank prepared it)."""
-        previous = json.loads((self.meta / "config.json").read_text(encoding="utf-8"))
+        previous = (self.meta / "config.json").read_json()
         if previous != config:
             raise InputError(
                 f"{self.root}: config.json differs from this process's config; were all processes "
@@ -206,8 +208,7 @@ def write_totals_if_complete(out: RunDir, units: list[Unit], files: list[str], c
     for unit in units:
         stats = out.unit_stats(unit)
         total.add(Tally(**{k: stats[k] for k in vars(Tally())}))
-    write_json_atomic(
-        out.meta / "stats.json",
+    (out.meta / "stats.json").write_json(
         {
             "complete": True,
             "units": len(units),
@@ -229,7 +230,7 @@ def wait_for_other_ranks(
 
     def settled(unit: Unit) -> bool:
         failure = out.failure(unit)
-        return out.is_done(unit) or failure.exists() and failure.stat().st_mtime >= since
+        return out.is_done(unit) or failure.exists() and failure.read_json().get("at", 0) >= since
 
     count, changed = -1, time.monotonic()
     while (now := sum(map(settled, others))) < len(others):

@@ -8,17 +8,17 @@ been done is recorded in the output directory (`nerbatch.rundir`).
 
 from __future__ import annotations
 
-import glob
 from dataclasses import dataclass
-from pathlib import Path
 
+from nerbatch.errors import NerbatchError
 from nerbatch.parquet_io import InputError, open_parquet
+from nerbatch.storage import Location, locate
 
 
 @dataclass(frozen=True)
 class Unit:
     index: int
-    path: str
+    path: str  # the input's absolute path or URI, as recorded in the output (`source_file`)
     row_group: int | None  # None: the whole file
     first_row: int  # index in the file of the unit's first row
     rows: int
@@ -27,44 +27,56 @@ class Unit:
     def name(self) -> str:
         return f"unit-{self.index:06d}"
 
+    @property
+    def location(self) -> Location:
+        return locate(self.path)
+
     def describe(self) -> str:
         where = "" if self.row_group is None else f" row group {self.row_group}"
         return f"{self.path}{where}"
 
 
-def discover_inputs(inputs: list[str], exclude: Path | None = None) -> list[Path]:
-    """Parquet files named by `inputs` (files, directories searched recursively, or glob patterns), sorted.
+def discover_inputs(inputs: list[str], exclude: Location | None = None) -> list[Location]:
+    """Parquet files named by `inputs` (files, directories searched recursively, or glob patterns;
+    plain paths or URIs), sorted and without duplicates.
 
     Files under `exclude` (the output directory) are skipped: an OUT_DIR inside an input directory
-    must not feed a rerun its own parts.
+    must not feed a rerun its own output. A location that cannot be listed (no such bucket, no
+    credentials, unreachable host) is an `InputError` naming it.
     """
-    skip = exclude.resolve() if exclude is not None else None
-    found: set[Path] = set()
+    found: dict[str, Location] = {}
     for spec in inputs:
-        path = Path(spec)
-        if path.is_dir():
-            matches = [p for p in path.rglob("*.parquet") if not _hidden(p.relative_to(path))]
-        elif path.is_file():
-            matches = [path]
-        else:
-            matches = [Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file()]
-        matches = [p.resolve() for p in matches]
-        matches = [p for p in matches if skip is None or not p.is_relative_to(skip)]
+        try:
+            matches = _matches(locate(spec))
+        except NerbatchError:
+            raise
+        except Exception as exc:  # fsspec backends raise their own errors (PermissionError, ClientError, ...)
+            raise InputError(f"{spec}: cannot list this location ({type(exc).__name__}: {exc})") from exc
+        matches = [m for m in matches if exclude is None or not m.is_inside(exclude)]
         if not matches:
             raise InputError(f"{spec}: no such file, or no Parquet files in it")
-        found.update(matches)
-    return sorted(found)
+        found.update((m.uri, m) for m in matches)
+    return [found[uri] for uri in sorted(found)]
 
 
-def _hidden(relative: Path) -> bool:
-    return any(part.startswith((".", "_")) for part in relative.parts)
+def _matches(location: Location) -> list[Location]:
+    if any(c in location.path for c in "*?["):
+        return [Location(location.fs, p) for p in sorted(location.fs.glob(location.path)) if location.fs.isfile(p)]
+    kind = location.kind()
+    if kind == "directory":
+        return [f for f in location.find(".parquet") if not _hidden(f.relative_to(location))]
+    return [location] if kind == "file" else []
 
 
-def plan_units(files: list[Path], columns: list[str], same_type: list[str] = ()) -> list[Unit]:
+def _hidden(relative: str) -> bool:
+    return any(part.startswith((".", "_")) for part in relative.split("/"))
+
+
+def plan_units(files: list[Location], columns: list[str], same_type: list[str] = ()) -> list[Unit]:
     """Read every footer, check that `columns` exist (and that the `same_type` ones have one type in
     every file, since they are copied into one output schema), and number the units. Fails before any work."""
     units: list[Unit] = []
-    types: dict[str, tuple[Path, object]] = {}
+    types: dict[str, tuple[Location, object]] = {}
     for path in files:
         meta = open_parquet(path).metadata
         schema = meta.schema.to_arrow_schema()
@@ -79,12 +91,12 @@ def plan_units(files: list[Path], columns: list[str], same_type: list[str] = ())
                     "a copied column needs one type in every input file"
                 )
         if meta.num_row_groups <= 1:
-            units.append(Unit(len(units), str(path), None, 0, meta.num_rows))
+            units.append(Unit(len(units), path.uri, None, 0, meta.num_rows))
             continue
         first_row = 0
         for group in range(meta.num_row_groups):
             rows = meta.row_group(group).num_rows
-            units.append(Unit(len(units), str(path), group, first_row, rows))
+            units.append(Unit(len(units), path.uri, group, first_row, rows))
             first_row += rows
     return units
 

@@ -24,15 +24,16 @@ from helpers import environment, free_port
 pytestmark = pytest.mark.slow
 
 
-def command(model: Path, corpus: Path, out: Path) -> list[str]:
+def command(model: Path, corpus: Path, out: Path, uris: bool = False) -> list[str]:
+    scheme = "file://" if uris else ""
     return [
         "-m",
         "nerbatch",
         "annotate",
         str(model),
-        str(corpus),
+        f"{scheme}{corpus}",
         "--output",
-        str(out),
+        f"{scheme}{out}",
         "--max-length",
         "64",
         "--read-rows",
@@ -100,9 +101,10 @@ def wait_for(predicate, timeout: float = 120.0) -> None:
         time.sleep(0.05)
 
 
-def test_sigkill_mid_unit_then_rerun_equals_an_uninterrupted_run(tiny_model_dir, corpus, uninterrupted, tmp_path):
+@pytest.mark.parametrize("uris", [False, True], ids=["paths", "file-uris"])
+def test_sigkill_mid_unit_then_rerun_equals_an_uninterrupted_run(tiny_model_dir, corpus, uninterrupted, tmp_path, uris):
     out = tmp_path / "out"
-    argv = [sys.executable, *command(tiny_model_dir, corpus, out)]
+    argv = [sys.executable, *command(tiny_model_dir, corpus, out, uris)]
     markers = out / "_nerbatch" / "done"
     for kill in range(2):  # killed twice, at different points, then run to completion
         job = subprocess.Popen(

@@ -19,6 +19,7 @@ from nerbatch.parquet_io import InputError, PartWriter, output_schema
 from nerbatch.prefetch import prefetch
 from nerbatch.rundir import RunDir
 from nerbatch.shards import discover_inputs, plan_units, units_for_rank
+from nerbatch.storage import locate
 
 # -- shards: inputs, units, ranks
 
@@ -36,9 +37,10 @@ def test_inputs_are_discovered_sorted_without_hidden_files_or_the_output(tmp_pat
     write_parquet(tmp_path / "in" / ".hidden" / "c.parquet", 3)
     write_parquet(tmp_path / "in" / "_tmp" / "d.parquet", 3)
     write_parquet(tmp_path / "in" / "out" / "part-000000.parquet", 3)  # an OUT_DIR inside the input directory
-    found = discover_inputs([str(tmp_path / "in"), str(b)], exclude=tmp_path / "in" / "out")
-    assert found == sorted([a.resolve(), b.resolve()])
-    assert discover_inputs([str(tmp_path / "in" / "*.parquet")]) == [b.resolve()]
+    found = discover_inputs([str(tmp_path / "in"), str(b)], exclude=locate(tmp_path / "in" / "out"))
+    assert [f.uri for f in found] == sorted([str(a.resolve()), str(b.resolve())])
+    assert [f.uri for f in discover_inputs([str(tmp_path / "in" / "*.parquet")])] == [str(b.resolve())]
+    assert [f.uri for f in discover_inputs([f"file://{tmp_path}/in/**/a.parquet"])] == [str(a.resolve())]
     with pytest.raises(InputError, match="no such file"):
         discover_inputs([str(tmp_path / "missing")])
 
@@ -46,7 +48,7 @@ def test_inputs_are_discovered_sorted_without_hidden_files_or_the_output(tmp_pat
 def test_units_are_row_groups_numbered_in_a_fixed_order(tmp_path):
     one = write_parquet(tmp_path / "a.parquet", 10, row_group=4)  # 3 row groups
     two = write_parquet(tmp_path / "b.parquet", 5)  # 1 row group: the whole file
-    units = plan_units([one, two], ["text"])
+    units = plan_units([locate(one), locate(two)], ["text"])
     assert [(u.index, Path(u.path).name, u.row_group, u.first_row, u.rows) for u in units] == [
         (0, "a.parquet", 0, 0, 4),
         (1, "a.parquet", 1, 4, 4),
@@ -56,14 +58,14 @@ def test_units_are_row_groups_numbered_in_a_fixed_order(tmp_path):
     assert [u.index for u in units_for_rank(units, 1, 3)] == [1]
     assert sorted(u.index for r in range(3) for u in units_for_rank(units, r, 3)) == [0, 1, 2, 3]
     with pytest.raises(InputError, match="no column 'body'"):
-        plan_units([one], ["body"])
+        plan_units([locate(one)], ["body"])
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
     with pytest.raises(InputError, match="bad.parquet: not a readable Parquet file"):
-        plan_units([tmp_path / "bad.parquet"], ["text"])
+        plan_units([locate(tmp_path / "bad.parquet")], ["text"])
 
 
 def test_run_dir_refuses_another_run_and_foreign_files(tmp_path):
-    out = RunDir(tmp_path / "out")
+    out = RunDir(locate(tmp_path / "out"))
     config = {"model": "m", "options": {"stride": 8}, "inputs": [["a", None, 3]]}
     out.prepare(config, overwrite=False)
     out.prepare(config, overwrite=False)  # the same run resumes
@@ -71,16 +73,16 @@ def test_run_dir_refuses_another_run_and_foreign_files(tmp_path):
         out.prepare({**config, "options": {"stride": 16}}, overwrite=False)
     with pytest.raises(InputError, match="same command"):
         out.check({**config, "model": "other"})
-    (out.root / "part-00000.parquet").write_bytes(b"x")
-    (out.root / "lang=en").mkdir()
-    (out.root / "lang=en" / "part-00000.parquet").write_bytes(b"x")
+    (tmp_path / "out" / "part-00000.parquet").write_bytes(b"x")
+    (tmp_path / "out" / "lang=en").mkdir()
+    (tmp_path / "out" / "lang=en" / "part-00000.parquet").write_bytes(b"x")
     out.prepare({**config, "model": "other"}, overwrite=True)  # --overwrite clears files and bookkeeping
-    assert list(out.root.iterdir()) == [out.meta]
+    assert [c.name for c in out.root.children()] == ["_nerbatch"]
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(InputError, match="not written by `nerbatch annotate`"):
-        RunDir(foreign).prepare(config, overwrite=False)
+        RunDir(locate(foreign)).prepare(config, overwrite=False)
 
 
 # -- parquet_io: atomic parts
@@ -89,13 +91,15 @@ def test_run_dir_refuses_another_run_and_foreign_files(tmp_path):
 def test_part_is_invisible_until_published_and_abandon_leaves_nothing(tmp_path):
     schema = output_schema([pa.field("id", pa.int64())], {"version": "test"})
     final, temporary = tmp_path / "part-000000.parquet", tmp_path / "tmp" / "part-000000.rank0.parquet"
-    writer = PartWriter(final, temporary, schema)
+    writer = PartWriter(locate(final), locate(temporary), schema)
     writer.write({"id": [1, 2], "entities": [[], []], "error": [None, "empty text"], "n_windows": [1, 0]})
     assert temporary.exists() and not final.exists()
     writer.publish()
     assert final.exists() and not temporary.exists()
     assert pq.read_table(final)["error"].to_pylist() == [None, "empty text"]
-    other = PartWriter(tmp_path / "part-000001.parquet", tmp_path / "tmp" / "part-000001.rank0.parquet", schema)
+    other = PartWriter(
+        locate(tmp_path / "part-000001.parquet"), locate(tmp_path / "tmp" / "part-000001.rank0.parquet"), schema
+    )
     other.write({"id": [3], "entities": [[]], "error": [None], "n_windows": [1]})
     other.abandon()
     assert sorted(p.name for p in tmp_path.rglob("*.parquet")) == ["part-000000.parquet"]
