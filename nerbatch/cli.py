@@ -197,10 +197,14 @@ def print_table(metrics: dict) -> None:
 )
 def predict_cmd(model_dir, text, aggregation, segment, max_length, precision):
     """Print the entities of TEXT as JSON lines (entity type, word, score, start, end)."""
+    import torch
+
     from nerbatch.inference import annotate_texts
     from nerbatch.modeling import load_token_classifier
 
     model, tokenizer = load_token_classifier(model_dir)
+    if torch.cuda.is_available():  # as annotate: the GPU when there is one
+        model.to("cuda")
     for span in annotate_texts(
         [text], model, tokenizer, aggregation=aggregation, max_length=max_length, segment=segment, precision=precision
     )[0]:

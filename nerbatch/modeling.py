@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokenizer
 
 from nerbatch.errors import NerbatchError
@@ -150,7 +151,11 @@ def load_token_classifier(name: str):
     hf_logging.set_verbosity_error()  # the load report; what matters in it is checked below
     hf_logging.disable_progress_bar()
     try:
-        model, info = AutoModelForTokenClassification.from_pretrained(name, output_loading_info=True)
+        # fp32 whatever dtype the checkpoint was saved in (transformers 5 keeps the saved one): the
+        # precision of inference is --precision's business (autocast, int8), not the file's
+        model, info = AutoModelForTokenClassification.from_pretrained(
+            name, output_loading_info=True, dtype=torch.float32
+        )
     except (OSError, ValueError) as exc:  # no weights file, a truncated or foreign one
         raise ModelError(f"{name}: could not load its weights ({str(exc).splitlines()[0]})") from exc
     finally:
@@ -208,7 +213,11 @@ def load_model(name: str, labels: list[str]):
     if existing is not None:
         labels = sorted(existing, key=existing.get)
     id2label = dict(enumerate(labels))
-    model = AutoModelForTokenClassification.from_pretrained(
-        name, num_labels=len(labels), id2label=id2label, label2id={v: k for k, v in id2label.items()}
+    model = AutoModelForTokenClassification.from_pretrained(  # fp32 master weights, as load_token_classifier
+        name,
+        num_labels=len(labels),
+        id2label=id2label,
+        label2id={v: k for k, v in id2label.items()},
+        dtype=torch.float32,
     )
     return model, labels

@@ -154,3 +154,19 @@ def test_hub_id_offline_is_one_line(docs, tmp_path, monkeypatch):
     assert "dslim/bert-base-NER" in message and "offline" in message
     with pytest.raises(ModelError):
         load_token_classifier("dslim/bert-base-NER")
+
+
+def test_a_checkpoint_saved_in_bf16_loads_in_fp32(tiny_model_dir, tmp_path):
+    """--precision decides the arithmetic, not the dtype the weights were saved in (transformers 5
+    would otherwise keep bf16 and run bf16 on a CPU under `fp32`)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForTokenClassification
+
+    saved = tmp_path / "bf16"
+    AutoModelForTokenClassification.from_pretrained(tiny_model_dir).to(torch.bfloat16).save_pretrained(saved)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, saved / name)
+    model, _ = load_token_classifier(str(saved))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
