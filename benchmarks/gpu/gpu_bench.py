@@ -1,0 +1,916 @@
+"""The GPU benchmark: CUDA tests, annotation and training speed, CPU-vs-GPU spans, one JSON file.
+
+    OUT=DIR benchmarks/gpu/run.sh [--dry-run]      (sets the environment, then runs this file)
+
+Built to be right the first time it meets a GPU: one H100/H200 is lent for minutes, offline, with
+the repository and the carry folder made by `prepare.py`. The driver (`main`) runs these steps in
+this order, each in its own process, under one time budget (450 s by default):
+
+    assets         models and data in a scratch folder: the carried MiniLM with fp32 weights again,
+                   and a randomly initialised token classifier shaped like bert-base-cased
+    tests          benchmarks/gpu/test_cuda.py under pytest, on the device
+    cpu_gpu_spans  the MiniLM's spans on the CPU in fp32 vs on the device at annotate's default precision
+    annotation     `nerbatch annotate` vs the transformers pipeline vs the forward-only ceiling, per model
+    training       `nerbatch train` (bf16, batch 32, length-grouped) vs the reference loop (fp32, batch 8)
+
+A step records its results in a JSON file as it goes, so a step that fails or runs out of time keeps
+what it measured and says why in an `error`; the later steps still run. One process per step, because
+a CUDA error leaves the process that met it unusable. OUT/gpu.json is rewritten after every step.
+
+`--dry-run` runs every step at tiny sizes on the CPU (CUDA hidden): a tiny BERT instead of the
+bert-base shape, a few training steps and documents. Without a carry folder it builds what it needs
+the way the test fixtures do (tests/conftest.py), from ../shared/data or $NERBATCH_SHARED_DATA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+CARRY = HERE / "carry"
+MANIFEST = "manifest.json"  # written last by prepare.py: a carry folder without it is incomplete
+SHARED_DATA = Path(os.environ.get("NERBATCH_SHARED_DATA", REPO.parent / "shared" / "data"))
+sys.path.insert(0, str(REPO / "benchmarks"))  # bench.py: the CPU benchmark's runners, reused here
+
+# Every process the benchmark starts: offline, quiet, this checkout importable (never pip-installed
+# on the device: the package's pins differ from what is installed there).
+ENVIRONMENT = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+# Share of subwords the random model tags as entities. A random head tags about 8 in 9, which would
+# make span decoding and the output cost far more than with any trained model. The carried MiniLM
+# finds 4.6 spans per 100 Reuters subwords (it tags 12.6% of them, but its entities run over several
+# subwords; a random head's tagged subwords rarely join): tagging 5% gives about as many spans.
+ENTITY_SHARE = 0.05
+BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
+TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much work each step does. The GPU sizes fit the budget on one H100/H200 with room to spare;
+    the dry-run sizes only prove the code paths, on a 2-core CPU."""
+
+    encoder: dict  # BertConfig shape of the randomly initialised model (training, annotation)
+    test_docs: int  # Reuters documents in the CUDA tests' span comparisons
+    span_docs: int  # documents of the CPU-vs-GPU span check
+    train_sentences: int  # CoNLL sentences each training loop runs through, once
+    eval_sentences: int  # validation sentences (untimed; kept small)
+    pool_docs: int  # Reuters documents that fit one 512-subword window (the pipeline sees them whole)
+    copies: int  # annotate's corpus: the pool this many times, one row group (one unit) each
+    pipeline_docs: int  # the pipeline's share of the pool: it is much slower; rates compare per subword
+    batch_sizes: tuple[int, ...]  # pipeline batch sizes
+    repeats: int  # interleaved rounds of pipeline and ceiling; the best round counts
+    budget_s: float  # all steps together
+    tune_steps: int  # dry run without a carry folder: fine-tuning steps of the tiny BERT
+    annotate_runs: dict  # model: the ANNOTATE_RUNS timed for it
+
+
+GPU_SIZES = Sizes(
+    encoder=BERT_BASE,
+    test_docs=300,
+    span_docs=300,
+    train_sentences=9600,
+    eval_sentences=64,
+    pool_docs=4000,
+    copies=3,
+    pipeline_docs=500,
+    batch_sizes=(1, 8, 32, 64),
+    repeats=2,
+    budget_s=450,
+    tune_steps=0,
+    annotate_runs={
+        "bert_base_random": ("like_pipeline", "big_batches", "parallel_tokenizer", "defaults"),
+        "minilm_tuned": ("like_pipeline", "defaults"),
+    },
+)
+DRY_SIZES = Sizes(
+    encoder=TINY_BERT,
+    test_docs=12,
+    span_docs=16,
+    train_sentences=96,
+    eval_sentences=16,
+    pool_docs=24,
+    copies=2,
+    pipeline_docs=12,
+    batch_sizes=(1, 8),
+    repeats=1,
+    budget_s=240,
+    tune_steps=100,
+    annotate_runs={"bert_base_random": ("like_pipeline", "parallel_tokenizer"), "minilm_tuned": ("like_pipeline",)},
+)
+
+# The `nerbatch annotate` runs Sizes.annotate_runs picks from: (extra options, extra environment).
+# `like_pipeline` does the pipeline's work (one 512-subword window per document, subword-level
+# aggregation), so the ratios use it; the others tell what the defaults, bigger batches (the ceiling
+# has no 64-window cap) or a multi-threaded tokenizer change.
+LIKE_PIPELINE = ["--segment", "none", "--max-length", "512", "--aggregation", "simple"]
+ANNOTATE_RUNS = {
+    "like_pipeline": (LIKE_PIPELINE, {}),
+    "big_batches": ([*LIKE_PIPELINE, "--batch-size", "512"], {}),
+    "parallel_tokenizer": (LIKE_PIPELINE, {"TOKENIZERS_PARALLELISM": "true"}),
+    "defaults": ([], {}),
+}
+
+# (name, where in the report, at least): what the GPU run is expected to show.
+TARGETS = (
+    ("annotate_over_pipeline_best", ("annotation", "bert_base_random", "ratios", "annotate_over_pipeline_best"), 10.0),
+    ("annotate_over_ceiling", ("annotation", "bert_base_random", "ratios", "annotate_over_ceiling"), 0.8),
+    (
+        "annotate_subwords_per_s",
+        ("annotation", "bert_base_random", "annotate", "like_pipeline", "steady", "subwords_per_s"),
+        1_000_000,
+    ),
+    ("training_speedup", ("training", "speedup"), 3.0),
+    ("cpu_gpu_identical_docs", ("cpu_gpu_spans", "fraction_identical"), 0.99),
+)
+
+RESERVE_S = 10  # kept back from the budget to write the report
+MIN_STEP_S = 20  # a step that would get less time than this is skipped
+GRACE_S = 10  # a step past its deadline gets this long to finish before it is killed
+
+
+class CommandFailed(RuntimeError):
+    """A subprocess exited non-zero or ran out of time; the message ends with its log's last lines."""
+
+
+@dataclass
+class Context:
+    """What a step needs (sizes, folders, its deadline) and the results it records as it goes."""
+
+    name: str
+    sizes: Sizes
+    dry_run: bool
+    out: Path
+    workdir: Path
+    carry: Path
+    deadline: float  # time.time() by which the step must be done
+    started: float  # time.time() when the whole run started (for the log lines)
+    result: dict = field(default_factory=dict)
+
+    def remaining(self) -> float:
+        return max(self.deadline - time.time(), 1.0)
+
+    def say(self, message: str) -> None:
+        print(f"[{time.time() - self.started:6.1f} s] {self.name}: {message}", flush=True)
+
+    def save(self) -> None:
+        write_json(step_file(self.workdir, self.name), self.result)
+
+    def assets(self) -> dict:
+        return json.loads(step_file(self.workdir, "assets").read_text())
+
+    @cached_property
+    def device(self) -> str:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def attempt(self, label: str, fn, *args) -> dict:
+        """Run one measurement; a failure becomes {"error": ...} so the step's other measurements survive."""
+        began = time.perf_counter()
+        try:
+            result = fn(*args)
+        except Exception as exc:
+            traceback.print_exc()
+            result = {"error": describe_error(exc)}
+        status = f"FAILED: {result['error'][:300]}" if "error" in result else "done"
+        self.say(f"{label}: {status} ({time.perf_counter() - began:.1f} s)")
+        return result
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write `data` atomically (a reader never sees half a file, even if this process is killed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(temporary, path)
+
+
+def step_file(workdir: Path, name: str) -> Path:
+    return workdir / "steps" / f"{name}.json"
+
+
+def describe_error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:2000]
+
+
+def child_env(**extra: str) -> dict:
+    """The environment of a subprocess: ours, offline and quiet, this checkout first on the path.
+    Mixed precision only where asked: the reference loop must run in fp32."""
+    env = {**os.environ, **ENVIRONMENT}
+    env.pop("ACCELERATE_MIXED_PRECISION", None)
+    paths = env.get("PYTHONPATH", "").split(os.pathsep)
+    if str(REPO) not in paths:
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, paths)])
+    return {**env, **extra}
+
+
+def log_tail(log: Path, lines: int = 12) -> str:
+    """The last non-blank lines of a log (progress bars' carriage returns count as line ends), joined."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    kept = [line.strip() for line in text.replace("\r", "\n").splitlines() if line.strip()][-lines:]
+    return " | ".join(kept)[-1500:] or "(no output)"
+
+
+def run_logged(cmd: list[str], log: Path, timeout: float, **env: str) -> float:
+    """Run `cmd` from the repository with its output in `log`; return its wall time in seconds."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    shown = " ".join(cmd[1:4])
+    began = time.perf_counter()
+    with open(log, "w") as f:
+        try:
+            done = subprocess.run(
+                cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env(**env), cwd=REPO, timeout=timeout
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise CommandFailed(f"{shown}: stopped after {timeout:.0f} s (time budget); {log_tail(log)}") from exc
+    if done.returncode:
+        raise CommandFailed(f"{shown} exited with {done.returncode}: {log_tail(log)}")
+    return time.perf_counter() - began
+
+
+def rate(docs: int, subwords: int, seconds: float) -> dict:
+    """Throughput figures of one timed run."""
+    return {
+        "docs": docs,
+        "subwords": subwords,
+        "seconds": seconds,
+        "docs_per_s": docs / seconds,
+        "subwords_per_s": subwords / seconds,
+    }
+
+
+def content_subwords(tokenizer, texts: list[str]) -> int:
+    """Subwords of `texts` without special tokens: what annotate's stats count as tokens."""
+    return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+
+
+def reuters_texts(path: str, count: int) -> list[str]:
+    """The first `count` non-blank texts of a Reuters Parquet file, of any length."""
+    import pyarrow.parquet as pq
+
+    texts = [t for t in pq.read_table(path, columns=["text"]).column("text").to_pylist() if t and t.strip()]
+    return texts[:count]
+
+
+def model_shape(model) -> str:
+    c = model.config
+    return (
+        f"{type(model).__name__}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} "
+        f"heads, FFN {c.intermediate_size}, vocab {c.vocab_size}, {model.num_parameters() / 1e6:.1f}M parameters"
+    )
+
+
+def dig(report: dict, path: tuple[str, ...]):
+    """report[path[0]][path[1]]..., or None where a key is missing."""
+    for key in path:
+        if not isinstance(report, dict) or key not in report:
+            return None
+        report = report[key]
+    return report
+
+
+def nested_errors(result: dict, prefix: str = "") -> list[str]:
+    """'where: message' for every `error` inside `result`."""
+    found = []
+    for key, value in result.items():
+        if key == "error":
+            found.append(f"{prefix or 'step'}: {value}")
+        elif isinstance(value, dict):
+            found += nested_errors(value, f"{prefix}/{key}" if prefix else key)
+    return found
+
+
+# ------------------------------------------------------------------------------------------------ assets
+
+
+def step_assets(ctx: Context) -> None:
+    """Models and data in the scratch folder: from the carry folder, or (dry run without one) built
+    like the test fixtures from the shared data. Records their paths for the other steps."""
+    tuned = ctx.workdir / "minilm-tuned"
+    if (ctx.carry / MANIFEST).exists():
+        restore_fp32(ctx.carry / "minilm", tuned)
+        conll, reuters = ctx.carry / "conll2003", ctx.carry / "reuters.parquet"
+        source = f"carry folder {ctx.carry}"
+    elif ctx.dry_run:
+        conll, reuters = SHARED_DATA / "conll2003", SHARED_DATA / "reuters21578" / "reuters21578.parquet"
+        if not (conll / "train.txt").exists() or not reuters.exists():
+            raise FileNotFoundError(f"no carry folder and no shared data at {SHARED_DATA} (set NERBATCH_SHARED_DATA)")
+        build_tuned_tiny_bert(tuned, ctx.sizes.tune_steps)
+        source = f"tiny BERT fine-tuned here, shared data {SHARED_DATA}"
+    else:
+        raise FileNotFoundError(
+            f"no {ctx.carry / MANIFEST}: run benchmarks/gpu/prepare.py and carry benchmarks/gpu/carry (README)"
+        )
+    sample = reuters_texts(str(reuters), 16)
+    encoder = build_random_encoder(tuned, ctx.workdir / "bert-base-random", ctx.sizes.encoder, sample)
+    valid = head_conll(conll / "valid.txt", ctx.workdir / "valid-head.txt", ctx.sizes.eval_sentences)
+    ctx.result.update(
+        source=source,
+        models={"minilm_tuned": str(tuned), "bert_base_random": str(encoder)},
+        conll_train=str(conll / "train.txt"),
+        conll_valid=str(valid),
+        reuters=str(reuters),
+    )
+
+
+def restore_fp32(carried: Path, target: Path) -> None:
+    """Save the carried bf16 checkpoint with fp32 weights: transformers loads a checkpoint in the
+    dtype it was saved in, and nerbatch's fp32 paths (CPU, `--precision fp32`) expect fp32 weights."""
+    import torch
+    from transformers import AutoModelForTokenClassification
+
+    AutoModelForTokenClassification.from_pretrained(carried, dtype=torch.float32).save_pretrained(target)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        if (carried / name).exists():
+            shutil.copy(carried / name, target / name)
+
+
+def build_tuned_tiny_bert(target: Path, steps: int) -> None:
+    """The test suite's tiny BERT (WordPiece trained on the shared data), briefly fine-tuned on CoNLL."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import build_tiny_model
+    from helpers import fine_tune
+
+    with tempfile.TemporaryDirectory() as base:
+        fine_tune(build_tiny_model(Path(base)), target, steps)
+
+
+def build_random_encoder(tokenizer_dir: Path, target: Path, shape: dict, sample: list[str]) -> Path:
+    """A randomly initialised BERT token classifier of `shape` with the tokenizer and the labels of
+    the model in `tokenizer_dir`, tagging about as many subwords of `sample` as a trained model: its
+    speed is that of a real one; its spans mean nothing."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, BertConfig, BertForTokenClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    labels = AutoConfig.from_pretrained(tokenizer_dir).id2label
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        id2label=labels,
+        label2id={label: i for i, label in labels.items()},
+        **shape,
+    )
+    torch.manual_seed(0)
+    model = BertForTokenClassification(config).eval()
+    calibrate_entity_share(model, tokenizer, sample, ENTITY_SHARE)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def calibrate_entity_share(model, tokenizer, texts: list[str], share: float) -> None:
+    """Raise the classifier's `O` bias so that `share` of the subwords of `texts` get another label."""
+    import torch
+
+    outside = model.config.label2id["O"]
+    with torch.inference_mode():
+        batch = tokenizer(texts, truncation=True, padding=True, return_tensors="pt")
+        logits = model(**batch).logits[batch["attention_mask"].bool()]
+    others = torch.cat([logits[:, :outside], logits[:, outside + 1 :]], dim=1).max(dim=1).values
+    margin = others - logits[:, outside]  # a subword is tagged where this exceeds the added bias
+    model.classifier.bias.data[outside] += torch.quantile(margin, 1 - share)
+
+
+def head_conll(source: Path, target: Path, sentences: int) -> Path:
+    """The first `sentences` sentences of a CoNLL file, with its -DOCSTART- lines."""
+    kept, count = [], 0
+    for block in re.split(r"\n\s*\n", source.read_text(encoding="utf-8")):
+        if count == sentences:
+            break
+        if block.strip():
+            kept.append(block.strip("\n"))
+            count += not block.startswith("-DOCSTART-")
+    target.write_text("\n\n".join(kept) + "\n\n", encoding="utf-8")
+    return target
+
+
+# ------------------------------------------------------------------------------------------------- tests
+
+
+def step_tests(ctx: Context) -> None:
+    """benchmarks/gpu/test_cuda.py under pytest on the device; counts and each test's outcome."""
+    assets = ctx.assets()
+    xml = ctx.out / "tests.xml"
+    settings = {
+        "NERBATCH_GPU_DEVICE": ctx.device,
+        "NERBATCH_GPU_MODEL": assets["models"]["minilm_tuned"],
+        "NERBATCH_GPU_REUTERS": assets["reuters"],
+        "NERBATCH_GPU_VALID": assets["conll_valid"],
+        "NERBATCH_GPU_DOCS": str(ctx.sizes.test_docs),
+    }
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "test_cuda.py")]
+    timeout = ctx.remaining()
+    try:
+        done = subprocess.run([*cmd, f"--junitxml={xml}"], env=child_env(**settings), cwd=REPO, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise CommandFailed(f"pytest stopped after {timeout:.0f} s (time budget)") from exc
+    ctx.result.update(device=ctx.device, exit_code=done.returncode, **junit_outcomes(xml))
+    if ctx.result["failed"] or not ctx.result["passed"]:
+        failing = [c["name"] for c in ctx.result["cases"] if c["outcome"] == "failed"]
+        ctx.result["error"] = f"{ctx.result['failed']} failed ({', '.join(failing)}), {ctx.result['passed']} passed"
+
+
+def junit_outcomes(xml: Path) -> dict:
+    """passed / failed (failures and errors) / skipped counts and every test case from pytest's JUnit XML."""
+    import xml.etree.ElementTree as ElementTree
+
+    outcomes = {"failure": "failed", "error": "failed", "skipped": "skipped"}
+    cases = []
+    for case in ElementTree.parse(xml).getroot().iter("testcase"):
+        found = next((case.find(tag) for tag in outcomes if case.find(tag) is not None), None)
+        entry = {"name": case.get("name"), "seconds": float(case.get("time", 0)), "outcome": "passed"}
+        if found is not None:
+            entry |= {"outcome": outcomes[found.tag], "message": (found.get("message") or "")[:500]}
+        cases.append(entry)
+    counts = {o: sum(c["outcome"] == o for c in cases) for o in ("passed", "failed", "skipped")}
+    return {**counts, "cases": cases}
+
+
+# ----------------------------------------------------------------------------------------- cpu_gpu_spans
+
+
+def step_cpu_gpu_spans(ctx: Context) -> None:
+    """The tuned model's spans on the CPU in fp32 against the device at annotate's default precision
+    (bf16 on a GPU): documents whose (start, end, label) spans are identical, and examples that differ."""
+    from nerbatch.inference import Annotator
+    from nerbatch.modeling import load_token_classifier
+
+    assets = ctx.assets()
+    texts = reuters_texts(assets["reuters"], ctx.sizes.span_docs)
+    cpu_model, tokenizer = load_token_classifier(assets["models"]["minilm_tuned"])
+    device_model, _ = load_token_classifier(assets["models"]["minilm_tuned"])
+    cpu = Annotator(cpu_model, tokenizer, precision="fp32")
+    device = Annotator(device_model.to(ctx.device), tokenizer)
+    device.annotate(texts[:8])  # warm-up: CUDA context and kernels
+    spans, seconds = {}, {}
+    for name, annotator in (("cpu", cpu), ("device", device)):
+        began = time.perf_counter()
+        spans[name] = annotator.annotate(texts)
+        seconds[name] = time.perf_counter() - began
+    ctx.result.update(
+        device=ctx.device,
+        cpu_precision=cpu.precision,
+        device_precision=device.precision,
+        segment=device.segment,
+        cpu_seconds=seconds["cpu"],
+        device_seconds=seconds["device"],
+        **compare_spans(spans["cpu"], spans["device"]),
+    )
+
+
+def compare_spans(cpu: list, device: list) -> dict:
+    """Documents with identical spans, spans found by both, and the first differing documents."""
+    pairs = [
+        ([(s.start, s.end, s.label) for s in a], [(s.start, s.end, s.label) for s in b]) for a, b in zip(cpu, device)
+    ]
+    identical = sum(a == b for a, b in pairs)
+    examples = [
+        {"doc": i, "only_cpu": sorted(set(a) - set(b)), "only_device": sorted(set(b) - set(a))}
+        for i, (a, b) in enumerate(pairs)
+        if a != b
+    ]
+    return {
+        "docs": len(pairs),
+        "docs_identical": identical,
+        "fraction_identical": identical / len(pairs),
+        "spans_cpu": sum(len(a) for a, _ in pairs),
+        "spans_device": sum(len(b) for _, b in pairs),
+        "spans_in_both": sum(len(set(a) & set(b)) for a, b in pairs),
+        "differing_examples": examples[:5],
+    }
+
+
+# -------------------------------------------------------------------------------------------- annotation
+
+
+def step_annotation(ctx: Context) -> None:
+    """Per model: `nerbatch annotate` runs as processes, then the pipeline and the ceiling in this one."""
+    assets = ctx.assets()
+    for name, runs in ctx.sizes.annotate_runs.items():
+        entry = ctx.result[name] = {}
+        try:
+            annotate_model(ctx, entry, name, assets["models"][name], assets["reuters"], runs)
+        except Exception as exc:
+            traceback.print_exc()
+            entry["error"] = describe_error(exc)
+            ctx.say(f"{name}: FAILED: {entry['error'][:300]}")
+        ctx.save()
+
+
+def annotate_model(ctx: Context, entry: dict, name: str, model_dir: str, reuters: str, runs: tuple[str, ...]) -> None:
+    """Fill `entry` with one model's annotate runs, pipeline, ceiling and their ratios, saving as it goes."""
+    from bench import load_documents
+
+    from nerbatch.modeling import load_token_classifier, max_model_length
+
+    model, tokenizer = load_token_classifier(model_dir)
+    pool = load_documents(Path(reuters), ctx.sizes.pool_docs, tokenizer, max_model_length(tokenizer, model.config))
+    corpus = write_corpus(ctx.workdir / f"{name}-corpus.parquet", pool, ctx.sizes.copies)
+    entry.update(
+        model=model_shape(model),
+        device=ctx.device,
+        pool_docs=len(pool),
+        pool_subwords=content_subwords(tokenizer, pool),
+        copies=ctx.sizes.copies,
+        annotate={},
+    )
+    ctx.save()
+    for run in runs:
+        entry["annotate"][run] = ctx.attempt(
+            f"{name}: annotate {run}", time_annotate, ctx, name, model_dir, corpus, run
+        )
+        ctx.save()
+    model.to(ctx.device)
+    entry.update(ctx.attempt(f"{name}: pipeline and ceiling", time_pipeline_and_ceiling, ctx, model, tokenizer, pool))
+    if not nested_errors(entry):
+        entry["ratios"] = annotation_ratios(entry)
+    ctx.save()
+
+
+def write_corpus(path: Path, texts: list[str], copies: int) -> Path:
+    """`copies` times the texts in one Parquet file (`doc_id`, `text`), one row group per copy: each
+    is one annotate unit, so the units after the first show the job without its warm-up."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = texts * copies
+    table = pa.table({"doc_id": list(range(len(texts))), "text": texts})
+    pq.write_table(table, path, row_group_size=len(texts) // copies)
+    return path
+
+
+def time_annotate(ctx: Context, name: str, model_dir: str, corpus: Path, run: str) -> dict:
+    """One `nerbatch annotate` process: the whole process timed; the job's own time (stats.json); and
+    the steady state, the units after the first (done markers), which hold no start-up or warm-up."""
+    options, env = ANNOTATE_RUNS[run]
+    output = ctx.workdir / f"annotate-{name}-{run}"
+    cmd = [sys.executable, "-m", "nerbatch", "annotate", model_dir, str(corpus), "--output", str(output)]
+    cmd += ["--id-column", "doc_id", "--no-progress", "--overwrite", *options]
+    process = run_logged(cmd, ctx.out / "logs" / f"annotate-{name}-{run}.log", ctx.remaining(), **env)
+    stats = json.loads((output / "_nerbatch" / "stats.json").read_text())
+    units = sorted(
+        (json.loads(p.read_text()) for p in (output / "_nerbatch" / "done").glob("*.json")),
+        key=lambda marker: marker["unit"]["index"],
+    )
+    shutil.rmtree(output)
+    later = units[1:]
+    return {
+        "options": options,
+        "env": env,
+        "settings": stats["options"],
+        "entities": stats["entities"],
+        "windows": stats["windows"],
+        **rate(stats["docs"], stats["tokens"], stats["seconds"]),
+        "steady": rate(
+            sum(u["docs"] for u in later), sum(u["tokens"] for u in later), sum(u["seconds"] for u in later)
+        ),
+        "process_seconds": process,
+        "process_docs_per_s": stats["docs"] / process,
+        "process_subwords_per_s": stats["tokens"] / process,
+    }
+
+
+def time_pipeline_and_ceiling(ctx: Context, model, tokenizer, pool: list[str]) -> dict:
+    """The transformers pipeline (fp32, its default) at each batch size on the first documents of the
+    pool, and the forward-only ceiling on the whole pool at annotate's default precision, rounds
+    interleaved; then the pipeline in bf16 at its best batch size, for comparison."""
+    import copy
+
+    import torch
+    from bench import best_times, ceiling_runner, pipeline_runner
+
+    from nerbatch.inference import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS
+    from nerbatch.precision import autocast_dtype, resolve_precision
+
+    device = ctx.device
+    precision = resolve_precision("auto", torch.device(device))
+    texts = pool[: ctx.sizes.pipeline_docs]
+    budget = GPU_BATCH_TOKENS if device == "cuda" else CPU_BATCH_TOKENS
+    ceiling = ceiling_runner(model, tokenizer, pool, budget, device)
+    methods = {"ceiling": under_autocast(ceiling, device, autocast_dtype(precision))}
+    methods |= {size: pipeline_runner(model, tokenizer, texts, size, device) for size in ctx.sizes.batch_sizes}
+    seconds, _ = best_times(methods, ctx.sizes.repeats)
+    subwords = content_subwords(tokenizer, texts)
+    by_size = {str(size): rate(len(texts), subwords, seconds[size]) for size in ctx.sizes.batch_sizes}
+    best = max(by_size, key=lambda size: by_size[size]["docs_per_s"])
+    bf16_model = copy.deepcopy(model).to(torch.bfloat16)
+    bf16_seconds, _ = best_times({"bf16": pipeline_runner(bf16_model, tokenizer, texts, int(best), device)}, 1)
+    return {
+        "pipeline": {
+            "precision": "fp32 (the pipeline's default)",
+            "by_batch_size": by_size,
+            "best_batch_size": int(best),
+            "best": by_size[best],
+            "bf16_weights_at_best_batch_size": rate(len(texts), subwords, bf16_seconds["bf16"]),
+        },
+        "ceiling": {
+            "precision": precision,
+            "max_batch_tokens": budget,
+            **rate(len(pool), content_subwords(tokenizer, pool), seconds["ceiling"]),
+        },
+    }
+
+
+def under_autocast(fn, device: str, dtype):
+    """`fn` run under the autocast annotate uses on `device` (none for fp32)."""
+    import torch
+
+    def run():
+        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+            return fn()
+
+    return run
+
+
+def annotation_ratios(entry: dict) -> dict:
+    """annotate (`like_pipeline`) over the pipeline's best batch size and over the ceiling, per subword
+    (they ran on different numbers of the same documents). The pipeline and the ceiling are timed
+    warm, so the main ratios use annotate's steady state; the others are there for the record."""
+    ours = entry["annotate"]["like_pipeline"]
+    pipeline, ceiling = entry["pipeline"]["best"]["subwords_per_s"], entry["ceiling"]["subwords_per_s"]
+    return {
+        "basis": "subwords/s; annotate = the like_pipeline run, steady state (units after the first)",
+        "annotate_over_pipeline_best": ours["steady"]["subwords_per_s"] / pipeline,
+        "annotate_over_ceiling": ours["steady"]["subwords_per_s"] / ceiling,
+        "in_job_annotate_over_pipeline_best": ours["subwords_per_s"] / pipeline,
+        "in_job_annotate_over_ceiling": ours["subwords_per_s"] / ceiling,
+        "process_annotate_over_pipeline_best": ours["process_subwords_per_s"] / pipeline,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def step_training(ctx: Context) -> None:
+    """The randomly initialised encoder trained on the same CoNLL sentences, once by `nerbatch train`
+    and once by the reference loop; sentences per second of the training loop alone."""
+    assets = ctx.assets()
+    model, train, valid = assets["models"]["bert_base_random"], assets["conll_train"], assets["conll_valid"]
+    sentences = ctx.sizes.train_sentences
+    ctx.result.update(device=ctx.device, sentences=sentences, model=ctx.sizes.encoder)
+    ctx.result["nerbatch"] = ctx.attempt("nerbatch train", train_nerbatch, ctx, model, train, valid, sentences)
+    ctx.save()
+    ctx.result["reference"] = ctx.attempt("reference loop", train_reference, model, train, valid, sentences)
+    if not nested_errors(ctx.result):
+        ctx.result["speedup"] = ctx.result["nerbatch"]["sentences_per_s"] / ctx.result["reference"]["sentences_per_s"]
+
+
+def train_nerbatch(ctx: Context, model: str, train: str, valid: str, sentences: int) -> dict:
+    """One epoch of `nerbatch train` over `sentences` sentences with the offline recipe's settings and
+    bf16 mixed precision, as a process; train_seconds is the loop's own time (metrics.json)."""
+    output = ctx.workdir / "train-nerbatch"
+    cmd = [sys.executable, "-m", "nerbatch", "train", "--model", model, "--train", train, "--validation", valid]
+    cmd += ["--output-dir", str(output), "--epochs", "1", "--batch-size", "32", "--lr", "1e-4"]
+    cmd += ["--warmup-ratio", "0.06", "--weight-decay", "0.01", "--group-by-length", "--keep-checkpoints", "1"]
+    cmd += ["--max-train-samples", str(sentences)]
+    log = ctx.out / "logs" / "train-nerbatch.log"
+    process = run_logged(cmd, log, ctx.remaining(), ACCELERATE_MIXED_PRECISION="bf16")
+    epoch = json.loads((output / "metrics.json").read_text())["epochs"][0]
+    shutil.rmtree(output)  # gigabytes of weights and optimizer state with the bert-base shape
+    return {
+        "settings": "batch 32, AdamW 1e-4, 6% warm-up, length-grouped batches, bf16 mixed precision",
+        "steps": math.ceil(sentences / 32),
+        "train_seconds": epoch["train_seconds"],
+        "sentences_per_s": sentences / epoch["train_seconds"],
+        "process_seconds": process,
+        "train_loss": epoch["train_loss"],
+    }
+
+
+def train_reference(model: str, train: str, valid: str, sentences: int) -> dict:
+    """bench.py's copy of the reference recipe's loop (fp32, batch 8, shuffled) in this process."""
+    from bench import reference_loop
+
+    result = reference_loop(model, train, valid, sentences)
+    return {
+        "settings": "the reference recipe's loop: batch 8, AdamW 2e-5, shuffled, fp32",
+        "steps": math.ceil(sentences / 8),
+        "train_seconds": result["train_seconds"],
+        "sentences_per_s": sentences / result["train_seconds"],
+    }
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+# name: (step, most seconds it may take; the global budget may cut it shorter)
+STEPS = {
+    "assets": (step_assets, 90),
+    "tests": (step_tests, 100),
+    "cpu_gpu_spans": (step_cpu_gpu_spans, 60),
+    "annotation": (step_annotation, 200),
+    "training": (step_training, 170),
+}
+REPORT_ORDER = ("dry_run", "budget_s", "elapsed_s", "sizes", "machine", "assets", "tests", "training")
+REPORT_ORDER += ("annotation", "cpu_gpu_spans", "targets")
+
+
+def machine_info() -> dict:
+    """GPU, CPU and library versions of this machine."""
+    import accelerate
+    import tokenizers
+    import torch
+    import transformers
+    from bench import machine
+
+    info = machine() | {
+        "python": sys.version.split()[0],
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "tokenizers": tokenizers.__version__,
+        "cuda": torch.version.cuda,
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info |= {
+            "gpu_count": torch.cuda.device_count(),
+            "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+            "gpu_bf16": torch.cuda.is_bf16_supported(),
+        }
+    return info
+
+
+def run_step_process(name: str, args, workdir: Path, started: float, budget: float) -> dict:
+    """Run one step in its own process group until it ends or its deadline passes; return what it
+    recorded, with an `error` when it failed, was stopped or was skipped."""
+    _, cap = STEPS[name]
+    left = started + budget - RESERVE_S - time.time()
+    if left < MIN_STEP_S:
+        return {"error": f"skipped: {max(left, 0):.0f} s left of the {budget:.0f} s budget"}
+    allowed = min(cap, left)
+    cmd = [sys.executable, "-u", __file__, "--step", name, "--out", str(args.out), "--workdir", str(workdir)]
+    cmd += ["--carry", str(args.carry), "--deadline", str(time.time() + allowed), "--started", str(started)]
+    cmd += ["--dry-run"] if args.dry_run else []
+    began = time.time()
+    process = subprocess.Popen(cmd, env=child_env(), start_new_session=True)
+    try:
+        code = process.wait(allowed + GRACE_S)
+        stopped = None
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the step and whatever it started
+        process.wait()
+        code, stopped = -signal.SIGKILL, f"stopped after {allowed:.0f} s (its share of the time budget)"
+    path = step_file(workdir, name)
+    result = json.loads(path.read_text()) if path.exists() else {}
+    if stopped or (code and "error" not in result):
+        result["error"] = stopped or f"the step's process exited with {code} (traceback above in run.log)"
+    return {**result, "seconds": time.time() - began}
+
+
+def check_targets(report: dict) -> dict:
+    """Each target's value, threshold and whether it was met (False when not measured)."""
+    checked = {}
+    for name, path, least in TARGETS:
+        value = dig(report, path)
+        checked[name] = {"value": value, "at_least": least, "met": value is not None and value >= least}
+    return checked
+
+
+def print_summary(report: dict) -> None:
+    """The headline figures and every error, short enough for the end of a device run's output."""
+    lines = [f"gpu.json: dry_run={report['dry_run']}, {report['elapsed_s']:.0f} s, GPU {report['machine'].get('gpu')}"]
+    tests = report.get("tests", {})
+    lines.append(f"tests: {tests.get('passed')} passed, {tests.get('failed')} failed, {tests.get('skipped')} skipped")
+    spans = report.get("cpu_gpu_spans", {})
+    if "fraction_identical" in spans:
+        lines.append(
+            f"cpu_gpu_spans: {spans['docs_identical']}/{spans['docs']} documents identical "
+            f"({spans['device_precision']} on {spans['device']} vs fp32 on the CPU)"
+        )
+    for name in report["sizes"]["annotate_runs"]:
+        entry = dig(report, ("annotation", name)) or {}
+        for run, figures in entry.get("annotate", {}).items():
+            if "subwords_per_s" in figures:
+                lines.append(
+                    f"{name} annotate {run}: {figures['steady']['subwords_per_s']:,.0f} subwords/s steady, "
+                    f"{figures['subwords_per_s']:,.0f} in the job, {figures['process_subwords_per_s']:,.0f} whole "
+                    f"process ({figures['docs_per_s']:,.0f} docs/s in the job)"
+                )
+        if "pipeline" in entry:
+            best = entry["pipeline"]["best"]
+            lines.append(
+                f"{name} pipeline best (batch {entry['pipeline']['best_batch_size']}): {best['docs_per_s']:,.0f} "
+                f"docs/s, {best['subwords_per_s']:,.0f} subwords/s; ceiling "
+                f"{entry['ceiling']['subwords_per_s']:,.0f} subwords/s"
+            )
+    training = report.get("training", {})
+    for loop in ("nerbatch", "reference"):
+        if "sentences_per_s" in training.get(loop, {}):
+            lines.append(f"training {loop}: {training[loop]['sentences_per_s']:,.1f} sentences/s")
+    for name, target in report["targets"].items():
+        value = "not measured" if target["value"] is None else f"{target['value']:,.3f}"
+        lines.append(
+            f"target {name}: {value} (at least {target['at_least']:,}) {'MET' if target['met'] else 'NOT MET'}"
+        )
+    for section in STEPS:
+        for error in nested_errors(report.get(section, {}), section):
+            lines.append(f"ERROR {error[:400]}")
+    print("\n".join(lines), flush=True)
+
+
+def write_report(out: Path, report: dict) -> None:
+    write_json(out / "gpu.json", {key: report[key] for key in REPORT_ORDER if key in report})
+
+
+def drive(args) -> int:
+    """Run every step in order under the time budget, rewriting OUT/gpu.json after each."""
+    sizes = DRY_SIZES if args.dry_run else GPU_SIZES
+    budget = args.budget or sizes.budget_s
+    started = time.time()
+    report = {"dry_run": args.dry_run, "budget_s": budget, "elapsed_s": 0.0, "sizes": asdict(sizes)}
+    try:
+        report["machine"] = machine_info()
+    except Exception as exc:  # recorded; without torch the steps will say the rest
+        traceback.print_exc()
+        report["machine"] = {"error": describe_error(exc), "gpu": None}
+    print(f"machine: {json.dumps(report['machine'])}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="nerbatch-gpu-") as scratch:
+        for name in STEPS:
+            if not args.dry_run and report["machine"]["gpu"] is None:
+                report[name] = {"error": "torch finds no CUDA device (on a CPU, run with --dry-run)"}
+            elif name != "assets" and "error" in report["assets"]:
+                report[name] = {"error": "not run: the assets step failed"}
+            else:
+                print(f"[{time.time() - started:6.1f} s] --- {name}", flush=True)
+                report[name] = run_step_process(name, args, Path(scratch), started, budget)
+            report["elapsed_s"] = time.time() - started
+            write_report(args.out, report)
+    report["targets"] = check_targets(report)
+    report["elapsed_s"] = time.time() - started
+    write_report(args.out, report)
+    print_summary(report)
+    return 1 if any(nested_errors(report.get(name, {})) for name in STEPS) else 0
+
+
+def run_step(args) -> int:
+    """Inside a step's process: run it, record its result (and any error), exit non-zero on error."""
+    sizes = DRY_SIZES if args.dry_run else GPU_SIZES
+    ctx = Context(args.step, sizes, args.dry_run, args.out, args.workdir, args.carry, args.deadline, args.started)
+    step, _ = STEPS[args.step]
+    try:
+        step(ctx)
+    except Exception as exc:
+        traceback.print_exc()
+        ctx.result["error"] = describe_error(exc)
+    errors = nested_errors(ctx.result)
+    if errors and "error" not in ctx.result:
+        ctx.result["error"] = f"{len(errors)} measurement(s) failed: " + "; ".join(errors)[:2000]
+    ctx.save()
+    return 1 if errors else 0
+
+
+def parse_args(argv: list[str] | None):
+    parser = argparse.ArgumentParser(
+        description="GPU benchmark of nerbatch (see benchmarks/gpu/README.md); run it through run.sh."
+    )
+    parser.add_argument("--out", type=Path, required=True, help="Folder for gpu.json, run logs and tests.xml.")
+    parser.add_argument("--dry-run", action="store_true", help="Every step at tiny sizes on the CPU (CUDA hidden).")
+    parser.add_argument("--budget", type=float, help="Seconds for the whole run [GPU 450, dry run 240].")
+    parser.add_argument("--carry", type=Path, default=CARRY, help=f"The folder prepare.py made [{CARRY}].")
+    # internal: the driver runs each step as `--step NAME` in a process of its own
+    parser.add_argument("--step", choices=list(STEPS), help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--started", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.out = args.out.resolve()
+    args.carry = args.carry.resolve()
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.dry_run:  # before torch is imported; the steps inherit both
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        os.environ["OMP_NUM_THREADS"] = "1"  # 2-thread processes on a busy 2-core machine slow down 10-100x
+    os.environ.update(ENVIRONMENT)
+    args.out.mkdir(parents=True, exist_ok=True)
+    return run_step(args) if args.step else drive(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The GPU benchmark's dry run (benchmarks/gpu/run.sh --dry-run) as a real process: every step runs
+on the CPU at tiny sizes and records real figures, so the script is proven before a GPU is lent."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CONLL, REPO, REUTERS, need
+from helpers import environment
+
+pytestmark = pytest.mark.slow
+SECTIONS = ("machine", "tests", "training", "annotation", "cpu_gpu_spans", "targets")
+TARGETS = {
+    "annotate_over_pipeline_best",
+    "annotate_over_ceiling",
+    "annotate_subwords_per_s",
+    "training_speedup",
+    "cpu_gpu_identical_docs",
+}
+
+
+def errors(section: dict, where: str) -> list[str]:
+    """Every `error` recorded anywhere in a section, with where it was."""
+    found = [f"{where}: {section['error']}"] if "error" in section else []
+    for key, value in section.items():
+        if isinstance(value, dict):
+            found += errors(value, f"{where}/{key}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory) -> dict:
+    """gpu.json of one dry run (the carry folder if prepared, else models built from the shared data)."""
+    need(CONLL / "train.txt")
+    need(REUTERS)
+    out = tmp_path_factory.mktemp("gpu-dry-run")
+    done = subprocess.run(
+        [str(REPO / "benchmarks" / "gpu" / "run.sh"), "--dry-run"],
+        env=environment(OUT=str(out), PYTHON=sys.executable),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    report = json.loads((out / "gpu.json").read_text()) if (out / "gpu.json").exists() else {}
+    recorded = [e for name in SECTIONS for e in errors(report.get(name, {}), name)]
+    assert done.returncode == 0, "\n".join(recorded) or done.stdout[-4000:] + done.stderr[-2000:]
+    assert (out / "run.log").exists() and (out / "tests.xml").exists()
+    return report
+
+
+def test_every_section_is_there_without_error(dry_run):
+    assert dry_run["dry_run"] is True
+    assert dry_run["machine"]["gpu"] is None  # CUDA hidden: the dry run is the CPU's
+    for name in SECTIONS:
+        assert name in dry_run, name
+        assert not errors(dry_run[name], name)
+    assert dry_run["elapsed_s"] < dry_run["budget_s"]
+
+
+def test_the_cuda_tests_ran_on_the_cpu_and_passed(dry_run):
+    tests = dry_run["tests"]
+    assert tests["device"] == "cpu" and tests["exit_code"] == 0
+    assert tests["passed"] > 0 and tests["failed"] == 0 and tests["skipped"] == 0
+    assert {case["outcome"] for case in tests["cases"]} == {"passed"}
+
+
+def test_both_training_loops_report_their_speed(dry_run):
+    training = dry_run["training"]
+    assert training["nerbatch"]["sentences_per_s"] > 0 and training["reference"]["sentences_per_s"] > 0
+    assert training["nerbatch"]["steps"] < training["reference"]["steps"]  # batch 32 against batch 8
+    assert training["speedup"] == pytest.approx(
+        training["nerbatch"]["sentences_per_s"] / training["reference"]["sentences_per_s"]
+    )
+
+
+@pytest.mark.parametrize("model", ["bert_base_random", "minilm_tuned"])
+def test_annotate_pipeline_and_ceiling_are_timed_for_each_model(dry_run, model):
+    entry = dry_run["annotation"][model]
+    ours = entry["annotate"]["like_pipeline"]
+    assert ours["docs"] == entry["pool_docs"] * entry["copies"]
+    assert ours["subwords"] == entry["pool_subwords"] * entry["copies"]
+    assert ours["docs_per_s"] > 0 and ours["steady"]["docs_per_s"] > 0
+    assert ours["steady"]["docs"] == entry["pool_docs"] * (entry["copies"] - 1)  # all units but the first
+    assert set(entry["pipeline"]["by_batch_size"]) == {"1", "8"}
+    assert all(run["docs_per_s"] > 0 for run in entry["pipeline"]["by_batch_size"].values())
+    assert entry["ceiling"]["docs_per_s"] > 0 and entry["ceiling"]["docs"] == entry["pool_docs"]
+    assert entry["ratios"]["annotate_over_ceiling"] > 0
+
+
+def test_cpu_and_device_spans_are_compared(dry_run):
+    spans = dry_run["cpu_gpu_spans"]
+    assert spans["docs"] > 0 and 0 <= spans["fraction_identical"] <= 1
+    # a dry run compares fp32 on the CPU with fp32 on the CPU: the very same spans
+    assert spans["device_precision"] == "fp32" and spans["fraction_identical"] == 1
+    assert spans["spans_cpu"] == spans["spans_device"] == spans["spans_in_both"] > 0
+
+
+def test_every_target_is_checked(dry_run):
+    assert set(dry_run["targets"]) == TARGETS
+    assert all(isinstance(t["met"], bool) and t["value"] is not None for t in dry_run["targets"].values())
