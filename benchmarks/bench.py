@@ -4,9 +4,13 @@
 
 
 1. annotation: the transformers pipeline (best of several batch sizes) vs `nerbatch annotate`
-   (Parquet in, Parquet out) vs a forward-only ceiling (pre-tokenized, length-sorted batches);
-2. training: a faithful copy of the reference loop vs `nerbatch train`, one epoch each;
-3. memory: peak RSS of `nerbatch annotate` on a corpus and on ten copies of it.
+   (Parquet in, Parquet out) vs a forward-only ceiling (pre-tokenized, length-sorted batches), in
+   this process, so that only the work is timed;
+2. processes: the same comparison as users run it, whole processes from start to exit: a pipeline
+   script (benchmarks/pipeline_job.py, each batch size) vs `nerbatch annotate` at fp32 and at int8;
+3. precision: validation F1 at sentence and document level, fp32 vs int8;
+4. training: a faithful copy of the reference loop vs `nerbatch train`, one epoch each;
+5. memory: peak RSS of `nerbatch annotate` on a corpus and on ten copies of it, fp32 and int8.
 
 Every figure printed comes from this run; the JSON file keeps them with the settings used.
 """
@@ -24,6 +28,7 @@ from pathlib import Path
 
 import click
 
+HERE = Path(__file__).resolve().parent
 RSS_WRAPPER = (
     "import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
     "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)"
@@ -205,6 +210,83 @@ def run_annotation(model_dir: str, corpus: Path, docs: int, batch_sizes: list[in
     }
 
 
+def write_documents(texts: list[str], path: Path) -> Path:
+    """The benchmark's documents as a Parquet file (doc_id, text), as annotate and the script read them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"doc_id": list(range(len(texts))), "text": texts}), path)
+    return path
+
+
+def annotate_process(model_dir: str, source: Path, out: Path, precision: str):
+    """A runner for `nerbatch annotate` as a whole process; it returns the seconds spent inside the
+    job (the units' own time), so start-up is whole-process time minus that."""
+    cmd = [sys.executable, "-m", "nerbatch", "annotate", model_dir, str(source), "--output", str(out)]
+    cmd += ["--id-column", "doc_id", "--precision", precision, "--overwrite", "--no-progress"]
+
+    def run() -> float:
+        subprocess.run(cmd, check=True, capture_output=True)
+        return json.loads((out / "_nerbatch" / "stats.json").read_text())["seconds"]
+
+    return run
+
+
+def pipeline_process(model_dir: str, source: Path, out: Path, batch_size: int):
+    """A runner for the pipeline script (benchmarks/pipeline_job.py) as a whole process."""
+    cmd = [sys.executable, str(HERE / "pipeline_job.py"), model_dir, str(source), str(out)]
+    cmd += ["--batch-size", str(batch_size)]
+    return lambda: subprocess.run(cmd, check=True, capture_output=True)
+
+
+def run_processes(model_dir: str, corpus: Path, docs: int, batch_sizes: list[int], repeats: int) -> dict:
+    """Section 2: whole processes, start-up and exit included, on one Parquet file of documents that
+    fit one window (so the pipeline sees them whole): the pipeline script at each batch size vs
+    `nerbatch annotate` at fp32 and int8, interleaved rounds, best round each."""
+    from nerbatch.modeling import load_token_classifier, max_model_length
+
+    model, tokenizer = load_token_classifier(model_dir)
+    texts = load_documents(corpus, docs, tokenizer, max_model_length(tokenizer, model.config))
+    del model
+    with tempfile.TemporaryDirectory() as tmp:
+        source = write_documents(texts, Path(tmp) / "docs.parquet")
+        methods = {
+            f"pipeline batch {size}": pipeline_process(model_dir, source, Path(tmp) / f"p{size}.parquet", size)
+            for size in batch_sizes
+        }
+        methods["annotate fp32"] = annotate_process(model_dir, source, Path(tmp) / "fp32", "fp32")
+        methods["annotate int8"] = annotate_process(model_dir, source, Path(tmp) / "int8", "int8")
+        seconds, outputs = best_times(methods, repeats)
+    pipeline_best = min((f"pipeline batch {size}" for size in batch_sizes), key=seconds.get)
+    return {
+        "docs": len(texts),
+        "tokens": sum(len(ids) for ids in tokenizer(texts)["input_ids"]),
+        "seconds": seconds,
+        "in_job_seconds": {name: outputs[name] for name in ("annotate fp32", "annotate int8")},
+        "pipeline_best": pipeline_best,
+        "fp32_over_pipeline": seconds[pipeline_best] / seconds["annotate fp32"],
+        "int8_over_pipeline": seconds[pipeline_best] / seconds["annotate int8"],
+        "int8_over_fp32": seconds["annotate fp32"] / seconds["annotate int8"],
+    }
+
+
+def evaluate_f1(model_dir: str, valid_file: str, documents: bool, precision: str) -> float:
+    """Overall F1 from `nerbatch evaluate` (a whole process; its last line is the metrics JSON)."""
+    cmd = [sys.executable, "-m", "nerbatch", "evaluate", model_dir, valid_file, "--precision", precision]
+    done = subprocess.run(cmd + (["--documents"] if documents else []), check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])["overall_f1"]
+
+
+def run_precision(model_dir: str, conll: Path) -> dict:
+    """Section 3: validation F1 at both levels, fp32 vs int8."""
+    valid = str(conll / "valid.txt")
+    f1 = {
+        level: {p: evaluate_f1(model_dir, valid, level == "document", p) for p in ("fp32", "int8")}
+        for level in ("sentence", "document")
+    }
+    return {"f1": f1, "int8_minus_fp32": {level: v["int8"] - v["fp32"] for level, v in f1.items()}}
+
+
 def reference_loop(model_dir: str, train_file: str, valid_file: str, sentences: int, seed: int = 42) -> dict:
     """One epoch of the reference recipe's loop: batch 8, AdamW 2e-5, linear schedule, shuffled
     batches padded per batch, every subword labelled; then our word-level evaluation."""
@@ -306,10 +388,11 @@ def peak_rss_mb(cmd: list[str]) -> float:
 
 
 def run_memory(model_dir: str, corpus: Path, docs: int) -> dict:
-    """Section 3: peak RSS on `docs` documents, then on ten files of them."""
+    """Section 5: peak RSS on `docs` documents, then on ten files of them, at fp32 and at int8."""
     import pyarrow.parquet as pq
 
     table = pq.read_table(corpus).slice(0, docs)
+    report = {"docs": docs}
     with tempfile.TemporaryDirectory() as tmp:
         one, ten = Path(tmp) / "one", Path(tmp) / "ten"
         one.mkdir()
@@ -317,10 +400,20 @@ def run_memory(model_dir: str, corpus: Path, docs: int) -> dict:
         pq.write_table(table, one / "part-0.parquet", row_group_size=500)
         for k in range(10):
             pq.write_table(table, ten / f"part-{k}.parquet", row_group_size=500)
-        base = [sys.executable, "-m", "nerbatch", "annotate", model_dir, "--id-column", "doc_id", "--no-progress"]
-        rss_one = peak_rss_mb(base[:5] + [str(one), "--output", str(Path(tmp) / "out1")] + base[5:])
-        rss_ten = peak_rss_mb(base[:5] + [str(ten), "--output", str(Path(tmp) / "out10")] + base[5:])
-    return {"docs": docs, "peak_rss_mb_1x": rss_one, "peak_rss_mb_10x": rss_ten, "ratio": rss_ten / rss_one}
+        for precision in ("fp32", "int8"):
+            rss = {}
+            for name, source in (("1x", one), ("10x", ten)):
+                rss[name] = peak_rss_mb(
+                    [sys.executable, "-m", "nerbatch", "annotate", model_dir, str(source)]
+                    + ["--output", str(Path(tmp) / f"out-{precision}-{name}"), "--id-column", "doc_id"]
+                    + ["--precision", precision, "--no-progress"]
+                )
+            report[precision] = {
+                "peak_rss_mb_1x": rss["1x"],
+                "peak_rss_mb_10x": rss["10x"],
+                "ratio": rss["10x"] / rss["1x"],
+            }
+    return report
 
 
 def print_table(report: dict) -> None:
@@ -348,12 +441,33 @@ def print_table(report: dict) -> None:
         for name in ("reference", "nerbatch"):
             click.echo(f"  {name:<10} {t[name]['train_seconds']:8.1f} s   validation F1 {t[name]['f1']:.4f}")
         click.echo(f"  speed-up {t['speedup']:.2f}x, F1 difference {t['f1_difference']:+.4f}")
+    if "processes" in report:
+        p = report["processes"]
+        click.echo(f"\nwhole processes, start to exit ({p['docs']} docs, {p['tokens']} tokens):")
+        for name, seconds in p["seconds"].items():
+            inside = p["in_job_seconds"].get(name)
+            extra = f"   ({inside:.1f} s in the job, {seconds - inside:.1f} s start-up/exit)" if inside else ""
+            click.echo(f"  {name:<18} {seconds:7.1f} s {p['docs'] / seconds:7.1f} docs/s{extra}")
+        click.echo(
+            f"  fp32 annotate / {p['pipeline_best']} = {p['fp32_over_pipeline']:.2f}x; int8 annotate / "
+            f"{p['pipeline_best']} = {p['int8_over_pipeline']:.2f}x; int8 / fp32 annotate = {p['int8_over_fp32']:.2f}x"
+        )
+    if "precision" in report:
+        f1 = report["precision"]["f1"]
+        click.echo("\nvalidation F1, fp32 vs int8:")
+        for level, values in f1.items():
+            click.echo(
+                f"  {level:<9} fp32 {values['fp32']:.4f}  int8 {values['int8']:.4f}  "
+                f"({values['int8'] - values['fp32']:+.4f})"
+            )
     if "memory" in report:
         r = report["memory"]
-        click.echo(
-            f"\nmemory: peak RSS {r['peak_rss_mb_1x']:.0f} MiB on {r['docs']} docs, {r['peak_rss_mb_10x']:.0f} MiB "
-            f"on 10 files of them (ratio {r['ratio']:.2f})"
-        )
+        for precision in ("fp32", "int8"):
+            m = r[precision]
+            click.echo(
+                f"\nmemory, {precision}: peak RSS {m['peak_rss_mb_1x']:.0f} MiB on {r['docs']} docs, "
+                f"{m['peak_rss_mb_10x']:.0f} MiB on 10 files of them (ratio {m['ratio']:.2f})"
+            )
 
 
 @click.command("bench")
@@ -375,7 +489,8 @@ def print_table(report: dict) -> None:
     help="Training sentences per epoch (14041 = the full split; the default is the reduced mode).",
 )
 @click.option("--memory-docs", default=1000, show_default=True, help="Documents per copy in the memory check.")
-@click.option("--sections", default="annotation,training,memory", show_default=True)
+@click.option("--process-docs", default=800, show_default=True, help="Documents for the whole-process comparison.")
+@click.option("--sections", default="annotation,processes,precision,training,memory", show_default=True)
 @click.option(
     "--repeats",
     default=3,
@@ -384,7 +499,7 @@ def print_table(report: dict) -> None:
 )
 @click.option("--json-out", type=click.Path(path_type=Path), default=Path("bench.json"), show_default=True)
 def bench_command(
-    model_dir, encoder, data, docs, batch_sizes, train_sentences, memory_docs, sections, repeats, json_out
+    model_dir, encoder, data, docs, batch_sizes, train_sentences, memory_docs, process_docs, sections, repeats, json_out
 ):
     """Benchmark annotation, training and memory side by side; print a table and write JSON."""
     wanted = set(sections.split(","))
@@ -399,6 +514,11 @@ def bench_command(
             )
         except ModelError as exc:
             raise click.ClickException(str(exc)) from exc
+    if "processes" in wanted:
+        sizes = [int(b) for b in batch_sizes.split(",")]
+        report["processes"] = run_processes(model_dir, corpus, process_docs, sizes, repeats)
+    if "precision" in wanted:
+        report["precision"] = run_precision(model_dir, data / "conll2003")
     if "training" in wanted:
         from nerbatch.demo import minilm_path
 

@@ -43,9 +43,75 @@ def test_bench_annotation_section_compares_like_with_like(tiny_model_dir, tmp_pa
     assert "annotate / pipeline best" in done.stdout
 
 
+def test_bench_processes_section_times_whole_processes(tiny_model_dir, tmp_path):
+    need(REUTERS)
+    out = tmp_path / "bench.json"
+    args = ["--model", str(tiny_model_dir), "--data", str(SHARED_DATA), "--sections", "processes"]
+    args += ["--process-docs", "12", "--batch-sizes", "1,4", "--repeats", "1", "--json-out", str(out)]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench.py"), *args],
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())["processes"]
+    assert report["docs"] == 12 and set(report["seconds"]) == {
+        "pipeline batch 1",
+        "pipeline batch 4",
+        "annotate fp32",
+        "annotate int8",
+    }
+    for name in ("annotate fp32", "annotate int8"):  # the job's own time is part of the whole process
+        assert 0 < report["in_job_seconds"][name] < report["seconds"][name]
+    assert report["pipeline_best"] in ("pipeline batch 1", "pipeline batch 4")
+    assert report["int8_over_fp32"] == report["seconds"]["annotate fp32"] / report["seconds"]["annotate int8"]
+    assert "int8 / fp32 annotate" in done.stdout and json.loads(out.read_text())["machine"]["cpu"]
+
+
 def test_benchmarks_are_not_part_of_the_library():
     assert importlib.util.find_spec("nerbatch.bench") is None
     done = subprocess.run(
         [sys.executable, "-m", "nerbatch", "--help"], env=environment(), capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0 and "bench" not in done.stdout.split("Commands:")[1]
+
+
+def test_output_layout_benchmark_runs_its_checks(tiny_model_dir, tmp_path):
+    """The layout script at small sizes: same DuckDB counts in both layouts, kill + rerun equality."""
+    need(REUTERS)
+    out = tmp_path / "layout.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "output_layout.py"),
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(SHARED_DATA),
+            "--scan-rows",
+            "3000",
+            "--run-rows",
+            "300",
+            "--group-rows",
+            "20",
+            "--repeats",
+            "1",
+            "--json-out",
+            str(out),
+        ],
+        env=environment(NERBATCH_TEST_SLOW_BATCH_S="0.05"),  # so the kill lands mid-run
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    scan, run = report["scan"], report["run"]
+    assert scan["same_counts"] and scan["0.2 layout"]["files"] == 3 and scan["assembled"]["files"] == 1
+    assert scan["0.2 layout"]["row_groups"] == 6 and scan["assembled"]["row_groups"] == 1
+    assert run["input_row_groups"] == 15 and run["files"] == 1 and run["old_layout_files"] == 15
+    assert 5 <= run["units_done_when_killed"] < 15
+    assert run["killed_and_rerun_equals_uninterrupted"] and run["old_layout_equals"]
+    assert run["kept_types_equal_input"] and run["peak_rss_mb"]["assembled"] > 0
