@@ -23,7 +23,7 @@ import torch
 from nerbatch.errors import OptionError
 from nerbatch.modeling import ModelError, max_model_length, training_record
 from nerbatch.options import SEGMENTS
-from nerbatch.precision import autocast_dtype, quantize_int8, resolve_precision
+from nerbatch.precision import autocast_dtype, is_quantized, quantize_int8, resolve_precision
 from nerbatch.segment import sentence_bounds
 from nerbatch.spans import AGGREGATIONS, Span, decode_spans
 
@@ -158,7 +158,7 @@ class Annotator:
         self.max_batch_tokens = max_batch_tokens or (GPU_BATCH_TOKENS if on_gpu else CPU_BATCH_TOKENS)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.precision = resolve_precision(precision, self.device)
-        if self.precision == "int8" and not _is_quantized(model):
+        if self.precision == "int8" and not is_quantized(model):
             self.model = model = quantize_int8(model)
         self.autocast_dtype = autocast_dtype(self.precision)
 
@@ -213,32 +213,55 @@ class Annotator:
 
     @torch.inference_mode()
     def forward(self, docs: list[Document]) -> None:
-        """Run the model on every window and store each document's kept probabilities in `doc.probs`."""
+        """Run the model on every window and store each document's kept probabilities in `doc.probs`.
+
+        All batches are launched before any result is read back: on a GPU the forward passes queue
+        up while the CPU builds the next batch, and the device is waited for once per chunk
+        instead of once per batch (on a CPU each pass simply runs in turn)."""
         for doc in docs:
             doc.probs = np.zeros((doc.n_tokens, len(self.labels)), dtype=np.float32)
-        for batch in self.batches(docs):
-            rows = [self.prefix + docs[d].ids[slice(*docs[d].windows[k])] + self.suffix for d, k in batch]
-            width = max(map(len, rows))
-            ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for i, row in enumerate(rows):
-                ids[i, : len(row)] = torch.tensor(row)
-                mask[i, : len(row)] = 1
-            probs = self._probabilities(ids, mask)
+        batches = self.batches(docs)
+        results = [self._probabilities(*self._tensors(docs, batch)) for batch in batches]
+        for batch, (probs, copied) in zip(batches, results):
+            if copied is not None:
+                copied.synchronize()  # this batch's copy back is complete (later ones may still run)
+            probs = probs.numpy()
             for i, (d, k) in enumerate(batch):
                 doc = docs[d]
                 (s, _), (a, b) = doc.windows[k], doc.keeps[k]
                 first = len(self.prefix) + a - s
                 doc.probs[a:b] += probs[i, first : first + b - a] / doc.views
 
-    def _probabilities(self, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
-        ids, mask = ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
-        if self.autocast_dtype is not None:
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-                logits = self.model(input_ids=ids, attention_mask=mask).logits
-        else:
-            logits = self.model(input_ids=ids, attention_mask=mask).logits
-        return torch.softmax(logits.float(), dim=-1).cpu().numpy()
+    def _tensors(self, docs: list[Document], batch: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded input ids and attention mask of one batch of windows."""
+        rows = [self.prefix + docs[d].ids[slice(*docs[d].windows[k])] + self.suffix for d, k in batch]
+        width = max(map(len, rows))
+        ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = row
+            mask[i, : len(row)] = 1
+        return torch.from_numpy(ids), torch.from_numpy(mask)
+
+    def _probabilities(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Softmax probabilities of one batch as a CPU tensor. On a GPU the copy back is only
+        started (into pinned memory); the returned event says when it is complete."""
+        if self.device.type != "cuda":
+            return torch.softmax(self._logits(ids, mask).float(), dim=-1), None
+        ids = ids.pin_memory().to(self.device, non_blocking=True)
+        mask = mask.pin_memory().to(self.device, non_blocking=True)
+        probs = torch.softmax(self._logits(ids, mask).float(), dim=-1)
+        host = torch.empty(probs.shape, dtype=probs.dtype, pin_memory=True)
+        host.copy_(probs, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return host, copied
+
+    def _logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.autocast_dtype is None:
+            return self.model(input_ids=ids, attention_mask=mask).logits
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+            return self.model(input_ids=ids, attention_mask=mask).logits
 
     def decode(self, doc: Document, text: str) -> list[Span]:
         """The entity spans of one document whose probabilities `forward` has filled."""
@@ -256,10 +279,6 @@ class Annotator:
         docs = self.encode(texts)
         self.forward(docs)
         return [self.decode(doc, text) for doc, text in zip(docs, texts)]
-
-
-def _is_quantized(model) -> bool:
-    return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules())
 
 
 def _width(window: tuple[int, int]) -> int:

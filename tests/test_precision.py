@@ -11,13 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
+from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 from transformers import AutoModelForTokenClassification
 
 from nerbatch.cli import main
 from nerbatch.errors import OptionError
 from nerbatch.inference import Annotator
 from nerbatch.modeling import load_tokenizer
-from nerbatch.precision import resolve_precision, sensitive_linears
+from nerbatch.precision import is_quantized, resolve_precision, sensitive_linears
 
 
 def test_bad_combinations_are_refused():
@@ -40,7 +41,12 @@ def test_int8_keeps_sensitive_layers_and_the_predictions(tuned_model_dir):
     full, small = Annotator(model, tokenizer), Annotator(model, tokenizer, precision="int8")
     assert small.model is not model and type(model.classifier) is torch.nn.Linear  # the caller's model untouched
     assert type(small.model.classifier) is torch.nn.Linear  # kept in fp32
-    assert type(small.model.bert.encoder.layer[1].output.dense).__module__.startswith("torch.ao.nn.quantized")
+    assert isinstance(small.model.bert.encoder.layer[1].output.dense, DynamicLinear) and is_quantized(small.model)
+    assert not is_quantized(model)
+    x = torch.randn(4, 32)  # activations are quantized over the full 8 bits, not torch's default 7
+    layer = small.model.bert.encoder.layer[1].attention.self.query
+    full_range = torch.ops.quantized.linear_dynamic(x, layer._packed_params._packed_params, reduce_range=False)
+    assert torch.equal(layer(x), full_range)
     a, b = full.encode(texts), small.encode(texts)
     full.forward(a)
     small.forward(b)
