@@ -90,18 +90,29 @@ def annotate_units(
     (out.meta / "stats" / f"rank-{rank:05d}-of-{world:05d}.json").write_json(
         {**vars(tally), "units": len(todo), "failed": [m for _, m in failed], "wall_seconds": time.time() - started},
     )
-    wait_for_other_ranks(out, units, mine, started)  # a file may hold units of every rank
+    everyone_settled = wait_for_other_ranks(out, units, mine, started)  # a file may hold units of every rank
     for index, group in enumerate(groups):
         if index % world == rank:
             assemble_if_ready(out, file_name(index), group, schema, options)
     if failed:
         raise UnitsFailed(failed)
+    if not everyone_settled:
+        raise NerbatchError(
+            f"rank {rank}: the other ranks finished no unit and sent no sign of work for 30 minutes, so the "
+            "output files holding their units were not assembled; rerun the same command to finish the run"
+        )
     write_totals_if_complete(out, units, [file_name(k) for k in range(len(groups))], config)
     return tally
 
 
 def check_options(options: Options) -> None:
     """Option combinations that cannot work: one-line errors before anything is loaded."""
+    taken = {"entities", "error", "n_windows"} | ({"source_file", "row_index"} if not options.id_column else set())
+    for column in options.carried:
+        if column in taken:
+            raise OptionError(
+                f"--keep-columns/--partition-by/--id-column {column!r}: the output has its own {column!r}"
+            )
     if options.partition_by and options.partition_by in [options.id_column, *options.keep_columns]:
         raise OptionError(
             f"--partition-by {options.partition_by}: the partition value lives in the directory name "
@@ -116,17 +127,26 @@ def check_options(options: Options) -> None:
 
 def assemble_if_ready(out: RunDir, name: str, group: list[Unit], schema, options: Options) -> None:
     """Assemble output file `name` from its units' pieces once all are done (and it is not yet)."""
-    if out.is_assembled(name) or not all(out.is_done(u) for u in group):
+    if out.is_assembled(name):
+        out.drop_pieces(group)  # left behind by a crash between recording the file and dropping them
         return
-    published = assemble_file(
-        name,
-        [out.piece(u) for u in group],
-        out.root,
-        out.assembling(name),
-        schema,
-        options.partition_by,
-        options.row_group_rows,
-    )
+    if not all(out.is_done(u) for u in group):
+        return
+    try:
+        published = assemble_file(
+            name,
+            [out.piece(u) for u in group],
+            out.root,
+            out.assembling(name),
+            schema,
+            options.partition_by,
+            options.row_group_rows,
+        )
+    except Exception as exc:  # a piece deleted by hand, a full disk: say which file, keep the pieces
+        raise NerbatchError(
+            f"{out.root}: assembling {name} failed ({type(exc).__name__}: {exc}); its pieces are kept, "
+            "rerun the same command to try again"
+        ) from exc
     out.mark_assembled(name, group, published)
 
 
@@ -136,7 +156,7 @@ def annotate_unit(
     """Annotate one unit into its part file, publish it and record completion."""
     began = time.perf_counter()
     tally = Tally()
-    writer = PartWriter(out.piece(unit), out.temporary(unit, rank), schema)
+    writer = PartWriter(out.piece(unit), out.temporary(unit), schema)
     slow = float(os.environ.get(SLOW_ENV, "0"))
     chunks = read_chunks(
         unit, annotator, options.text_column, options.carried, options.read_rows, has_id=bool(options.id_column)
@@ -145,6 +165,7 @@ def annotate_unit(
         for chunk in prefetch(chunks):
             annotator.forward(chunk.documents())
             writer.write(output_columns(chunk, annotator, tally))
+            out.beat(rank)
             bar.advance(len(chunk.texts), sum(d.n_tokens for d in chunk.documents()))
             if slow:
                 time.sleep(slow)
@@ -183,7 +204,8 @@ def carried_fields(units: list[Unit], options: Options) -> list:
     fields = [] if options.id_column else list(SOURCE_FIELDS)
     if units and options.carried:
         schema = open_parquet(units[0].location).schema_arrow
-        fields += [schema.field(name) for name in options.carried]
+        # nullable: the first file's schema may say "no nulls" where a later file has some
+        fields += [schema.field(name).with_nullable(True) for name in options.carried]
     return fields
 
 

@@ -216,8 +216,8 @@ class Annotator:
         """Run the model on every window and store each document's kept probabilities in `doc.probs`.
 
         All batches are launched before any result is read back: on a GPU the forward passes queue
-        up while the CPU builds the next batch, and the device is waited for once per chunk
-        instead of once per batch (on a CPU each pass simply runs in turn)."""
+        up while the CPU builds the next batch, and reading a batch's result waits only for that
+        batch's copy (on a CPU each pass simply runs in turn)."""
         for doc in docs:
             doc.probs = np.zeros((doc.n_tokens, len(self.labels)), dtype=np.float32)
         batches = self.batches(docs)
@@ -254,7 +254,7 @@ class Annotator:
         host = torch.empty(probs.shape, dtype=probs.dtype, pin_memory=True)
         host.copy_(probs, non_blocking=True)
         copied = torch.cuda.Event()
-        copied.record()
+        copied.record(torch.cuda.current_stream(self.device))  # the model's device, not the current one
         return host, copied
 
     def _logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -184,7 +184,8 @@ def collect_stats(out_dir: str | Path) -> dict:
     states = Counter(unit.state for unit in run.units)
     return {
         "out_dir": str(out_dir),
-        "complete": states["done"] == len(run.units),
+        # done units are not enough: the run totals are written once every output file is assembled
+        "complete": states["done"] == len(run.units) and (locate(out_dir) / META / "stats.json").is_file(),
         "units": {"total": len(run.units), **{s: states[s] for s in ("done", "failed", "missing")}},
         "failed_units": [
             {"unit": u.name, "input": u.describe(), "error": u.error} for u in run.units if u.state == "failed"
@@ -229,6 +230,8 @@ def format_stats(stats: dict) -> str:
     units = stats["units"]
     if stats["complete"]:
         status = f"complete: {units['done']} of {units['total']} units done"
+    elif units["done"] == units["total"]:
+        status = "INCOMPLETE: every unit done, but not every output file assembled (rerun the same command)"
     else:
         status = (
             f"INCOMPLETE: {units['done']} of {units['total']} units done, "

@@ -11,6 +11,7 @@ OUT_DIR layout::
     _nerbatch/files/part-*.json    output files assembled, with the paths written
     _nerbatch/tmp/                 pieces and files being written
     _nerbatch/stats/rank-*.json    what each rank did in its last run
+    _nerbatch/alive/rank-*.json    when each rank last said it was working (ranks wait for each other)
     _nerbatch/stats.json           totals, written once every unit is done and every file assembled
 
 (Spark and Hive skip `_`-prefixed paths; DuckDB's `OUT_DIR/*.parquet` glob does not descend.)
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,9 +30,10 @@ from pathlib import Path
 from nerbatch import __version__
 from nerbatch.parquet_io import InputError
 from nerbatch.shards import Unit
-from nerbatch.storage import Location
+from nerbatch.storage import Location, one_line
 
 META = "_nerbatch"
+_OUTPUT_FILE = re.compile(r"part-\d{5}\.parquet")
 
 
 @dataclass
@@ -57,12 +59,15 @@ class RunDir:
     def __init__(self, root: Location):
         self.root = root
         self.meta = root / META
+        self._last_beat = 0.0
 
     def piece(self, unit: Unit) -> Location:
         return self.meta / "pieces" / f"{unit.name}.parquet"
 
-    def temporary(self, unit: Unit, rank: int) -> Location:
-        return self.meta / "tmp" / f"{unit.name}.rank{rank}.parquet"
+    def temporary(self, unit: Unit) -> Location:
+        # named by unit only: one rank at a time writes a unit, and a rerun with any number of
+        # processes overwrites what a killed run left
+        return self.meta / "tmp" / f"{unit.name}.parquet"
 
     def marker(self, unit: Unit) -> Location:
         return self.meta / "done" / f"{unit.name}.json"
@@ -78,11 +83,44 @@ class RunDir:
         return self.meta / "tmp" / "files" / name
 
     def is_done(self, unit: Unit) -> bool:
-        """The unit's rows are written (its piece is published, or already assembled into its file)."""
-        return self.marker(unit).exists()
+        """The unit's rows are written (its piece is published, or already assembled into its file).
+        A failed request raises (fsspec's `exists` would answer False and redo work)."""
+        return self.marker(unit).kind() == "file"
 
     def is_assembled(self, name: str) -> bool:
-        return self.file_marker(name).exists()
+        return self.file_marker(name).kind() == "file"
+
+    def settled(self, since: float) -> set[str]:
+        """Names of the units done, or failed in a run started at or after `since` (fresh listings)."""
+        for folder in ("done", "failed"):
+            (self.meta / folder).refresh()
+        names = {c.name.removesuffix(".json") for c in (self.meta / "done").children()}
+        for failure in (self.meta / "failed").children():
+            try:
+                if failure.read_json().get("at", 0) >= since:
+                    names.add(failure.name.removesuffix(".json"))
+            except FileNotFoundError:  # its rank redid the unit and cleared the failure meanwhile
+                continue
+        return names
+
+    def beat(self, rank: int, every: float = 60.0) -> None:
+        """Say that `rank` is working (at most every `every` s): ranks waiting for it keep waiting."""
+        now = time.time()
+        if now - self._last_beat >= every:
+            (self.meta / "alive" / f"rank-{rank:05d}.json").write_json({"at": now})
+            self._last_beat = now
+
+    def last_beat(self) -> float:
+        """The latest time any rank said it was working (0 when none has)."""
+        alive = self.meta / "alive"
+        alive.refresh()
+        times = []
+        for beat in alive.children():
+            try:
+                times.append(beat.read_json()["at"])
+            except FileNotFoundError:
+                continue
+        return max(times, default=0.0)
 
     def mark_done(self, unit: Unit, stats: dict) -> None:
         """Record completion (after the piece is published); clears an earlier failure."""
@@ -96,6 +134,9 @@ class RunDir:
     def mark_assembled(self, name: str, units: list[Unit], published: dict) -> None:
         """Record an assembled file, then drop its pieces (the marker makes them redundant)."""
         self.file_marker(name).write_json({"units": [u.index for u in units], **published})
+        self.drop_pieces(units)
+
+    def drop_pieces(self, units: list[Unit]) -> None:
         for unit in units:
             self.piece(unit).remove()
 
@@ -130,17 +171,27 @@ class RunDir:
                 f"{self.root} is not empty and was not written by `nerbatch annotate`; choose an empty "
                 "or new --output directory, or pass --overwrite"
             )
-        config_path.write_json(config)
+        try:
+            config_path.write_json(config)
+        except Exception as exc:  # no such bucket, no write permission, read-only mount: before any work
+            raise one_line(str(self.root), "write the output here", exc) from exc
 
     def _clear(self) -> None:
-        """Delete what nerbatch wrote here: output files (partition directories too) and bookkeeping."""
-        for part in self.root.find(".parquet"):
-            if part.name.startswith("part-") and not part.is_inside(self.meta):
-                part.remove()
-        for child in self.root.children():  # partition directories left empty
-            if "=" in child.name and child.is_dir() and not child.find():
-                child.remove_tree()
-        self.meta.remove_tree()  # last: until then a rerun still recognises the directory as ours
+        """Delete what nerbatch wrote here: output files (partition directories too) and bookkeeping.
+
+        The run config goes first: a rerun after a crash in here finds a directory that is not ours
+        and asks for --overwrite again, instead of resuming a run whose files are half deleted."""
+        (self.meta / "config.json").remove()
+        for child in self.root.children():
+            if _OUTPUT_FILE.fullmatch(child.name):
+                child.remove()
+            elif "=" in child.name and child.is_dir():  # a partition directory
+                for part in child.children():
+                    if _OUTPUT_FILE.fullmatch(part.name):
+                        part.remove()
+                if not child.children():
+                    child.remove_tree()
+        self.meta.remove_tree()
 
     def check(self, config: dict) -> None:
         """Fail if OUT_DIR's config is not `config` (non-main ranks, after the main rank prepared it)."""
@@ -222,24 +273,20 @@ def write_totals_if_complete(out: RunDir, units: list[Unit], files: list[str], c
 
 def wait_for_other_ranks(
     out: RunDir, units: list[Unit], mine: set, since: float, poll: float = 2.0, stall: float = 1800.0
-) -> None:
-    """Before a failing rank exits (non-zero), wait until the other ranks have finished their units:
-    the launcher kills all processes when one fails, which would waste their work in progress.
-    Gives up when no other unit has settled for `stall` seconds (a rank that died without a trace)."""
-    others = [u for u in units if u not in mine]
-
-    def settled(unit: Unit) -> bool:
-        failure = out.failure(unit)
-        return out.is_done(unit) or failure.exists() and failure.read_json().get("at", 0) >= since
-
-    count, changed = -1, time.monotonic()
-    while (now := sum(map(settled, others))) < len(others):
-        if now != count:
-            count, changed = now, time.monotonic()
-        elif time.monotonic() - changed > stall:
-            print(f"nerbatch annotate: no other unit finished in {stall:.0f} s; exiting", file=sys.stderr)
-            return
+) -> bool:
+    """Wait until every other rank's units have settled (done, or failed in this run): an output
+    file may hold units of every rank, and a failing rank must not exit (the launcher would kill
+    the others' work in progress). Returns False when it gives up: no unit settled and no rank said
+    it was working (`RunDir.beat`) for `stall` seconds, as when a rank died without a trace."""
+    others = {u.name for u in units if u not in mine}
+    count, changed = -1, time.time()
+    while len(settled := out.settled(since) & others) < len(others):
+        if len(settled) != count:
+            count, changed = len(settled), time.time()
+        elif time.time() - max(changed, out.last_beat()) > stall:
+            return False
         time.sleep(poll)
+    return True
 
 
 def _short(value, limit: int = 120) -> str:

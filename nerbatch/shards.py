@@ -61,7 +61,7 @@ def discover_inputs(inputs: list[str], exclude: Location | None = None) -> list[
 
 def _matches(location: Location) -> list[Location]:
     if any(c in location.path for c in "*?["):
-        return [Location(location.fs, p) for p in sorted(location.fs.glob(location.path)) if location.fs.isfile(p)]
+        return [location.at(p) for p in sorted(location.fs.glob(location.path)) if location.fs.isfile(p)]
     kind = location.kind()
     if kind == "directory":
         return [f for f in location.find(".parquet") if not _hidden(f.relative_to(location))]

@@ -16,7 +16,10 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import socket
+import uuid
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import fsspec
 
@@ -37,6 +40,8 @@ class Location:
 
     fs: fsspec.AbstractFileSystem
     path: str
+    # "scheme://host:port" where the filesystem's paths leave the host out (HDFS, Azure accounts)
+    prefix: str | None = None
 
     @property
     def local(self) -> bool:
@@ -46,18 +51,24 @@ class Location:
     @property
     def uri(self) -> str:
         """What is recorded and printed: an absolute path for local files, else the full URI."""
-        return self.path if self.local else self.fs.unstrip_protocol(self.path)
+        if self.local:
+            return self.path
+        return self.prefix + self.path if self.prefix else self.fs.unstrip_protocol(self.path)
 
     @property
     def name(self) -> str:
         return posixpath.basename(self.path)
 
+    def at(self, path: str) -> Location:
+        """Another path on the same filesystem."""
+        return Location(self.fs, path, self.prefix)
+
     @property
     def parent(self) -> Location:
-        return Location(self.fs, posixpath.dirname(self.path))
+        return self.at(posixpath.dirname(self.path))
 
     def __truediv__(self, name: str) -> Location:
-        return Location(self.fs, posixpath.join(self.path, name))
+        return self.at(posixpath.join(self.path, name))
 
     def __str__(self) -> str:
         return self.uri
@@ -89,12 +100,17 @@ class Location:
 
     def find(self, suffix: str = "") -> list[Location]:
         """Every file below this directory whose name ends with `suffix`, sorted."""
-        return [Location(self.fs, p) for p in sorted(self.fs.find(self.path)) if p.endswith(suffix)]
+        return [self.at(p) for p in sorted(self.fs.find(self.path)) if p.endswith(suffix)]
 
     def children(self) -> list[Location]:
         if not self.is_dir():
             return []
-        return [Location(self.fs, p) for p in sorted(self.fs.ls(self.path, detail=False)) if p != self.path]
+        return [self.at(p) for p in sorted(self.fs.ls(self.path, detail=False)) if p != self.path]
+
+    def refresh(self) -> None:
+        """Forget cached listings below this path (object-store backends answer `exists` and `ls`
+        from a cache filled by earlier listings; another process's new files would stay unseen)."""
+        self.fs.invalidate_cache(self.path)
 
     def make_parent(self) -> None:
         """Create the parent directory (a no-op on object stores, which have no directories)."""
@@ -115,7 +131,7 @@ class Location:
             self.fs.pipe_file(self.path, text.encode("utf-8"))
             return
         self.make_parent()
-        temporary = self.parent / f".{self.name}.{os.getpid()}.tmp"
+        temporary = self.parent / f".{self.name}.{socket.gethostname()}.{uuid.uuid4().hex[:8]}.tmp"
         with open(temporary.path, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -149,7 +165,10 @@ def locate(spec: str | os.PathLike) -> Location:
         fs, path = fsspec.core.url_to_fs(spec)
     except Exception as exc:  # "Install s3fs to access S3", "Protocol not known", a refused connection, ...
         raise StorageError(f"{spec}: cannot open this location ({exc})") from exc
-    return Location(fs, path)
+    parts = urlsplit(spec)
+    # s3://bucket/key -> path "bucket/key" keeps the bucket; hdfs://namenode:8020/data -> "/data" drops the host
+    keeps_host = not parts.netloc or not path.startswith("/") or path.lstrip("/").startswith(parts.netloc)
+    return Location(fs, path, None if keeps_host else f"{parts.scheme}://{parts.netloc}")
 
 
 def check_access(location: Location, spec: str) -> None:
@@ -159,6 +178,11 @@ def check_access(location: Location, spec: str) -> None:
         location.kind()
     except Exception as exc:
         raise StorageError(f"{spec}: cannot use this location ({type(exc).__name__}: {exc})") from exc
+
+
+def one_line(spec: str, action: str, exc: Exception) -> StorageError:
+    """A `StorageError` for a failed request of a filesystem backend (whatever it raised)."""
+    return StorageError(f"{spec}: cannot {action} ({type(exc).__name__}: {exc})")
 
 
 def _fsync(path: str) -> None:

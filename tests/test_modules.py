@@ -76,13 +76,33 @@ def test_run_dir_refuses_another_run_and_foreign_files(tmp_path):
     (tmp_path / "out" / "part-00000.parquet").write_bytes(b"x")
     (tmp_path / "out" / "lang=en").mkdir()
     (tmp_path / "out" / "lang=en" / "part-00000.parquet").write_bytes(b"x")
+    (tmp_path / "out" / "spark").mkdir()  # not ours: --overwrite leaves it
+    (tmp_path / "out" / "spark" / "part-00000-1f2e.snappy.parquet").write_bytes(b"x")
     out.prepare({**config, "model": "other"}, overwrite=True)  # --overwrite clears files and bookkeeping
-    assert [c.name for c in out.root.children()] == ["_nerbatch"]
+    assert sorted(c.name for c in out.root.children()) == ["_nerbatch", "spark"]
+    assert (tmp_path / "out" / "spark" / "part-00000-1f2e.snappy.parquet").exists()
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(InputError, match="not written by `nerbatch annotate`"):
         RunDir(locate(foreign)).prepare(config, overwrite=False)
+
+
+def test_waiting_for_other_ranks_ends_when_their_units_settle_or_gives_up_on_silence(tmp_path):
+    from nerbatch.rundir import wait_for_other_ranks
+    from nerbatch.shards import Unit
+
+    out = RunDir(locate(tmp_path / "out"))
+    units = [Unit(i, "a.parquet", i, 10 * i, 10) for i in range(3)]
+    mine = {units[0]}
+    started = time.time()
+    assert not wait_for_other_ranks(out, units, mine, started, poll=0.01, stall=0.2)  # nobody works: give up
+    out.mark_done(units[1], {})
+    out.mark_failed(units[2], "an earlier run's failure")
+    (out.meta / "failed" / "unit-000002.json").write_json({"error": "old", "at": started - 60})
+    assert not wait_for_other_ranks(out, units, mine, started, poll=0.01, stall=0.2)  # a stale failure is not news
+    out.mark_failed(units[2], "this run's failure")
+    assert wait_for_other_ranks(out, units, mine, started, poll=0.01, stall=0.2)
 
 
 # -- parquet_io: atomic parts

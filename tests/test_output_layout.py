@@ -173,8 +173,22 @@ def write_pair(directory: Path, second: pa.Table) -> Path:
             "'../x', which is not a safe directory name",
         ),
         (lambda t: t, ["--partition-by", "lang", "--keep-columns", "lang"], "cannot also be the id or a kept column"),
+        (lambda t: t, ["--keep-columns", "title,error"], "'error': the output has its own 'error'"),
+        (
+            lambda t: t,
+            ["--partition-by", "published"],  # a timestamp (or a float) has no exact, portable directory name
+            "column 'published' is timestamp[ms]; --partition-by takes strings, integers, booleans or dates",
+        ),
     ],
-    ids=["kept-missing", "kept-other-type", "partition-null", "partition-unsafe", "partition-kept"],
+    ids=[
+        "kept-missing",
+        "kept-other-type",
+        "partition-null",
+        "partition-unsafe",
+        "partition-kept",
+        "kept-output-name",
+        "partition-timestamp",
+    ],
 )
 def test_bad_kept_or_partition_columns_are_refused_before_any_work(tiny_model_dir, tmp_path, change, options, message):
     inputs = write_pair(tmp_path / "in", change(reuters_table(20)))
@@ -182,3 +196,33 @@ def test_bad_kept_or_partition_columns_are_refused_before_any_work(tiny_model_di
     result = annotate(tiny_model_dir, inputs, "-o", out, *options)
     assert result.exit_code == 1 and message in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_many_partitions_are_written_a_few_at_a_time_with_the_same_result(
+    tiny_model_dir, corpus, tmp_path, monkeypatch
+):
+    """Open partition files are capped (MAX_OPEN_FILES): more partitions take more passes, same output."""
+    import nerbatch.assemble
+
+    args = ("--id-column", "doc_id", "--max-length", 32, "--partition-by", "lang")
+    assert annotate(tiny_model_dir, corpus / "b.parquet", "-o", tmp_path / "one-pass", *args).exit_code == 0
+    monkeypatch.setattr(nerbatch.assemble, "MAX_OPEN_FILES", 1)
+    assert annotate(tiny_model_dir, corpus / "b.parquet", "-o", tmp_path / "passes", *args).exit_code == 0
+    query = (
+        "SELECT lang, doc_id, to_json(entities) FROM read_parquet('{}/*/*.parquet', hive_partitioning = true) "
+        "ORDER BY 2"
+    )
+    one, many = (duckdb.sql(query.format(tmp_path / d)).fetchall() for d in ("one-pass", "passes"))
+    assert one == many and len(one) == 60 and {row[0] for row in one} == set(LANGS)
+
+
+def test_partition_names_follow_hive():
+    from nerbatch.assemble import partition_name
+
+    assert [partition_name(v) for v in (True, False, 7, "en", dt.date(1987, 2, 26))] == [
+        "true",
+        "false",
+        "7",
+        "en",
+        "1987-02-26",
+    ]

@@ -129,6 +129,15 @@ def test_parts_are_found_in_hive_style_subdirectories(plain_out, tmp_path):
     assert [d["text"] for d in sample_documents(out, 5, 1)] == [d["text"] for d in sample_documents(plain_out, 5, 1)]
 
 
+def test_a_run_with_unassembled_files_is_not_complete(plain_out, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(plain_out, out)
+    (out / "_nerbatch" / "stats.json").unlink()  # as after a crash before the last file was assembled
+    stats = collect_stats(out)
+    assert not stats["complete"] and stats["units"]["done"] == 3
+    assert "every unit done, but not every output file assembled" in format_stats(stats)
+
+
 def test_a_unit_without_its_done_marker_is_missing(plain_out, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(plain_out, out)

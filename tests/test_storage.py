@@ -102,3 +102,15 @@ def test_a_location_that_cannot_be_used_is_one_line_before_any_work(
     result = annotate(tiny_model_dir, inputs, "-o", out)
     assert result.exit_code == 1 and message in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_uris_keep_the_host_where_the_filesystem_drops_it(memory):
+    """hdfs://namenode:8020/data -> fsspec path "/data": the recorded URI (source_file, messages, the
+    unit's reopening) must still name the namenode."""
+    from nerbatch.storage import Location, locate
+
+    directory = Location(memory, "/data", "hdfs://namenode:8020")
+    assert (directory / "a.parquet").uri == "hdfs://namenode:8020/data/a.parquet"
+    assert directory.parent.uri == "hdfs://namenode:8020/"
+    assert locate("memory://bucket/key.parquet").uri == "memory:///bucket/key.parquet"  # the path keeps it
+    assert locate(f"file://{Path('/tmp/../tmp/x').as_posix()}").uri == "/tmp/x"

@@ -1,0 +1,74 @@
+"""The int8 design choices, measured: validation F1 of one model under variants of `quantize_int8`.
+
+    python benchmarks/int8_variants.py MODEL_DIR ../shared/data/conll2003/valid.txt pc-keep1-full pt-keep1-7bit ...
+
+A variant is `{pt|pc}-keep{N}-{7bit|full}`: per-tensor or per-channel weight scales; the classifier
+and the first N feed-forward down-projections kept in fp32; activations quantized to torch's
+default 7-bit range or the full 8 bits. `nerbatch --precision int8` is `pc-keep1-full`. Prints one
+JSON line per variant with sentence- and document-level F1 (fp32 first, as `fp32`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import warnings
+
+import torch
+from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
+
+import nerbatch.inference
+import nerbatch.precision
+from nerbatch.evaluation import evaluate_dir
+
+
+class SevenBitLinear(DynamicLinear):
+    """torch's own dynamic Linear (7-bit activations), under a name that `is_quantized` recognises."""
+
+
+def quantizer(variant: str):
+    """A replacement for `nerbatch.precision.quantize_int8` implementing `variant`."""
+    scales, keep, activations = variant.split("-")
+    qconfig = per_channel_dynamic_qconfig if scales == "pc" else default_dynamic_qconfig
+    layer = nerbatch.precision._FullRangeLinear if activations == "full" else SevenBitLinear
+
+    def quantize(model):
+        downs = [
+            n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.in_features > m.out_features
+        ]
+        kept = {"classifier", *downs[: int(keep.removeprefix("keep"))]}
+        spec = {n: qconfig for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in kept}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return quantize_dynamic(
+                copy.deepcopy(model).eval(), spec, dtype=torch.qint8, mapping={torch.nn.Linear: layer}
+            )
+
+    return quantize
+
+
+def scores(model_dir: str, data: str, precision: str) -> dict:
+    return {
+        level: round(
+            evaluate_dir(model_dir, data, documents=level == "document", annotate_options={"precision": precision})[
+                "overall_f1"
+            ],
+            4,
+        )
+        for level in ("sentence", "document")
+    }
+
+
+def main() -> None:
+    model_dir, data, *variants = sys.argv[1:]
+    print(json.dumps({"model": model_dir, "variant": "fp32", **scores(model_dir, data, "fp32")}), flush=True)
+    for variant in variants:
+        # both import sites: evaluation imports it at call time, inference at import time
+        nerbatch.precision.quantize_int8 = nerbatch.inference.quantize_int8 = quantizer(variant)
+        print(json.dumps({"model": model_dir, "variant": variant, **scores(model_dir, data, "int8")}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
