@@ -3,7 +3,7 @@
     python benchmarks/output_layout.py --model MODEL_DIR --data ../shared/data --json-out layout.json
 
 1. scan: a DuckDB count of entities by label over the same synthetic output rows written in the
-   0.2 layout (one file per input row group of 1,000 rows, row groups of 512 rows) and in today's
+   0.2 layout (one file per input row group, `--scan-unit-rows` rows, row groups of 512) and in today's
    default (files assembled in row groups of 100,000 rows), both by nerbatch's own writers;
 2. run: Reuters rows written with small input row groups (default 20,000 rows in row groups of
    100) annotated for real, with file:// URIs for input and output: killed with SIGKILL once a few
@@ -63,8 +63,9 @@ def synthetic_chunk(first: int, rows: int, rng: random.Random) -> dict[str, list
     }
 
 
-def write_layouts(rows: int, directory: Path) -> dict[str, Path]:
-    """The same synthetic rows in the 0.2 layout and in the assembled layout, by nerbatch's writers."""
+def write_layouts(rows: int, unit_rows: int, directory: Path) -> dict[str, Path]:
+    """The same synthetic rows in the 0.2 layout (one file per input row group of `unit_rows`, row
+    groups of 512) and in the assembled layout, by nerbatch's writers."""
     from nerbatch.assemble import assemble_file
     from nerbatch.parquet_io import PartWriter, output_schema
     from nerbatch.storage import locate
@@ -73,11 +74,11 @@ def write_layouts(rows: int, directory: Path) -> dict[str, Path]:
     old, new = directory / "old", directory / "new"
     pieces = []
     rng = random.Random(0)
-    for unit, first in enumerate(range(0, rows, 1000)):  # one input row group of 1,000 rows per unit
+    for unit, first in enumerate(range(0, rows, unit_rows)):  # one input row group per unit
         part = locate(old / f"part-{unit:06d}.parquet")
         writer = PartWriter(part, locate(directory / "tmp" / f"{unit}.parquet"), schema)
-        for start in range(first, min(first + 1000, rows), 512):  # one row group per 512-row read
-            writer.write(synthetic_chunk(start, min(512, first + 1000 - start, rows - start), rng))
+        for start in range(first, min(first + unit_rows, rows), 512):  # one row group per 512-row read
+            writer.write(synthetic_chunk(start, min(512, first + unit_rows - start, rows - start), rng))
         writer.publish()
         pieces.append(part)
     assemble_file("part-00000", pieces, locate(new), locate(directory / "tmp" / "new"), schema, None, 100_000)
@@ -98,11 +99,11 @@ def count_entities(directory: Path, repeats: int) -> tuple[float, list]:
     return best, result
 
 
-def run_scan(rows: int, repeats: int) -> dict:
+def run_scan(rows: int, unit_rows: int, repeats: int) -> dict:
     """Section 1: DuckDB scan time and file counts, old layout vs assembled layout."""
     with tempfile.TemporaryDirectory() as tmp:
-        layouts = write_layouts(rows, Path(tmp))
-        report = {"rows": rows}
+        layouts = write_layouts(rows, unit_rows, Path(tmp))
+        report = {"rows": rows, "input_row_group_rows": unit_rows}
         results = []
         for name, directory in layouts.items():
             files = sorted(directory.glob("*.parquet"))
@@ -202,7 +203,10 @@ def print_report(report: dict) -> None:
     click.echo(f"machine: {m['cores']} cores, {m['cpu']}; torch {m['torch']}")
     if "scan" in report:
         s = report["scan"]
-        click.echo(f"\nDuckDB count of entities by label over {s['rows']:,} output rows:")
+        click.echo(
+            f"\nDuckDB count of entities by label over {s['rows']:,} output rows "
+            f"(input row groups of {s['input_row_group_rows']:,}):"
+        )
         for name in ("0.2 layout", "assembled"):
             r = s[name]
             click.echo(
@@ -239,17 +243,18 @@ def print_report(report: dict) -> None:
     help="Folder holding reuters21578/ [env: NERBATCH_SHARED_DATA].",
 )
 @click.option("--scan-rows", default=200_000, show_default=True)
+@click.option("--scan-unit-rows", default=1000, show_default=True, help="Input row-group size behind the 0.2 layout.")
 @click.option("--run-rows", default=20_000, show_default=True)
 @click.option("--group-rows", default=100, show_default=True, help="Input row-group size of the run section.")
 @click.option("--repeats", default=5, show_default=True, help="DuckDB rounds; the best is reported.")
 @click.option("--sections", default="scan,run", show_default=True)
 @click.option("--json-out", type=click.Path(path_type=Path), default=Path("layout.json"), show_default=True)
-def main(model, data, scan_rows, run_rows, group_rows, repeats, sections, json_out):
+def main(model, data, scan_rows, scan_unit_rows, run_rows, group_rows, repeats, sections, json_out):
     """Measure the output layout: DuckDB scan, resume equality, file/row-group sizes, memory."""
     wanted = set(sections.split(","))
     report = {"machine": machine(), "command": " ".join(sys.argv)}
     if "scan" in wanted:
-        report["scan"] = run_scan(scan_rows, repeats)
+        report["scan"] = run_scan(scan_rows, scan_unit_rows, repeats)
     if "run" in wanted:
         report["run"] = run_annotate(model, data / "reuters21578" / "reuters21578.parquet", run_rows, group_rows)
     json_out.write_text(json.dumps(report, indent=1))
