@@ -41,27 +41,18 @@ def corpus(tmp_path_factory) -> Path:
     return directory
 
 
-@pytest.fixture(scope="module")
-def sized(tiny_model_dir, corpus, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("sized") / "out"
-    result = annotate(
-        tiny_model_dir,
-        corpus,
-        "-o",
-        out,
-        "--id-column",
-        "doc_id",
-        "--max-length",
-        32,
-        "--row-group-rows",
-        100,
-        "--file-rows",
-        400,
-        "--keep-columns",
-        "date,title,published",
-    )
+def annotate_sized(model: Path, corpus: Path, out: Path, row_group_rows: int, file_rows: int) -> Path:
+    """The corpus with the id and three kept columns, in files and row groups of the sizes given."""
+    sizes = ("--row-group-rows", row_group_rows, "--file-rows", file_rows)
+    kept = ("--keep-columns", "date,title,published")
+    result = annotate(model, corpus, "-o", out, "--id-column", "doc_id", "--max-length", 32, *sizes, *kept)
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.fixture(scope="module")
+def sized(tiny_model_dir, corpus, tmp_path_factory) -> Path:
+    return annotate_sized(tiny_model_dir, corpus, tmp_path_factory.mktemp("sized") / "out", 100, 400)
 
 
 def test_small_input_row_groups_become_few_files_of_large_row_groups(sized, corpus):
@@ -82,24 +73,7 @@ def test_small_input_row_groups_become_few_files_of_large_row_groups(sized, corp
 
 def test_the_layout_does_not_change_the_rows(tiny_model_dir, sized, corpus, tmp_path):
     """The same run with one file per input row group (the old layout) has the same rows."""
-    out = tmp_path / "small"
-    result = annotate(
-        tiny_model_dir,
-        corpus,
-        "-o",
-        out,
-        "--id-column",
-        "doc_id",
-        "--max-length",
-        32,
-        "--row-group-rows",
-        10,
-        "--file-rows",
-        1,
-        "--keep-columns",
-        "date,title,published",
-    )
-    assert result.exit_code == 0, result.output
+    out = annotate_sized(tiny_model_dir, corpus, tmp_path / "small", 10, 1)
     assert len(list(out.glob("*.parquet"))) == 61
     query = "SELECT * EXCLUDE (entities), to_json(entities) FROM read_parquet('{}/*.parquet') ORDER BY doc_id"
     assert duckdb.sql(query.format(out)).fetchall() == duckdb.sql(query.format(sized)).fetchall()
