@@ -153,7 +153,7 @@ def assemble_if_ready(out: RunDir, name: str, group: list[Unit], schema, options
 def annotate_unit(
     unit: Unit, annotator: Annotator, options: Options, out: RunDir, schema, rank: int, bar: Progress
 ) -> Tally:
-    """Annotate one unit into its part file, publish it and record completion."""
+    """Annotate one unit into its piece, publish it and record completion."""
     began = time.perf_counter()
     tally = Tally()
     writer = PartWriter(out.piece(unit), out.temporary(unit), schema)
