@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from nerbatch.parquet_io import InputError, open_parquet
+from nerbatch.parquet_io import InputError, iter_batches, open_parquet
 from nerbatch.storage import Location
 
 # Buffered rows are flushed early (as a smaller row group) past this many bytes, so a kept column of
@@ -213,22 +213,17 @@ def assemble_file(
     for only in passes:
         assembler = FileAssembler(root, temporary_root, name, schema, partition_by, row_group_rows, only)
         for piece in pieces:
-            for batch in _read(piece):
+            for batch in iter_batches(piece, None, None, 65536):
                 rows += assembler.add(batch)
         published += assembler.publish()
     temporary_root.remove_tree()
     return {"files": sorted(published), "rows": rows}
 
 
-def _read(piece: Location, columns: list[str] | None = None):
-    source = pq.ParquetFile(piece.path, filesystem=piece.fs)
-    return source.iter_batches(batch_size=65536, columns=columns, use_threads=False)
-
-
 def _partition_names(pieces: list[Location], column: str) -> set[str]:
     names: set[str] = set()
     for piece in pieces:
-        for batch in _read(piece, [column]):
+        for batch in iter_batches(piece, None, [column], 65536):
             names.update(partition_name(v) for v in pc.unique(batch.column(0)).to_pylist())
     return names
 

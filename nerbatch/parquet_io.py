@@ -31,9 +31,9 @@ def open_parquet(location: Location) -> pq.ParquetFile:
 
 
 def iter_batches(
-    location: Location, row_group: int | None, columns: list[str], batch_rows: int
+    location: Location, row_group: int | None, columns: list[str] | None, batch_rows: int
 ) -> Iterator[pa.RecordBatch]:
-    """Stream `columns` of one row group (or the whole file) in record batches of `batch_rows` rows."""
+    """Stream `columns` (None: all) of one row group (or the whole file) in batches of `batch_rows` rows."""
     source = pq.ParquetFile(location.path, filesystem=location.fs)
     groups = None if row_group is None else [row_group]
     yield from source.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns, use_threads=False)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from nerbatch.errors import NerbatchError
 from nerbatch.parquet_io import InputError, open_parquet
-from nerbatch.storage import Location, locate
+from nerbatch.storage import Location, locate, one_line
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def discover_inputs(inputs: list[str], exclude: Location | None = None) -> list[
         except NerbatchError:
             raise
         except Exception as exc:  # fsspec backends raise their own errors (PermissionError, ClientError, ...)
-            raise InputError(f"{spec}: cannot list this location ({type(exc).__name__}: {exc})") from exc
+            raise one_line(spec, "list this location", exc) from exc
         matches = [m for m in matches if exclude is None or not m.is_inside(exclude)]
         if not matches:
             raise InputError(f"{spec}: no such file, or no Parquet files in it")

@@ -177,7 +177,7 @@ def check_access(location: Location, spec: str) -> None:
     try:
         location.kind()
     except Exception as exc:
-        raise StorageError(f"{spec}: cannot use this location ({type(exc).__name__}: {exc})") from exc
+        raise one_line(spec, "use this location", exc) from exc
 
 
 def one_line(spec: str, action: str, exc: Exception) -> StorageError:
