@@ -170,3 +170,30 @@ def test_a_checkpoint_saved_in_bf16_loads_in_fp32(tiny_model_dir, tmp_path):
         shutil.copy(tiny_model_dir / name, saved / name)
     model, _ = load_token_classifier(str(saved))
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_loading_pauses_the_collector_and_restores_it(tiny_model_dir, tmp_path, monkeypatch):
+    """The collector is off while transformers builds the model (start-up time), and comes back on
+    afterwards, also when loading fails; the console script is the entry point that freezes at exit."""
+    import gc
+    from importlib.metadata import entry_points
+
+    import nerbatch.modeling
+
+    during, load = [], nerbatch.modeling._load_weights
+
+    def spy(name):
+        during.append(gc.isenabled())
+        return load(name)
+
+    monkeypatch.setattr(nerbatch.modeling, "_load_weights", spy)
+    assert gc.isenabled()
+    load_token_classifier(str(tiny_model_dir))
+    assert during == [False] and gc.isenabled()
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(tiny_model_dir, no_weights, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    with pytest.raises(ModelError, match="could not load its weights"):
+        load_token_classifier(str(no_weights))
+    assert during == [False, False] and gc.isenabled()
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "nerbatch"]
+    assert script.value == "nerbatch.cli:run"
