@@ -2,10 +2,12 @@
 
     python benchmarks/int8_variants.py MODEL_DIR ../shared/data/conll2003/valid.txt pc-keep1-full pt-keep1-7bit ...
 
-A variant is `{pt|pc}-keep{N}-{7bit|full}`: per-tensor or per-channel weight scales; the classifier
-and the first N feed-forward down-projections kept in fp32; activations quantized to torch's
-default 7-bit range or the full 8 bits. `nerbatch --precision int8` is `pc-keep1-full`. Prints one
-JSON line per variant with sentence- and document-level F1 (fp32 first, as `fp32`).
+A variant is `{pt|pc}-{keepN|splitK}-{7bit|full}`: per-tensor or per-channel weight scales; the
+classifier kept in fp32 and with it either the first N feed-forward down-projections (`keepN`), or
+the K widest input channels of the first one, calibrated on the shipped demo sentences (`splitK`,
+the rest of it in int8); activations quantized to torch's default 7-bit range or the full 8 bits.
+`nerbatch --precision int8` is `pc-split8-full` (it was `pc-keep1-full` in 0.3.0). Prints one JSON
+line per variant with sentence- and document-level F1 (fp32 first, as `fp32`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_q
 import nerbatch.inference
 import nerbatch.precision
 from nerbatch.evaluation import evaluate_dir
+from nerbatch.precision import OutlierSplitLinear, calibration_batches, input_ranges
 
 
 class SevenBitLinear(DynamicLinear):
@@ -34,17 +37,23 @@ def quantizer(variant: str):
     qconfig = per_channel_dynamic_qconfig if scales == "pc" else default_dynamic_qconfig
     layer = nerbatch.precision._FullRangeLinear if activations == "full" else SevenBitLinear
 
-    def quantize(model):
+    def quantize(model, tokenizer):
+        model = copy.deepcopy(model).eval()
         downs = [
             n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.in_features > m.out_features
         ]
-        kept = {"classifier", *downs[: int(keep.removeprefix("keep"))]}
+        if keep.startswith("split"):
+            ranges = input_ranges(model, downs[0], calibration_batches(tokenizer))
+            split = OutlierSplitLinear(model.get_submodule(downs[0]), ranges, int(keep.removeprefix("split")))
+            parent, _, child = downs[0].rpartition(".")
+            setattr(model.get_submodule(parent), child, split)
+            kept = {"classifier"}
+        else:
+            kept = {"classifier", *downs[: int(keep.removeprefix("keep"))]}
         spec = {n: qconfig for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in kept}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return quantize_dynamic(
-                copy.deepcopy(model).eval(), spec, dtype=torch.qint8, mapping={torch.nn.Linear: layer}
-            )
+            return quantize_dynamic(model, spec, dtype=torch.qint8, mapping={torch.nn.Linear: layer})
 
     return quantize
 

@@ -23,7 +23,7 @@ import torch
 from nerbatch.errors import OptionError
 from nerbatch.modeling import ModelError, max_model_length, training_record
 from nerbatch.options import SEGMENTS
-from nerbatch.precision import autocast_dtype, is_quantized, quantize_int8, resolve_precision
+from nerbatch.precision import INT8_SCHEME, autocast_dtype, is_quantized, quantize_int8, resolve_precision
 from nerbatch.segment import sentence_bounds
 from nerbatch.spans import AGGREGATIONS, Span, decode_spans
 
@@ -159,18 +159,21 @@ class Annotator:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.precision = resolve_precision(precision, self.device)
         if self.precision == "int8" and not is_quantized(model):
-            self.model = model = quantize_int8(model)
+            self.model = model = quantize_int8(model, tokenizer)
         self.autocast_dtype = autocast_dtype(self.precision)
 
     def settings(self) -> dict:
         """The options that determine the output (for run configs and Parquet metadata)."""
-        return {
+        settings = {
             "aggregation": self.aggregation,
             "max_length": self.max_length,
             "stride": self.stride,
             "segment": self.segment,
             "precision": self.precision,
         }
+        if self.precision == "int8":  # which int8: a resume must not mix two schemes in one output
+            settings["int8"] = INT8_SCHEME
+        return settings
 
     def encode(self, texts: list[str]) -> list[Document]:
         """Tokenize texts in one batched call and plan their windows (safe to run in another thread)."""

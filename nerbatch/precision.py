@@ -3,16 +3,20 @@
 `auto` is bf16 on a GPU that supports it (fp16 on older ones) and fp32 on CPU. `int8` quantizes the
 Linear layers' weights to int8, one scale per output channel, with dynamic int8 activations over
 their full 8-bit range (`torch.ao.quantization.quantize_dynamic`, fbgemm kernels on x86: the
-quantization path that ships inside torch, needs no calibration data and no extra dependency),
-except the layers that carry most of the error: the classifier, and the first encoder layer's
-feed-forward down-projection (its GELU outputs have the widest range). The measurements behind each
-choice are in the README (Precision).
+quantization path that ships inside torch, needs no calibration data and no extra dependency).
+Two places carry most of the error and are treated apart: the classifier stays in fp32, and the
+first feed-forward down-projection, whose input (a GELU output) has a few channels with several
+times the range of the rest, computes those channels in fp32 and the others in int8. The channels
+are found once, by running the shipped demo sentences through the first layer. The measurements
+behind each choice are in the README (Precision).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
+from importlib import resources
 
 import torch
 from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
@@ -49,35 +53,104 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
-def sensitive_linears(model) -> set[str]:
-    """Names of the Linear layers int8 keeps in fp32: the classifier, and the first feed-forward
-    down-projection (the first Linear whose input is wider than its output)."""
-    keep = {"classifier"} if isinstance(getattr(model, "classifier", None), torch.nn.Linear) else set()
+# Calibration text for int8: our own sentences, shipped with the package (nerbatch/demo_data).
+CALIBRATION_TEXT = resources.files("nerbatch") / "demo_data" / "train.conll"
+CALIBRATION_SENTENCES = 128
+OUTLIER_CHANNELS = 8  # of 1,536 in MiniLM's down-projection; measured: one channel has 4x the range
+# The scheme, as named by benchmarks/int8_variants.py; recorded in run configs and output metadata.
+INT8_SCHEME = f"pc-split{OUTLIER_CHANNELS}-full"
+
+
+def first_down_projection(model) -> str | None:
+    """The name of the first Linear whose input is wider than its output (the first feed-forward
+    down-projection of a transformer encoder), or None."""
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and module.in_features > module.out_features:
-            keep.add(name)
-            break
-    return keep
+            return name
+    return None
 
 
-def quantize_int8(model):
+def quantize_int8(model, tokenizer):
     """A copy of `model` with int8 Linear weights (per-channel scales) and dynamic int8 activations
-    over their full 8-bit range, the sensitive layers kept in fp32."""
+    over their full 8-bit range; the classifier stays fp32 and the first down-projection is split
+    into fp32 outlier channels and int8 for the rest (`tokenizer` feeds its calibration)."""
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    keep = sensitive_linears(model)
+    model = copy.deepcopy(model).eval()
+    wide = first_down_projection(model)
+    if wide is not None:
+        ranges = input_ranges(model, wide, calibration_batches(tokenizer))
+        parent, _, child = wide.rpartition(".")
+        split = OutlierSplitLinear(model.get_submodule(wide), ranges, OUTLIER_CHANNELS)
+        setattr(model.get_submodule(parent), child, split)
     spec = {
         name: per_channel_dynamic_qconfig
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and name not in keep
+        if isinstance(module, torch.nn.Linear) and name != "classifier"
     }
     if not spec:
         raise OptionError(f"--precision int8: {type(model).__name__} has no Linear layers to quantize")
     with warnings.catch_warnings():  # torch marks these APIs deprecated in favour of torchao; they still work
         warnings.simplefilter("ignore")
-        return quantize_dynamic(
-            copy.deepcopy(model).eval(), spec, dtype=torch.qint8, mapping={torch.nn.Linear: _FullRangeLinear}
-        )
+        return quantize_dynamic(model, spec, dtype=torch.qint8, mapping={torch.nn.Linear: _FullRangeLinear})
+
+
+def calibration_batches(tokenizer, batch_size: int = 32) -> list[dict]:
+    """The shipped calibration sentences, tokenized as the model's input in padded batches."""
+    from nerbatch.data import read_conll
+
+    with resources.as_file(CALIBRATION_TEXT) as path:
+        sentences = [s.words for s in read_conll(path).sentences[:CALIBRATION_SENTENCES]]
+    encode = dict(is_split_into_words=True, truncation=True, padding=True, return_tensors="pt")
+    return [dict(tokenizer(sentences[i : i + batch_size], **encode)) for i in range(0, len(sentences), batch_size)]
+
+
+class _Captured(Exception):
+    """Raised by the calibration hook: the rest of the forward pass is not needed."""
+
+
+@torch.inference_mode()
+def input_ranges(model, name: str, batches: list[dict]) -> torch.Tensor:
+    """The largest absolute value each input channel of module `name` takes over `batches`; each
+    forward pass stops at that module."""
+    module = model.get_submodule(name)
+    largest = torch.zeros(module.in_features)
+
+    def capture(_, inputs):
+        x = inputs[0].detach().float()
+        torch.maximum(largest, x.abs().reshape(-1, x.shape[-1]).amax(0), out=largest)
+        raise _Captured
+
+    handle = module.register_forward_pre_hook(capture)
+    try:
+        for batch in batches:
+            with contextlib.suppress(_Captured):
+                model(**batch)
+    finally:
+        handle.remove()
+    return largest
+
+
+class OutlierSplitLinear(torch.nn.Module):
+    """A Linear computed in two parts: its `k` input channels of widest range in fp32, the others
+    through an int8 Linear (the decomposition of LLM.int8(), with the channels fixed by calibration).
+
+    Dynamic quantization gives all channels of an activation one scale, set by the widest: a single
+    channel with 4x the range of the rest (measured in MiniLM's first down-projection) costs the
+    others two bits. Zeroing the outliers before quantizing gives them back."""
+
+    def __init__(self, linear: torch.nn.Linear, ranges: torch.Tensor, k: int):
+        super().__init__()
+        channels = ranges.argsort(descending=True)[: min(k, linear.in_features)].sort().values
+        self.register_buffer("channels", channels)
+        self.register_buffer("outlier_weight", linear.weight.detach()[:, channels].t().contiguous())
+        self.rest = copy.deepcopy(linear)  # becomes the int8 part when the model is quantized
+        with torch.no_grad():
+            self.rest.weight[:, channels] = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outliers = x.index_select(-1, self.channels) @ self.outlier_weight
+        return self.rest(x.index_fill(-1, self.channels, 0.0)) + outliers
 
 
 def is_quantized(model) -> bool:

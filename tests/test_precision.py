@@ -18,7 +18,16 @@ from nerbatch.cli import main
 from nerbatch.errors import OptionError
 from nerbatch.inference import Annotator
 from nerbatch.modeling import load_tokenizer
-from nerbatch.precision import is_quantized, resolve_precision, sensitive_linears
+from nerbatch.precision import (
+    INT8_SCHEME,
+    OutlierSplitLinear,
+    _FullRangeLinear,
+    calibration_batches,
+    first_down_projection,
+    input_ranges,
+    is_quantized,
+    resolve_precision,
+)
 
 
 def test_bad_combinations_are_refused():
@@ -36,12 +45,16 @@ def test_bad_combinations_are_refused():
 def test_int8_keeps_sensitive_layers_and_the_predictions(tuned_model_dir):
     model = AutoModelForTokenClassification.from_pretrained(tuned_model_dir).eval()
     tokenizer = load_tokenizer(str(tuned_model_dir))
-    assert sensitive_linears(model) == {"classifier", "bert.encoder.layer.0.output.dense"}
+    assert first_down_projection(model) == "bert.encoder.layer.0.output.dense"
     texts = ["Peter Blackburn of the European Commission said in Brussels on Monday that Germany agreed ."] * 3
     full, small = Annotator(model, tokenizer), Annotator(model, tokenizer, precision="int8")
     assert small.model is not model and type(model.classifier) is torch.nn.Linear  # the caller's model untouched
     assert type(small.model.classifier) is torch.nn.Linear  # kept in fp32
     assert isinstance(small.model.bert.encoder.layer[1].output.dense, DynamicLinear) and is_quantized(small.model)
+    split = small.model.bert.encoder.layer[0].output.dense
+    assert isinstance(split, OutlierSplitLinear) and isinstance(split.rest, DynamicLinear)
+    ranges = input_ranges(model, "bert.encoder.layer.0.output.dense", calibration_batches(tokenizer))
+    assert int(ranges.argmax()) in split.channels.tolist()  # the widest channel is computed in fp32
     assert not is_quantized(model)
     x = torch.randn(4, 32)  # activations are quantized over the full 8 bits, not torch's default 7
     layer = small.model.bert.encoder.layer[1].attention.self.query
@@ -61,8 +74,41 @@ def test_precision_is_recorded_and_a_change_is_refused_on_resume(tuned_model_dir
     args = ["annotate", str(tuned_model_dir), str(source), "--output", str(out), "--id-column", "id", "--no-progress"]
     assert CliRunner().invoke(main, args + ["--precision", "int8"]).exit_code == 0
     meta = pq.read_metadata(next(out.glob("part-*.parquet"))).metadata
-    assert json.loads(meta[b"nerbatch.options"])["precision"] == "int8"
+    recorded = json.loads(meta[b"nerbatch.options"])
+    assert recorded["precision"] == "int8" and recorded["int8"] == INT8_SCHEME
+    config = out / "_nerbatch" / "config.json"  # as written by 0.3.0, whose int8 was another scheme
+    older = json.loads(config.read_text())
+    del older["options"]["int8"]
+    config.write_text(json.dumps(older))
+    assert "different run" in CliRunner().invoke(main, args + ["--precision", "int8"]).output
     refused = CliRunner().invoke(main, args + ["--precision", "fp32"])
     assert refused.exit_code == 1 and "precision" in refused.output and "different run" in refused.output
     fp16 = CliRunner().invoke(main, args + ["--precision", "fp16", "--overwrite"])
     assert fp16.exit_code == 1 and "fp16 needs a GPU" in fp16.output and len(fp16.output.strip().splitlines()) == 1
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.ao's dynamic quantization; it still works
+def test_outlier_split_keeps_the_other_channels_precise():
+    """One input channel with 20x the range of the rest: plain dynamic int8 gives every channel that
+    channel's step; computing it apart in fp32 keeps the int8 error of the others small."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 64)
+    x = torch.randn(128, 256)
+    x[:, 17] *= 20.0
+    ranges = x.abs().amax(0)
+    exact = linear(x).detach()
+
+    def int8(module):
+        return quantize_dynamic(
+            torch.nn.Sequential(module),
+            {"0": per_channel_dynamic_qconfig},
+            dtype=torch.qint8,
+            mapping={torch.nn.Linear: _FullRangeLinear},
+        )
+
+    plain, split = int8(linear), int8(OutlierSplitLinear(linear, ranges, k=4))
+    assert 17 in split[0].channels.tolist() and isinstance(split[0].rest, DynamicLinear)
+    plain_error, split_error = ((m(x) - exact).abs().mean() for m in (plain, split))
+    assert split_error < plain_error / 4, f"mean error: plain int8 {plain_error:.5f}, split {split_error:.5f}"
