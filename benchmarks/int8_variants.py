@@ -7,14 +7,17 @@ classifier kept in fp32 and with it either the first N feed-forward down-project
 the K widest input channels of the first one, calibrated on the shipped demo sentences (`splitK`,
 the rest of it in int8); activations quantized to torch's default 7-bit range or the full 8 bits.
 `nerbatch --precision int8` is `pc-split8-full` (it was `pc-keep1-full` in 0.3.0). Prints one JSON
-line per variant with sentence- and document-level F1 (fp32 first, as `fp32`).
+line per variant with sentence- and document-level F1 (fp32 first, as `fp32`) and the best of three
+timings of the forward pass over the validation documents (`forward_seconds`, in this process).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import sys
+import time
 import warnings
 
 import torch
@@ -70,13 +73,34 @@ def scores(model_dir: str, data: str, precision: str) -> dict:
     }
 
 
+def forward_seconds(model_dir: str, data: str, precision: str, repeats: int = 3) -> float:
+    """Best-of-`repeats` time of the annotate path's forward pass over the validation documents
+    (the model's default windows), in this process: the speed side of a variant."""
+    from nerbatch.data import read_conll
+    from nerbatch.documents import build_documents
+    from nerbatch.inference import Annotator
+    from nerbatch.modeling import load_token_classifier
+
+    model, tokenizer = load_token_classifier(model_dir)
+    annotator = Annotator(model, tokenizer, precision=precision)
+    docs = annotator.encode([d.text for d in build_documents(read_conll(data))])
+    best = math.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        annotator.forward(docs)
+        best = min(best, time.perf_counter() - started)
+    return round(best, 3)
+
+
 def main() -> None:
     model_dir, data, *variants = sys.argv[1:]
-    print(json.dumps({"model": model_dir, "variant": "fp32", **scores(model_dir, data, "fp32")}), flush=True)
-    for variant in variants:
-        # both import sites: evaluation imports it at call time, inference at import time
-        nerbatch.precision.quantize_int8 = nerbatch.inference.quantize_int8 = quantizer(variant)
-        print(json.dumps({"model": model_dir, "variant": variant, **scores(model_dir, data, "int8")}), flush=True)
+    for variant in ["fp32", *variants]:
+        precision = "fp32" if variant == "fp32" else "int8"
+        if precision == "int8":  # both import sites: evaluation imports it at call time, inference at import
+            nerbatch.precision.quantize_int8 = nerbatch.inference.quantize_int8 = quantizer(variant)
+        result = {"model": model_dir, "variant": variant, **scores(model_dir, data, precision)}
+        result["forward_seconds"] = forward_seconds(model_dir, data, precision)
+        print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

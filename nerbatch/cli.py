@@ -9,7 +9,6 @@ and keeps its traceback.
 
 from __future__ import annotations
 
-import gc
 import json
 import signal
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from nerbatch import __version__
+from nerbatch import __version__, startup
 from nerbatch.errors import NerbatchError
 from nerbatch.options import AGGREGATIONS, PRECISIONS, SEGMENTS, Options
 
@@ -412,14 +411,11 @@ def demo_cmd(model, dataset, output_dir, epochs, lr, show):
 
 
 def run() -> None:
-    """The console entry point (`nerbatch`, `python -m nerbatch`): the CLI, then a quick exit.
-
-    At exit the interpreter's collector walks every object torch and transformers created, about
-    1 s of a short job (README, Start-up). Freezing them skips that walk; files are still closed
-    and flushed by the normal shutdown, and the memory goes back to the OS with the process.
-    (In-process callers, such as tests, call `main` and keep the default behaviour.)
-    """
+    """The console entry point (`nerbatch`, `python -m nerbatch`): the CLI, with the garbage
+    collector set for a process that starts big and exits at once (`nerbatch.startup`). In-process
+    callers, such as tests, call `main` and keep the default collector."""
+    startup.begin()
     try:
         main()
     finally:
-        gc.freeze()
+        startup.freeze_for_exit()

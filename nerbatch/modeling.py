@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import gc
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokenizer
 
+from nerbatch import startup
 from nerbatch.errors import NerbatchError
 
 # Byte-level BPE tokenizers need a leading space on every word for `is_split_into_words=True`.
@@ -137,23 +135,6 @@ def check_classifier_config(name: str, config) -> None:
         )
 
 
-@contextmanager
-def collection_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector while a model is imported and built.
-
-    Loading creates several hundred thousand long-lived objects (transformers' modelling modules,
-    the model) and next to no cyclic garbage, yet every full collection it triggers walks them all:
-    0.5 s of a 1.5 s load measured (README, Start-up). The collector's previous state is restored.
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def load_token_classifier(name: str):
     """The `(model, tokenizer)` of a trained entity tagger, in eval mode, checked before use.
 
@@ -162,7 +143,7 @@ def load_token_classifier(name: str):
     that scrolls past, and a whole night of annotation would be garbage.
     """
     name = resolve_model(name)
-    with collection_paused():
+    with startup.collection_paused():
         config = load_config(name)
         check_classifier_config(name, config)
         tokenizer = load_tokenizer(name)
@@ -175,6 +156,7 @@ def load_token_classifier(name: str):
             "checkpoint and would be initialised at random (no trained token-classification head: "
             "the base encoder, not a fine-tuned output?); pass the directory `nerbatch train` wrote"
         )
+    startup.end()
     return model.eval(), tokenizer
 
 
@@ -237,7 +219,7 @@ def load_model(name: str, labels: list[str]):
     if existing is not None:
         labels = sorted(existing, key=existing.get)
     id2label = dict(enumerate(labels))
-    with collection_paused():
+    with startup.collection_paused():
         model = AutoModelForTokenClassification.from_pretrained(  # fp32 master weights, as load_token_classifier
             name,
             num_labels=len(labels),
@@ -245,4 +227,5 @@ def load_model(name: str, labels: list[str]):
             label2id={v: k for k, v in id2label.items()},
             dtype=torch.float32,
         )
+    startup.end()
     return model, labels

@@ -92,7 +92,9 @@ def quantize_int8(model, tokenizer):
         raise OptionError(f"--precision int8: {type(model).__name__} has no Linear layers to quantize")
     with warnings.catch_warnings():  # torch marks these APIs deprecated in favour of torchao; they still work
         warnings.simplefilter("ignore")
-        return quantize_dynamic(model, spec, dtype=torch.qint8, mapping={torch.nn.Linear: _FullRangeLinear})
+        return quantize_dynamic(  # in place: `model` is already our copy
+            model, spec, dtype=torch.qint8, mapping={torch.nn.Linear: _FullRangeLinear}, inplace=True
+        )
 
 
 def calibration_batches(tokenizer, batch_size: int = 32) -> list[dict]:

@@ -174,7 +174,7 @@ def test_a_checkpoint_saved_in_bf16_loads_in_fp32(tiny_model_dir, tmp_path):
 
 def test_loading_pauses_the_collector_and_restores_it(tiny_model_dir, tmp_path, monkeypatch):
     """The collector is off while transformers builds the model (start-up time), and comes back on
-    afterwards, also when loading fails; the console script is the entry point that freezes at exit."""
+    afterwards, also when loading fails; the console script is `run` (see `nerbatch.startup`)."""
     import gc
     from importlib.metadata import entry_points
 
@@ -197,3 +197,23 @@ def test_loading_pauses_the_collector_and_restores_it(tiny_model_dir, tmp_path, 
     assert during == [False, False] and gc.isenabled()
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "nerbatch"]
     assert script.value == "nerbatch.cli:run"
+
+
+def test_the_console_start_up_ends_with_the_first_model_load(tiny_model_dir):
+    """`nerbatch.cli.run` starts with the collector off; loading the model turns it back on, with
+    everything built so far frozen (never walked again). Without `begin`, loading changes neither."""
+    import gc
+
+    from nerbatch import startup
+
+    frozen = gc.get_freeze_count()
+    load_token_classifier(str(tiny_model_dir))
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
+    startup.begin()
+    try:
+        assert not gc.isenabled()
+        load_token_classifier(str(tiny_model_dir))
+        assert gc.isenabled() and gc.get_freeze_count() > frozen
+    finally:
+        gc.enable()
+        gc.unfreeze()
