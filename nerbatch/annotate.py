@@ -181,10 +181,13 @@ def annotate_unit(
 def load_annotator(options: Options, device: str | None = None) -> Annotator:
     """The checked model and tokenizer of `options.model` with the windowing/batching options."""
     from nerbatch.modeling import load_token_classifier
+    from nerbatch.precision import quantize_int8, resolve_precision
 
     model, tokenizer = load_token_classifier(options.model)
     if device:
         model.to(device)
+    if resolve_precision(options.precision, next(model.parameters()).device) == "int8":
+        model = quantize_int8(model, tokenizer, inplace=True)  # the model is ours alone: no copy
     return Annotator(
         model,
         tokenizer,

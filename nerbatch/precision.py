@@ -70,13 +70,14 @@ def first_down_projection(model) -> str | None:
     return None
 
 
-def quantize_int8(model, tokenizer):
-    """A copy of `model` with int8 Linear weights (per-channel scales) and dynamic int8 activations
-    over their full 8-bit range; the classifier stays fp32 and the first down-projection is split
-    into fp32 outlier channels and int8 for the rest (`tokenizer` feeds its calibration)."""
+def quantize_int8(model, tokenizer, inplace: bool = False):
+    """`model` (a copy unless `inplace`) with int8 Linear weights (per-channel scales) and dynamic
+    int8 activations over their full 8-bit range; the classifier stays fp32 and the first
+    down-projection is split into fp32 outlier channels and int8 for the rest (`tokenizer` feeds
+    its calibration)."""
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    model = copy.deepcopy(model).eval()
+    model = (model if inplace else copy.deepcopy(model)).eval()
     wide = first_down_projection(model)
     if wide is not None:
         ranges = input_ranges(model, wide, calibration_batches(tokenizer))
@@ -92,7 +93,7 @@ def quantize_int8(model, tokenizer):
         raise OptionError(f"--precision int8: {type(model).__name__} has no Linear layers to quantize")
     with warnings.catch_warnings():  # torch marks these APIs deprecated in favour of torchao; they still work
         warnings.simplefilter("ignore")
-        return quantize_dynamic(  # in place: `model` is already our copy
+        return quantize_dynamic(  # in place: `model` is ours by now
             model, spec, dtype=torch.qint8, mapping={torch.nn.Linear: _FullRangeLinear}, inplace=True
         )
 
