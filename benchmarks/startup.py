@@ -1,9 +1,8 @@
-"""Start-up and CPU streams, measured as whole processes (start to exit) on one Parquet file:
+"""Start-up, measured as whole processes (start to exit) on one Parquet file:
 
 - `nerbatch annotate` as shipped (the console entry point: garbage collector off until the model is
-  loaded, then everything frozen; frozen again at exit; CPU batches two at a time);
-- the same command through the CLI's `main` with Python's default collector;
-- the same command with one batch at a time (`CPU_STREAMS = 1`, all threads on each batch);
+  loaded, then everything frozen; frozen again at exit);
+- the same command through the CLI's `main`, with Python's default collector;
 
 at each `--precision`, interleaved rounds, best round each, with the seconds inside the job (from
 the run's stats.json) so that start-up and exit are the rest.
@@ -29,7 +28,6 @@ from bench import best_times, load_documents, machine, write_documents  # noqa: 
 VARIANTS = {
     "shipped": ["-m", "nerbatch"],
     "default collector": ["-c", "import sys; from nerbatch.cli import main; sys.argv[0] = 'nerbatch'; main()"],
-    "one stream": ["-c", "import nerbatch.inference as i; i.CPU_STREAMS = 1; from nerbatch.cli import run; run()"],
 }
 
 

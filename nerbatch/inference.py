@@ -14,9 +14,7 @@ config (`config.nerbatch`); models without that record (hub checkpoints) are tak
 
 from __future__ import annotations
 
-import functools
 from bisect import bisect_left
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,9 +28,6 @@ from nerbatch.segment import sentence_bounds
 from nerbatch.spans import AGGREGATIONS, Span, decode_spans
 
 CPU_BATCH_TOKENS = 1024  # padded tokens per forward on CPU: bigger batches don't run faster there
-# On CPU, batches run this many at a time, each on its share of the threads: small matrices split
-# over every thread spend much of their time synchronising. Measured on 2 cores (README, Streams).
-CPU_STREAMS = 2
 GPU_BATCH_TOKENS = 32768
 # `--segment both` on a model trained on single sentences: the running-text view's window. Measured
 # on the CoNLL-2003 validation documents (README, Document-level accuracy): short context windows
@@ -119,7 +114,6 @@ class Annotator:
         max_batch_tokens: int | None = None,
         segment: str | None = None,
         precision: str = "auto",
-        streams: int | None = None,
     ):
         if aggregation not in AGGREGATIONS:
             raise OptionError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
@@ -167,7 +161,6 @@ class Annotator:
         if self.precision == "int8" and not is_quantized(model):
             self.model = model = quantize_int8(model, tokenizer)
         self.autocast_dtype = autocast_dtype(self.precision)
-        self.pool = None if on_gpu else _stream_pool(streams or CPU_STREAMS)
 
     def settings(self) -> dict:
         """The options that determine the output (for run configs and Parquet metadata)."""
@@ -227,13 +220,11 @@ class Annotator:
 
         All batches are launched before any result is read back: on a GPU the forward passes queue
         up while the CPU builds the next batch, and reading a batch's result waits only for that
-        batch's copy; on a CPU they run `CPU_STREAMS` at a time. Batches are the same either way,
-        and their results are summed in one thread, in order."""
+        batch's copy (on a CPU each pass simply runs in turn)."""
         for doc in docs:
             doc.probs = np.zeros((doc.n_tokens, len(self.labels)), dtype=np.float32)
         batches = self.batches(docs)
-        run = functools.partial(self._run_batch, docs)
-        results = list(self.pool.map(run, batches) if self.pool else map(run, batches))
+        results = [self._probabilities(*self._tensors(docs, batch)) for batch in batches]
         for batch, (probs, copied) in zip(batches, results):
             if copied is not None:
                 copied.synchronize()  # this batch's copy back is complete (later ones may still run)
@@ -243,10 +234,6 @@ class Annotator:
                 (s, _), (a, b) = doc.windows[k], doc.keeps[k]
                 first = len(self.prefix) + a - s
                 doc.probs[a:b] += probs[i, first : first + b - a] / doc.views
-
-    @torch.inference_mode()  # per thread: the stream threads need their own
-    def _run_batch(self, docs: list[Document], batch: list[tuple[int, int]]):
-        return self._probabilities(*self._tensors(docs, batch))
 
     def _tensors(self, docs: list[Document], batch: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded input ids and attention mask of one batch of windows."""
@@ -295,20 +282,6 @@ class Annotator:
         docs = self.encode(texts)
         self.forward(docs)
         return [self.decode(doc, text) for doc, text in zip(docs, texts)]
-
-
-def _stream_pool(streams: int) -> ThreadPoolExecutor | None:
-    """Threads that run CPU batches `streams` at a time, each with its share of torch's threads
-    (None when there are not enough threads to share)."""
-    threads = torch.get_num_threads()
-    streams = min(streams, threads)
-    if streams < 2:
-        return None
-    # torch's thread count is per calling thread (OpenMP), so setting it in each stream thread
-    # leaves the caller's own setting as it was
-    return ThreadPoolExecutor(
-        streams, "nerbatch-stream", initializer=torch.set_num_threads, initargs=(threads // streams,)
-    )
 
 
 def _width(window: tuple[int, int]) -> int:

@@ -3,7 +3,7 @@
 `auto` is bf16 on a GPU that supports it (fp16 on older ones) and fp32 on CPU. `int8` quantizes the
 Linear layers' weights to int8, one scale per output channel, with dynamic int8 activations over
 their full 8-bit range (`torch.ao.quantization.quantize_dynamic`, fbgemm kernels on x86: the
-quantization path that ships inside torch, needs no calibration data and no extra dependency).
+quantization path that ships inside torch, needs no extra dependency and no data from the user).
 Two places carry most of the error and are treated apart: the classifier stays in fp32, and the
 first feed-forward down-projection, whose input (a GELU output) has a few channels with several
 times the range of the rest, computes those channels in fp32 and the others in int8. The channels

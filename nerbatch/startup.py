@@ -2,12 +2,13 @@
 
 Start-up (importing torch and transformers, building the model) creates several hundred thousand
 objects that live as long as the process, and next to no garbage, yet every full collection walks
-them all: about 0.6 s of a whole `nerbatch annotate` process, and again at every full collection
-during the job and once more at exit (README, Start-up). So the console entry point (`nerbatch.cli.run`)
-calls `begin` (collector off); the first model load calls `end` (what exists is frozen, so that no
-later collection walks it, and the collector is back on); exit calls `freeze_for_exit`. Commands that
-load no model (stats, show, demo) are short and keep the collector off. Used as a library, nerbatch
-leaves the collector alone, except that loading a model pauses it (`collection_paused`).
+them all, during the imports, again during the job and once more at exit: 1.5 to 2 s of a whole
+`nerbatch annotate` process on 800 documents (README, Start-up). So the console entry point
+(`nerbatch.cli.run`) calls `begin` (collector off); the first model load calls `end` (what exists
+is frozen, so that no later collection walks it, and the collector is back on); exit calls
+`freeze_for_exit`. Commands that load no model (stats, show, demo) are short and keep the collector
+off. Used as a library, nerbatch leaves the collector alone, except that loading a model pauses it
+(`collection_paused`).
 """
 
 from __future__ import annotations

@@ -194,26 +194,3 @@ def test_matches_the_pipeline_on_unicode_text(tiny, aggregation):
         assert [(s.start, s.end, s.label) for s in mine] == [(e["start"], e["end"], e["entity_group"]) for e in theirs]
         found += len(mine)
     assert found > 10
-
-
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
-def test_cpu_streams_give_the_results_of_one_stream(tuned, reuters_texts, precision):
-    """Batches run two at a time on CPU (one thread each here); the batches, and so the spans, are
-    those of one batch at a time, and the caller's torch thread count is untouched."""
-    import threading
-
-    if torch.get_num_threads() < 2:
-        pytest.skip("needs two torch threads")
-    model, tokenizer = tuned
-    texts = reuters_texts[:40]
-    threads = torch.get_num_threads()
-    one, two = (Annotator(model, tokenizer, precision=precision, streams=n) for n in (1, 2))
-    assert one.pool is None and two.pool is not None
-    a, b = one.encode(texts), two.encode(texts)
-    one.forward(a)
-    two.forward(b)
-    assert len({t.name for t in threading.enumerate() if t.name.startswith("nerbatch-stream")}) == 2
-    assert torch.get_num_threads() == threads
-    for x, y in zip(a, b):
-        assert np.allclose(x.probs, y.probs, atol=1e-5) and (x.probs.argmax(1) == y.probs.argmax(1)).all()
-    assert one.annotate(texts) == two.annotate(texts)
