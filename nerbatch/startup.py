@@ -2,7 +2,7 @@
 
 Start-up (importing torch and transformers, building the model) creates several hundred thousand
 objects that live as long as the process, and next to no garbage, yet every full collection walks
-them all, during the imports, again during the job and once more at exit: 1.4 to 1.9 s of a whole
+them all, during the imports, again during the job and once more at exit: 1.1 to 1.7 s of a whole
 `nerbatch annotate` process on 800 documents (README, Start-up). So the console entry point
 (`nerbatch.cli.run`) calls `begin` (collector off); the first model load calls `end` (one
 collection, then what exists is frozen, so that no later collection walks it, and the collector is
