@@ -71,6 +71,14 @@ def load_documents(corpus: Path, count: int, tokenizer, max_length: int) -> list
     return texts
 
 
+def window_documents(model_dir: str, corpus: Path, count: int):
+    """`load_documents` with the model's tokenizer and window length; returns (texts, tokenizer)."""
+    from nerbatch.modeling import load_token_classifier, max_model_length
+
+    model, tokenizer = load_token_classifier(model_dir)
+    return load_documents(corpus, count, tokenizer, max_model_length(tokenizer, model.config)), tokenizer
+
+
 def best_times(methods: dict, repeats: int) -> tuple[dict, dict]:
     """Run every method once per round, `repeats` rounds, interleaved so that all of them see the
     same machine conditions; return each method's best wall time and its last output."""
@@ -243,11 +251,7 @@ def run_processes(model_dir: str, corpus: Path, docs: int, batch_sizes: list[int
     """Section 2: whole processes, start-up and exit included, on one Parquet file of documents that
     fit one window (so the pipeline sees them whole): the pipeline script at each batch size vs
     `nerbatch annotate` at fp32 and int8, interleaved rounds, best round each."""
-    from nerbatch.modeling import load_token_classifier, max_model_length
-
-    model, tokenizer = load_token_classifier(model_dir)
-    texts = load_documents(corpus, docs, tokenizer, max_model_length(tokenizer, model.config))
-    del model
+    texts, tokenizer = window_documents(model_dir, corpus, docs)
     with tempfile.TemporaryDirectory() as tmp:
         source = write_documents(texts, Path(tmp) / "docs.parquet")
         methods = {

@@ -23,7 +23,7 @@ from pathlib import Path
 import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import best_times, load_documents, machine, write_documents  # noqa: E402  (a sibling script, not a package)
+from bench import best_times, machine, window_documents, write_documents  # noqa: E402  (a sibling script, not a package)
 
 VARIANTS = {
     "shipped": ["-m", "nerbatch"],
@@ -53,11 +53,7 @@ def runner(variant: str, model_dir: str, source: Path, out: Path, precision: str
 @click.option("--repeats", default=3, show_default=True)
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path))
 def main(model_dir: str, corpus: Path, docs: int, precisions: str, repeats: int, json_out: Path | None) -> None:
-    from nerbatch.modeling import load_token_classifier, max_model_length
-
-    model, tokenizer = load_token_classifier(model_dir)
-    texts = load_documents(corpus, docs, tokenizer, max_model_length(tokenizer, model.config))
-    del model
+    texts, _ = window_documents(model_dir, corpus, docs)
     with tempfile.TemporaryDirectory() as tmp:
         source = write_documents(texts, Path(tmp) / "docs.parquet")
         methods = {
