@@ -27,7 +27,7 @@ from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_q
 import nerbatch.inference
 import nerbatch.precision
 from nerbatch.evaluation import evaluate_dir
-from nerbatch.precision import OutlierSplitLinear, calibration_batches, input_ranges
+from nerbatch.precision import split_first_down_projection
 
 
 class SevenBitLinear(DynamicLinear):
@@ -46,10 +46,7 @@ def quantizer(variant: str):
             n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.in_features > m.out_features
         ]
         if keep.startswith("split"):
-            ranges = input_ranges(model, downs[0], calibration_batches(tokenizer))
-            split = OutlierSplitLinear(model.get_submodule(downs[0]), ranges, int(keep.removeprefix("split")))
-            parent, _, child = downs[0].rpartition(".")
-            setattr(model.get_submodule(parent), child, split)
+            split_first_down_projection(model, tokenizer, int(keep.removeprefix("split")))
             kept = {"classifier"}
         else:
             kept = {"classifier", *downs[: int(keep.removeprefix("keep"))]}

@@ -171,7 +171,7 @@ def evaluate_dir(
 
     precision = resolve_precision((annotate_options or {}).get("precision") or "auto", accelerator.device)
     if precision == "int8":
-        model = quantize_int8(model, tokenizer)
+        model = quantize_int8(model, tokenizer, inplace=True)  # loaded here: no copy needed
     length = max_length or max_model_length(tokenizer, model.config)
     encoded, loader = eval_loader(
         tokenizer, corpus.sentences, label2id, length, DataCollatorForTokenClassification(tokenizer), batch_size

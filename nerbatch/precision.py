@@ -78,12 +78,7 @@ def quantize_int8(model, tokenizer, inplace: bool = False):
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     model = (model if inplace else copy.deepcopy(model)).eval()
-    wide = first_down_projection(model)
-    if wide is not None:
-        ranges = input_ranges(model, wide, calibration_batches(tokenizer))
-        parent, _, child = wide.rpartition(".")
-        split = OutlierSplitLinear(model.get_submodule(wide), ranges, OUTLIER_CHANNELS)
-        setattr(model.get_submodule(parent), child, split)
+    split_first_down_projection(model, tokenizer, OUTLIER_CHANNELS)
     spec = {
         name: per_channel_dynamic_qconfig
         for name, module in model.named_modules()
@@ -96,6 +91,17 @@ def quantize_int8(model, tokenizer, inplace: bool = False):
         return quantize_dynamic(  # in place: `model` is ours by now
             model, spec, dtype=torch.qint8, mapping={torch.nn.Linear: _FullRangeLinear}, inplace=True
         )
+
+
+def split_first_down_projection(model, tokenizer, k: int) -> None:
+    """Replace, in place, the first down-projection of `model` by an `OutlierSplitLinear` keeping its
+    `k` widest input channels (calibrated on the shipped sentences) apart; no-op without one."""
+    wide = first_down_projection(model)
+    if wide is None:
+        return
+    ranges = input_ranges(model, wide, calibration_batches(tokenizer))
+    parent, _, child = wide.rpartition(".")
+    setattr(model.get_submodule(parent), child, OutlierSplitLinear(model.get_submodule(wide), ranges, k))
 
 
 def calibration_batches(tokenizer, batch_size: int = 32) -> list[dict]:
