@@ -1,7 +1,7 @@
 """Start-up, measured as whole processes (start to exit) on one Parquet file:
 
-- `nerbatch annotate` as shipped (the console entry point: garbage collector off until the model is
-  loaded, then everything frozen; frozen again at exit);
+- `nerbatch annotate` as shipped (the console entry point: full garbage collections held back until
+  the model is loaded, then everything frozen; frozen again at exit);
 - the same command through the CLI's `main`, with Python's default collector;
 
 at each `--precision`, interleaved rounds, best round each, with the seconds inside the job (from

@@ -200,20 +200,23 @@ def test_loading_pauses_the_collector_and_restores_it(tiny_model_dir, tmp_path, 
 
 
 def test_the_console_start_up_ends_with_the_first_model_load(tiny_model_dir):
-    """`nerbatch.cli.run` starts with the collector off; loading the model turns it back on, with
-    everything built so far frozen (never walked again). Without `begin`, loading changes neither."""
+    """`nerbatch.cli.run` starts with full collections held back (young ones go on); loading the
+    model freezes everything built so far (never walked again) and restores the thresholds. Without
+    `begin`, loading changes neither."""
     import gc
 
     from nerbatch import startup
 
-    frozen = gc.get_freeze_count()
+    thresholds, frozen = gc.get_threshold(), gc.get_freeze_count()
     load_token_classifier(str(tiny_model_dir))
-    assert gc.isenabled() and gc.get_freeze_count() == frozen
+    assert gc.get_threshold() == thresholds and gc.get_freeze_count() == frozen
     startup.begin()
     try:
-        assert not gc.isenabled()
+        assert gc.isenabled() and gc.get_threshold()[:2] == thresholds[:2]
+        assert gc.get_threshold()[2] > 1_000_000
         load_token_classifier(str(tiny_model_dir))
-        assert gc.isenabled() and gc.get_freeze_count() > frozen
+        assert gc.isenabled() and gc.get_threshold() == thresholds
+        assert gc.get_freeze_count() > frozen
     finally:
-        gc.enable()
+        gc.set_threshold(*thresholds)
         gc.unfreeze()
