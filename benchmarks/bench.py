@@ -391,12 +391,18 @@ def peak_rss_mb(cmd: list[str]) -> float:
     return int(done.stdout.split("MAXRSS_KB")[-1]) / 1024
 
 
-def run_memory(model_dir: str, corpus: Path, docs: int) -> dict:
-    """Section 5: peak RSS on `docs` documents, then on ten files of them, at fp32 and at int8."""
+def run_memory(model_dir: str, corpus: Path, docs: int, repeats: int) -> dict:
+    """Section 5: peak RSS on `docs` documents, then on ten files of them, at fp32 and at int8.
+
+    Peak RSS of identical runs varies (on the AMD EPYC machine by about 50 MiB, and one run in ten or
+    so peaks 100 MiB higher, at either size), so each size runs `repeats` times, interleaved, and the
+    ratio compares medians; every sample is kept in the report."""
+    import statistics
+
     import pyarrow.parquet as pq
 
     table = pq.read_table(corpus).slice(0, docs)
-    report = {"docs": docs}
+    report = {"docs": docs, "repeats": repeats}
     with tempfile.TemporaryDirectory() as tmp:
         one, ten = Path(tmp) / "one", Path(tmp) / "ten"
         one.mkdir()
@@ -405,17 +411,22 @@ def run_memory(model_dir: str, corpus: Path, docs: int) -> dict:
         for k in range(10):
             pq.write_table(table, ten / f"part-{k}.parquet", row_group_size=500)
         for precision in ("fp32", "int8"):
-            rss = {}
-            for name, source in (("1x", one), ("10x", ten)):
-                rss[name] = peak_rss_mb(
-                    [sys.executable, "-m", "nerbatch", "annotate", model_dir, str(source)]
-                    + ["--output", str(Path(tmp) / f"out-{precision}-{name}"), "--id-column", "doc_id"]
-                    + ["--precision", precision, "--no-progress"]
-                )
+            samples = {"1x": [], "10x": []}
+            for _ in range(repeats):
+                for name, source in (("1x", one), ("10x", ten)):
+                    samples[name].append(
+                        peak_rss_mb(
+                            [sys.executable, "-m", "nerbatch", "annotate", model_dir, str(source)]
+                            + ["--output", str(Path(tmp) / f"out-{precision}-{name}"), "--id-column", "doc_id"]
+                            + ["--precision", precision, "--no-progress", "--overwrite"]
+                        )
+                    )
+            median = {name: statistics.median(values) for name, values in samples.items()}
             report[precision] = {
-                "peak_rss_mb_1x": rss["1x"],
-                "peak_rss_mb_10x": rss["10x"],
-                "ratio": rss["10x"] / rss["1x"],
+                "peak_rss_mb_1x": median["1x"],
+                "peak_rss_mb_10x": median["10x"],
+                "ratio": median["10x"] / median["1x"],
+                "samples_mb": samples,
             }
     return report
 
@@ -470,7 +481,9 @@ def print_table(report: dict) -> None:
             m = r[precision]
             click.echo(
                 f"\nmemory, {precision}: peak RSS {m['peak_rss_mb_1x']:.0f} MiB on {r['docs']} docs, "
-                f"{m['peak_rss_mb_10x']:.0f} MiB on 10 files of them (ratio {m['ratio']:.2f})"
+                f"{m['peak_rss_mb_10x']:.0f} MiB on 10 files of them (ratio {m['ratio']:.2f}; medians of "
+                f"{r['repeats']} runs: {[round(v) for v in m['samples_mb']['1x']]} and "
+                f"{[round(v) for v in m['samples_mb']['10x']]} MiB)"
             )
 
 
@@ -493,6 +506,7 @@ def print_table(report: dict) -> None:
     help="Training sentences per epoch (14041 = the full split; the default is the reduced mode).",
 )
 @click.option("--memory-docs", default=1000, show_default=True, help="Documents per copy in the memory check.")
+@click.option("--memory-repeats", default=3, show_default=True, help="Runs of each memory measurement (median).")
 @click.option("--process-docs", default=800, show_default=True, help="Documents for the whole-process comparison.")
 @click.option("--sections", default="annotation,processes,precision,training,memory", show_default=True)
 @click.option(
@@ -503,7 +517,18 @@ def print_table(report: dict) -> None:
 )
 @click.option("--json-out", type=click.Path(path_type=Path), default=Path("bench.json"), show_default=True)
 def bench_command(
-    model_dir, encoder, data, docs, batch_sizes, train_sentences, memory_docs, process_docs, sections, repeats, json_out
+    model_dir,
+    encoder,
+    data,
+    docs,
+    batch_sizes,
+    train_sentences,
+    memory_docs,
+    memory_repeats,
+    process_docs,
+    sections,
+    repeats,
+    json_out,
 ):
     """Benchmark annotation, training and memory side by side; print a table and write JSON."""
     wanted = set(sections.split(","))
@@ -528,7 +553,7 @@ def bench_command(
 
         report["training"] = run_training(encoder or minilm_path(), data / "conll2003", train_sentences)
     if "memory" in wanted:
-        report["memory"] = run_memory(model_dir, corpus, memory_docs)
+        report["memory"] = run_memory(model_dir, corpus, memory_docs, memory_repeats)
     json_out.write_text(json.dumps(report, indent=1, default=str))
     print_table(report)
     click.echo(f"\nwritten: {json_out}")
