@@ -135,8 +135,8 @@ class FileAssembler:
         keys = batch.column(self.partition_by)
         data = batch.drop_columns([self.partition_by])
         taken = 0
-        for value in pc.unique(keys).to_pylist():
-            name = partition_name(value)
+        for value in pc.unique(keys):  # Arrow scalars: a Python value here would make pyarrow import pandas
+            name = partition_name(value.as_py())
             if self.only is None or name in self.only:
                 rows = data.filter(pc.equal(keys, value))
                 self._buffer(name, rows)

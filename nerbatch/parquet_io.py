@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -84,4 +85,46 @@ def _array(values, kind: pa.DataType) -> pa.Array:
     """An Arrow array of `kind` from a Python list or an Arrow array (copied input columns)."""
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
-    return values if isinstance(values, pa.Array) else pa.array(values, type=kind)
+    return values if isinstance(values, pa.Array) else from_pylist(values, kind)
+
+
+# Numeric Arrow types of the output and their numpy twins.
+_NUMPY = {pa.int32(): np.int32, pa.int64(): np.int64, pa.float32(): np.float32, pa.float64(): np.float64}
+
+
+def from_pylist(values: list, kind: pa.DataType) -> pa.Array:
+    """`pa.array(values, type=kind)` for the output's types (numbers, strings, lists of structs),
+    built from buffers.
+
+    `pa.array` on a Python list first asks whether it is a pandas object, which imports pandas:
+    0.09 s and 34 MiB of RSS in every annotate process (measured on the AMD EPYC machine), for a
+    library nerbatch never uses. Other types go through `pa.array`. None is null; a null list or
+    struct is not supported (the output has neither)."""
+    count = len(values)
+    missing = [v is None for v in values]
+    nulls = sum(missing)
+    validity = pa.py_buffer(np.packbits(~np.array(missing, dtype=bool), bitorder="little")) if nulls else None
+    if kind in _NUMPY:
+        data = np.array([0 if v is None else v for v in values], dtype=_NUMPY[kind])
+        return pa.Array.from_buffers(kind, count, [validity, pa.py_buffer(data)], null_count=nulls)
+    if kind == pa.string():
+        encoded = [b"" if v is None else v.encode() for v in values]
+        return pa.Array.from_buffers(
+            kind, count, [validity, pa.py_buffer(_offsets(encoded)), pa.py_buffer(b"".join(encoded))], null_count=nulls
+        )
+    if pa.types.is_list(kind) and not nulls:
+        offsets = pa.Array.from_buffers(pa.int32(), count + 1, [None, pa.py_buffer(_offsets(values))])
+        items = from_pylist([item for value in values for item in value], kind.value_type)
+        return pa.ListArray.from_arrays(offsets, items, type=kind)
+    if pa.types.is_struct(kind) and not nulls:
+        fields = list(kind)
+        children = [from_pylist([value[f.name] for value in values], f.type) for f in fields]
+        return pa.StructArray.from_arrays(children, fields=fields)
+    return pa.array(values, type=kind)
+
+
+def _offsets(sequences: list) -> np.ndarray:
+    """Arrow's int32 offsets of a list of sequences: 0, then the running total of their lengths."""
+    offsets = np.zeros(len(sequences) + 1, dtype=np.int32)
+    np.cumsum([len(s) for s in sequences], out=offsets[1:])
+    return offsets

@@ -125,6 +125,35 @@ def test_part_is_invisible_until_published_and_abandon_leaves_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.rglob("*.parquet")) == ["part-000000.parquet"]
 
 
+def test_output_arrays_from_python_lists_equal_pyarrows_own():
+    """`from_pylist` (buffers, no pandas import) builds what `pa.array` builds, nulls and non-ASCII included."""
+    from nerbatch.parquet_io import ENTITIES, from_pylist
+
+    entities = [
+        [],
+        [{"start": 0, "end": 3, "label": "PER", "text": "Zoë", "score": 0.5}],
+        [
+            {"start": 5, "end": 8, "label": "LOC", "text": "東京都", "score": 0.25},
+            {"start": 9, "end": 9, "label": "MISC", "text": "", "score": 1.0},
+        ],
+        [],
+    ]
+    cases = [
+        (entities, ENTITIES),
+        ([None, "a", "ü€", None, ""], pa.string()),
+        ([3, None, -1], pa.int32()),
+        ([0, 2**40], pa.int64()),
+        ([0.5, None], pa.float32()),
+        ([], pa.string()),
+        ([[]], ENTITIES),
+    ]
+    for values, kind in cases:
+        built = from_pylist(values, kind)
+        built.validate(full=True)
+        assert built.equals(pa.array(values, type=kind)), (values, kind)
+        assert built.to_pylist() == values
+
+
 # -- prefetch: errors cross the thread, early exits stop it
 
 
