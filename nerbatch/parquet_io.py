@@ -125,6 +125,8 @@ def from_pylist(values: list, kind: pa.DataType) -> pa.Array:
 
 def _offsets(sequences: list) -> np.ndarray:
     """Arrow's int32 offsets of a list of sequences: 0, then the running total of their lengths."""
-    offsets = np.zeros(len(sequences) + 1, dtype=np.int32)
+    offsets = np.zeros(len(sequences) + 1, dtype=np.int64)
     np.cumsum([len(s) for s in sequences], out=offsets[1:])
-    return offsets
+    if offsets[-1] > np.iinfo(np.int32).max:  # never silently wrap around
+        raise NerbatchError(f"{offsets[-1]} bytes or items in one output column of one chunk: over Arrow's 2 GiB limit")
+    return offsets.astype(np.int32)
