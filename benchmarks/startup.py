@@ -50,9 +50,12 @@ def runner(variant: str, model_dir: str, source: Path, out: Path, precision: str
 @click.argument("corpus", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--docs", default=800, show_default=True)
 @click.option("--precision", "precisions", default="fp32,int8", show_default=True)
+@click.option("--variants", default=",".join(VARIANTS), show_default=True, help="Which of the variants to run.")
 @click.option("--repeats", default=3, show_default=True)
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path))
-def main(model_dir: str, corpus: Path, docs: int, precisions: str, repeats: int, json_out: Path | None) -> None:
+def main(
+    model_dir: str, corpus: Path, docs: int, precisions: str, variants: str, repeats: int, json_out: Path | None
+) -> None:
     texts, _ = window_documents(model_dir, corpus, docs)
     with tempfile.TemporaryDirectory() as tmp:
         source = write_documents(texts, Path(tmp) / "docs.parquet")
@@ -61,7 +64,7 @@ def main(model_dir: str, corpus: Path, docs: int, precisions: str, repeats: int,
                 variant, model_dir, source, Path(tmp) / f"{variant}-{precision}", precision
             )
             for precision in precisions.split(",")
-            for variant in VARIANTS
+            for variant in variants.split(",")
         }
         seconds, in_job = best_times(methods, repeats)
     report = {"machine": machine(), "command": " ".join(sys.argv), "model": model_dir, "docs": len(texts)}
