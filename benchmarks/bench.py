@@ -81,14 +81,17 @@ def window_documents(model_dir: str, corpus: Path, count: int):
 
 def best_times(methods: dict, repeats: int) -> tuple[dict, dict]:
     """Run every method once per round, `repeats` rounds, interleaved so that all of them see the
-    same machine conditions; return each method's best wall time and its last output."""
+    same machine conditions; return each method's best wall time and the output of that round (for
+    whole processes, the seconds inside the job: the rest of the same round is start-up and exit)."""
     best = {name: math.inf for name in methods}
     outputs = {}
     for _ in range(repeats):
         for name, fn in methods.items():
             started = time.perf_counter()
-            outputs[name] = fn()
-            best[name] = min(best[name], time.perf_counter() - started)
+            output = fn()
+            seconds = time.perf_counter() - started
+            if seconds < best[name]:
+                best[name], outputs[name] = seconds, output
     return best, outputs
 
 

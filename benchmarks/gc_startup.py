@@ -32,12 +32,13 @@ import gc, json, sys, time
 started = time.perf_counter()
 setting, model = sys.argv[1], sys.argv[2]
 thresholds = gc.get_threshold()
+from nerbatch import startup  # a light module: nothing heavy is imported before the setting applies
 if setting == "young":
-    gc.set_threshold(thresholds[0], thresholds[1], 1_000_000_000)
+    startup.begin()
 else:
     gc.disable()
 import nerbatch.annotate
-from nerbatch import modeling, startup
+from nerbatch import modeling
 startup.end = lambda: None
 modeling.load_token_classifier(model)
 before = time.perf_counter()

@@ -22,8 +22,13 @@ _thresholds: tuple[int, int, int] | None = None  # the ones `begin` replaced
 
 
 def begin() -> None:
-    """Hold back full collections until `end` (the console entry point, before anything is imported)."""
+    """Hold back full collections until `end` (the console entry point, before anything is imported).
+
+    Where the collector ignores the third threshold (3.14's incremental collector, free-threaded
+    builds) this holds nothing back and start-up is as with the default collector; the rest works."""
     global _thresholds
+    if _thresholds is not None:  # already begun: keep the thresholds to restore
+        return
     _thresholds = gc.get_threshold()
     young, middle, _ = _thresholds
     gc.set_threshold(young, middle, _NO_FULL_COLLECTIONS)
@@ -35,7 +40,8 @@ def end() -> None:
 
     The young collections have already freed start-up's garbage, so nothing needs collecting here.
     (0.3.1 turned the collector off during start-up instead; the garbage that piled up then had to
-    be collected before the freeze, a 0.3 s walk over every object, or peak RSS grew by 60 MiB.)
+    be collected before the freeze, a 0.3 s walk over every object, or peak RSS grew with the
+    corpus: README, Start-up and Memory.)
     """
     global _thresholds
     if _thresholds is not None:

@@ -154,6 +154,15 @@ def test_output_arrays_from_python_lists_equal_pyarrows_own():
         assert built.to_pylist() == values
 
 
+def test_offsets_past_arrows_int32_limit_are_an_error():
+    from nerbatch.errors import NerbatchError
+    from nerbatch.parquet_io import _offsets
+
+    assert _offsets([b"ab", b"", b"c"]).tolist() == [0, 2, 2, 3]
+    with pytest.raises(NerbatchError, match="2 GiB"):
+        _offsets([range(2**31)])  # a range has a length without the memory
+
+
 # -- prefetch: errors cross the thread, early exits stop it
 
 

@@ -125,6 +125,7 @@ def test_annotate_never_imports_pandas(tiny_model_dir, corpus, tmp_path):
     """pyarrow imports pandas whenever it converts a Python value (0.09 s and 34 MiB per process);
     annotate builds its arrays from buffers and filters partitions with Arrow scalars, so a whole
     process, int8 with kept columns and partitions, runs without it."""
+    pytest.importorskip("pandas")  # installed (datasets needs it): otherwise nothing to prove
     script = "import sys; from nerbatch.cli import main; main(sys.argv[1:], standalone_mode=False); print(*sys.modules)"
     args = [*("annotate", tiny_model_dir, corpus, "-o", tmp_path / "out", "--id-column", "doc_id", "--max-length", 32)]
     args += ["--precision", "int8", "--partition-by", "lang", "--keep-columns", "date,title,published", "--no-progress"]
