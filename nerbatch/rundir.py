@@ -157,9 +157,9 @@ class RunDir:
             self._clear()
         elif config_path.exists():
             previous = config_path.read_json()
-            changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
+            changed = _differences(previous, config)
             if changed:
-                details = "; ".join(f"{k}: was {_short(previous.get(k))}, now {_short(config.get(k))}" for k in changed)
+                details = "; ".join(f"{k}: was {_short(was)}, now {_short(now)}" for k, was, now in changed)
                 raise InputError(
                     f"{self.root} holds output of a different run ({details}). Rerun with the same "
                     "model, options and inputs to resume, choose another --output, or pass --overwrite "
@@ -208,19 +208,26 @@ def run_config(options, units: list[Unit], annotator) -> dict:
     from nerbatch.modeling import resolve_model
 
     model = resolve_model(options.model)
+    recorded = {
+        "text_column": options.text_column,
+        "id_column": options.id_column,
+        "keep_columns": options.keep_columns,
+        "partition_by": options.partition_by,
+        "row_group_rows": options.row_group_rows,
+        "file_rows": options.file_rows,
+        **annotator.settings(),
+    }
+    if annotator.precision == "int8":  # its spans depend on which windows share a batch (README, Precision)
+        recorded |= {
+            "batch_size": annotator.batch_size,
+            "max_batch_tokens": annotator.max_batch_tokens,
+            "read_rows": options.read_rows,
+        }
     return {
         "model": str(Path(model).resolve()) if Path(model).exists() else model,
         "model_fingerprint": model_fingerprint(model),
         "labels": annotator.labels,
-        "options": {
-            "text_column": options.text_column,
-            "id_column": options.id_column,
-            "keep_columns": options.keep_columns,
-            "partition_by": options.partition_by,
-            "row_group_rows": options.row_group_rows,
-            "file_rows": options.file_rows,
-            **annotator.settings(),
-        },
+        "options": recorded,
         "inputs": [[u.path, u.row_group, u.rows] for u in units],
     }
 
@@ -287,6 +294,21 @@ def wait_for_other_ranks(
             return False
         time.sleep(poll)
     return True
+
+
+def _differences(previous: dict, config: dict) -> list[tuple[str, object, object]]:
+    """(key, was, now) for each key whose value differs; within `options`, each option by name."""
+    changed = []
+    for key in sorted(set(previous) | set(config)):
+        was, now = previous.get(key), config.get(key)
+        if was == now:
+            continue
+        if key == "options" and isinstance(was, dict) and isinstance(now, dict):
+            options = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+            changed += [(f"option {k}", was.get(k), now.get(k)) for k in options]
+        else:
+            changed.append((key, was, now))
+    return changed
 
 
 def _short(value, limit: int = 120) -> str:

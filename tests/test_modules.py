@@ -69,7 +69,7 @@ def test_run_dir_refuses_another_run_and_foreign_files(tmp_path):
     config = {"model": "m", "options": {"stride": 8}, "inputs": [["a", None, 3]]}
     out.prepare(config, overwrite=False)
     out.prepare(config, overwrite=False)  # the same run resumes
-    with pytest.raises(InputError, match="different run.*options"):
+    with pytest.raises(InputError, match="different run .option stride: was 8, now 16"):
         out.prepare({**config, "options": {"stride": 16}}, overwrite=False)
     with pytest.raises(InputError, match="same command"):
         out.check({**config, "model": "other"})

@@ -87,6 +87,25 @@ def test_precision_is_recorded_and_a_change_is_refused_on_resume(tuned_model_dir
     assert fp16.exit_code == 1 and "fp16 needs a GPU" in fp16.output and len(fp16.output.strip().splitlines()) == 1
 
 
+def test_int8_records_its_batching_and_a_resume_with_another_is_refused(tuned_model_dir, tmp_path):
+    """int8 spans depend on which windows share a batch (dynamic activation scales), so an int8 output
+    records its batching and refuses a resume with another; fp32 spans do not, and fp32 resumes."""
+    source = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"id": [1, 2], "text": ["Angela Merkel met Joe Biden in Berlin .", "It rained ."]}), source)
+    for precision in ("int8", "fp32"):
+        out = tmp_path / precision
+        args = ["annotate", str(tuned_model_dir), str(source), "--output", str(out), "--id-column", "id"]
+        args += ["--no-progress", "--precision", precision]
+        assert CliRunner().invoke(main, args).exit_code == 0
+        recorded = json.loads(pq.read_metadata(next(out.glob("part-*.parquet"))).metadata[b"nerbatch.options"])
+        rerun = CliRunner().invoke(main, args + ["--max-batch-tokens", "64"])
+        if precision == "int8":
+            assert (recorded["batch_size"], recorded["max_batch_tokens"], recorded["read_rows"]) == (64, 1024, 512)
+            assert rerun.exit_code == 1 and "different run" in rerun.output and "max_batch_tokens" in rerun.output
+        else:
+            assert "max_batch_tokens" not in recorded and rerun.exit_code == 0, rerun.output
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.ao's dynamic quantization; it still works
 def test_outlier_split_keeps_the_other_channels_precise():
     """One input channel with 20x the range of the rest: plain dynamic int8 gives every channel that
