@@ -135,6 +135,23 @@ def test_annotate_never_imports_pandas(tiny_model_dir, corpus, tmp_path):
     assert pq.read_table(tmp_path / "out" / "lang=fr").num_rows == 220
 
 
+def test_a_dictionary_encoded_partition_column_splits_like_a_plain_one(tiny_model_dir, tmp_path):
+    """Partitions are selected with Arrow scalars (`pc.equal(keys, scalar)`); a dictionary column,
+    as Spark and pandas often write categories, gives the same directories and rows."""
+    table = reuters_table(60)
+    source = tmp_path / "dict.parquet"
+    lang = table.schema.get_field_index("lang")
+    pq.write_table(table.set_column(lang, "lang", table["lang"].dictionary_encode()), source)
+    out = tmp_path / "out"
+    options = ("--id-column", "doc_id", "--max-length", 32, "--partition-by", "lang")
+    result = annotate(tiny_model_dir, source, "-o", out, *options)
+    assert result.exit_code == 0, result.output
+    assert pq.read_schema(source).field("lang").type.id == pa.dictionary(pa.int32(), pa.string()).id
+    for k, lang in enumerate(LANGS):
+        ids = pq.read_table(out / f"lang={lang}", columns=["doc_id"])["doc_id"].to_pylist()
+        assert sorted(ids) == sorted(table["doc_id"].to_pylist()[k::3])
+
+
 def write_pair(directory: Path, second: pa.Table) -> Path:
     """A good file plus a second file that differs from it."""
     directory.mkdir()
