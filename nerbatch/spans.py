@@ -67,36 +67,56 @@ def decode_spans(
     per content subword (no special tokens), in order. `probs` (one probability vector per subword)
     is needed only for `average`.
     """
-    if aggregation == "simple":
-        units = _token_units(offsets, best, best_score)
-    elif aggregation in ("first", "max", "average"):
-        if aggregation == "average" and probs is None:
-            raise ValueError("aggregation 'average' needs the probability vectors (probs)")
-        units = _word_units(offsets, word_ids, best, best_score, aggregation, probs)
-    else:
+    if aggregation not in AGGREGATIONS:
         raise OptionError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
-    return _group_units(text, units, labels)
+    if aggregation == "average" and probs is None:
+        raise ValueError("aggregation 'average' needs the probability vectors (probs)")
+    tags = [split_tag(label) for label in labels]  # once per document, not once per subword
+    units = _entity_units(word_ids, best, best_score, aggregation, probs, tags)
+    return _group_units(text, offsets, units, tags)
 
 
-def _token_units(offsets, best, best_score) -> list[tuple[int, int, int, float]]:
-    """(start, end, label id, score) per subword."""
-    return [(s, e, lab, sc) for (s, e), lab, sc in zip(offsets, best, best_score)]
+def _entity_units(word_ids, best, best_score, aggregation, probs, tags) -> list[tuple[int, int, int, float]]:
+    """(first subword, end subword, label id, score) of each unit that is not `O`, in order: a unit
+    is a subword (`simple`) or a word, a run of subwords with one word id (a subword without one is
+    a word of its own).
 
-
-def _word_units(offsets, word_ids, best, best_score, aggregation, probs) -> list[tuple[int, int, int, float]]:
-    """(start, end, label id, score) per word: runs of subwords with the same word id."""
+    Most subwords of a document are `O`, so only those predicted as an entity are visited, with the
+    words around them: a word all of whose subwords are `O` is `O` under `simple`, `first` and `max`.
+    Not under `average` (a mean of vectors whose argmax is `O` can tie with another label, and ties go
+    to the lower id), so there every word is visited.
+    """
+    if aggregation == "average":
+        visit = range(len(best))
+    else:
+        outside = {k for k, (_, tag) in enumerate(tags) if tag == "O"}
+        visit = [i for i, label in enumerate(best) if label not in outside]
     units = []
-    n = len(offsets)
-    i = 0
-    while i < n:
-        j = i + 1
-        word = word_ids[i]
-        if word is not None:
-            while j < n and word_ids[j] == word:
-                j += 1
-        units.append((offsets[i][0], offsets[j - 1][1], *_word_label(i, j, best, best_score, aggregation, probs)))
-        i = j
+    decided = 0  # subwords before this one belong to a word already decided
+    for i in visit:
+        if i < decided:
+            continue
+        if aggregation == "simple":
+            a, b, label, score = i, i + 1, best[i], best_score[i]
+        else:
+            a, b = _word_around(word_ids, i)
+            label, score = _word_label(a, b, best, best_score, aggregation, probs)
+        decided = b
+        if tags[label][1] != "O":
+            units.append((a, b, label, score))
     return units
+
+
+def _word_around(word_ids, i: int) -> tuple[int, int]:
+    """The subword range [a, b) of the word that subword `i` belongs to."""
+    word = word_ids[i]
+    a, b = i, i + 1
+    if word is not None:
+        while a > 0 and word_ids[a - 1] == word:
+            a -= 1
+        while b < len(word_ids) and word_ids[b] == word:
+            b += 1
+    return a, b
 
 
 def _word_label(i: int, j: int, best, best_score, aggregation, probs) -> tuple[int, float]:
@@ -112,28 +132,33 @@ def _word_label(i: int, j: int, best, best_score, aggregation, probs) -> tuple[i
     return label, mean[label]
 
 
-def _group_units(text: str, units, labels: Sequence[str]) -> list[Span]:
-    """Group adjacent units of one type (a `B-` opens a new group), drop `O`, trim whitespace."""
-    tags = [split_tag(label) for label in labels]  # once per document, not once per subword
+def _group_units(text: str, offsets, units, tags) -> list[Span]:
+    """Group adjacent entity units of one type into spans (a `B-` opens a new one), trim whitespace.
+
+    Units are adjacent when no unit lies between them: an `O` unit between two entity units, which
+    `_entity_units` leaves out, shows as a gap in their subword ranges and separates them."""
     spans = []
     group_tag = None
     group_start = group_end = 0
+    after = -1  # the subword just after the open group
     scores: list[float] = []
 
     def close() -> None:
-        if group_tag is not None and group_tag != "O":
+        if group_tag is not None:
             span = _trimmed_span(text, group_start, group_end, group_tag, sum(scores) / len(scores))
             if span is not None:
                 spans.append(span)
 
-    for start, end, label_id, score in units:
+    for a, b, label_id, score in units:
         bi, tag = tags[label_id]
-        if group_tag is not None and tag == group_tag and bi != "B":
+        start, end = offsets[a][0], offsets[b - 1][1]
+        if a == after and tag == group_tag and bi != "B":
             group_end = max(group_end, end)
             scores.append(score)
-            continue
-        close()
-        group_tag, group_start, group_end, scores = tag, start, max(start, end), [score]
+        else:
+            close()
+            group_tag, group_start, group_end, scores = tag, start, max(start, end), [score]
+        after = b
     close()
     return spans
 

@@ -154,3 +154,69 @@ def test_offsets_round_trip_on_generated_unicode(tokenizer, text, seed, aggregat
         if aggregation != "simple":
             assert span.start in word_starts and span.end in word_ends
         previous_end = span.end
+
+
+def dense_reference(text, offsets, word_ids, best, best_score, aggregation, probs):
+    """The decoding rule written the slow, obvious way: every unit in order, `O` ones included (an
+    `O` unit closes the open entity). `decode_spans` visits only entity subwords; both must agree."""
+    units, i, n = [], 0, len(best)
+    while i < n:
+        j = i + 1
+        if aggregation != "simple" and word_ids[i] is not None:
+            while j < n and word_ids[j] == word_ids[i]:
+                j += 1
+        if aggregation in ("simple", "first"):
+            label, score = best[i], best_score[i]
+        elif aggregation == "max":
+            k = max(range(i, j), key=lambda m: best_score[m])
+            label, score = best[k], best_score[k]
+        else:
+            mean = [sum(probs[k][c] for k in range(i, j)) / (j - i) for c in range(len(LABELS))]
+            label = max(range(len(LABELS)), key=lambda c: mean[c])
+            score = mean[label]
+        units.append((offsets[i][0], offsets[j - 1][1], *split_tag(LABELS[label]), score))
+        i = j
+    spans, group = [], None
+    for start, end, bi, tag, score in [*units, (0, 0, "B", "O", 0.0)]:  # a sentinel closes the last group
+        if group and tag == group[0] and bi != "B":
+            group[2] = max(group[2], end)
+            group[3].append(score)
+            continue
+        if group and group[0] != "O":
+            a, b = group[1], group[2]
+            while a < b and text[a].isspace():
+                a += 1
+            while b > a and text[b - 1].isspace():
+                b -= 1
+            if a < b:
+                spans.append(Span(a, b, group[0], text[a:b], sum(group[3]) / len(group[3])))
+        group = [tag, start, max(start, end), [score]]
+    return spans
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    words=st.lists(st.tuples(st.integers(1, 3), st.booleans()), max_size=30),
+    seed=st.integers(0, 2**32 - 1),
+    outside_share=st.sampled_from([0.0, 0.5, 0.9]),
+    aggregation=st.sampled_from(["first", "simple", "average", "max"]),
+)
+def test_visiting_only_entity_subwords_decodes_like_visiting_every_unit(words, seed, outside_share, aggregation):
+    # words: (subwords, has a word id); "ab" per subword, a space after each word
+    rng = random.Random(seed)
+    text, offsets, word_ids = "", [], []
+    for w, (count, has_id) in enumerate(words):
+        for _ in range(count):
+            offsets.append((len(text), len(text) + 2))
+            word_ids.append(w if has_id else None)
+            text += "ab"
+        text += " "
+    probs = []
+    for _ in offsets:
+        row = [rng.random() for _ in LABELS]
+        row[0] += 3 * outside_share * rng.random() * 2  # many O subwords, as in real text
+        probs.append([p / sum(row) for p in row])
+    best = [max(range(len(LABELS)), key=row.__getitem__) for row in probs]
+    scores = [probs[i][b] for i, b in enumerate(best)]
+    expected = dense_reference(text, offsets, word_ids, best, scores, aggregation, probs)
+    assert decode_spans(text, offsets, word_ids, best, scores, LABELS, aggregation, probs) == expected
