@@ -52,6 +52,16 @@ class Document:
         return len(self.ids)
 
 
+@dataclass
+class InFlight:
+    """Batches launched by `Annotator.launch`: per batch, its probabilities (a CPU tensor, still being
+    copied back on a GPU) and the event that marks the copy complete (None on a CPU)."""
+
+    docs: list[Document]
+    batches: list[list[tuple[int, int]]]
+    results: list[tuple[torch.Tensor, torch.cuda.Event | None]]
+
+
 def plan_windows(n: int, length: int, stride: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """Cover `n` subwords with windows of `length` overlapping by at least `stride`.
 
@@ -214,23 +224,30 @@ class Annotator:
             batches.append(current)
         return batches
 
-    @torch.inference_mode()
     def forward(self, docs: list[Document]) -> None:
-        """Run the model on every window and store each document's kept probabilities in `doc.probs`.
+        """Run the model on every window and store each document's kept probabilities in `doc.probs`."""
+        self.collect(self.launch(docs))
 
-        All batches are launched before any result is read back: on a GPU the forward passes queue
-        up while the CPU builds the next batch, and reading a batch's result waits only for that
-        batch's copy (on a CPU each pass simply runs in turn)."""
-        for doc in docs:
-            doc.probs = np.zeros((doc.n_tokens, len(self.labels)), dtype=np.float32)
+    @torch.inference_mode()
+    def launch(self, docs: list[Document]) -> InFlight:
+        """Start the model on every window of `docs`; `collect` waits for the results.
+
+        On a GPU every batch is queued before any result is read back, and the caller may decode
+        the previous chunk while these run (`nerbatch.annotate` does): the GPU never waits for the
+        CPU's span decoding. On a CPU the passes simply run here, in turn."""
         batches = self.batches(docs)
-        results = [self._probabilities(*self._tensors(docs, batch)) for batch in batches]
-        for batch, (probs, copied) in zip(batches, results):
+        return InFlight(docs, batches, [self._probabilities(*self._tensors(docs, batch)) for batch in batches])
+
+    def collect(self, flight: InFlight) -> None:
+        """Wait for a launch's results and store each document's kept probabilities in `doc.probs`."""
+        for doc in flight.docs:
+            doc.probs = np.zeros((doc.n_tokens, len(self.labels)), dtype=np.float32)
+        for batch, (probs, copied) in zip(flight.batches, flight.results):
             if copied is not None:
                 copied.synchronize()  # this batch's copy back is complete (later ones may still run)
             probs = probs.numpy()
             for i, (d, k) in enumerate(batch):
-                doc = docs[d]
+                doc = flight.docs[d]
                 (s, _), (a, b) = doc.windows[k], doc.keeps[k]
                 first = len(self.prefix) + a - s
                 doc.probs[a:b] += probs[i, first : first + b - a] / doc.views
