@@ -218,6 +218,39 @@ def test_the_console_start_up_ends_with_the_first_model_load(tiny_model_dir):
         assert gc.isenabled() and gc.get_threshold() == thresholds
         assert gc.get_freeze_count() > frozen
     finally:
-        startup._thresholds = None  # a failed load must not leave later tests "begun"
+        startup._thresholds, startup._owned = None, False  # a failed load must not leave later tests "begun"
         gc.set_threshold(*thresholds)
         gc.unfreeze()
+
+
+def test_the_console_job_collects_once_per_chunk(monkeypatch):
+    """In nerbatch's console command the annotate job turns automatic collections off and collects
+    after each chunk: young generations each time, everything every FULL_EVERY chunks; the collector
+    is back on afterwards, also after an error. As a library it leaves the collector alone."""
+    import gc
+
+    from nerbatch import startup
+
+    generations = []
+
+    def record(phase, info):
+        if phase == "start":
+            generations.append(info["generation"])
+
+    gc.callbacks.append(record)
+    try:
+        with startup.collections_per_chunk() as collect:
+            assert gc.isenabled()
+            collect()
+        assert generations == []
+        monkeypatch.setattr(startup, "_owned", True)
+        with pytest.raises(RuntimeError), startup.collections_per_chunk() as collect:
+            assert not gc.isenabled()
+            generations.clear()
+            for _ in range(startup.FULL_EVERY):
+                collect()
+            raise RuntimeError("a unit failed")
+    finally:
+        gc.callbacks.remove(record)
+    assert gc.isenabled()
+    assert generations == [1] * (startup.FULL_EVERY - 1) + [2]
