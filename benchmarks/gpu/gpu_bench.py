@@ -4,7 +4,7 @@
 
 Built to be right the first time it meets a GPU: one H100/H200 is lent for minutes, offline, with
 the repository and the carry folder made by `prepare.py`. The driver (`main`) runs these steps in
-this order, each in its own process, under one time budget (450 s by default):
+this order, each in its own process, under one time budget (420 s by default):
 
     assets         models and data in a scratch folder: the carried MiniLM with fp32 weights again,
                    and a randomly initialised token classifier shaped like bert-base-cased
@@ -53,7 +53,6 @@ ENVIRONMENT = {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
     "TRANSFORMERS_VERBOSITY": "error",
-    "TOKENIZERS_PARALLELISM": "false",
 }
 
 # Share of subwords the random model tags as entities. A random head tags about 8 in 9, which would
@@ -83,6 +82,7 @@ class Sizes:
     budget_s: float  # all steps together
     tune_steps: int  # dry run without a carry folder: fine-tuning steps of the tiny BERT
     annotate_runs: dict  # model: the ANNOTATE_RUNS timed for it
+    train_batch_probes: tuple[int, ...] = ()  # other batch sizes `nerbatch train` is timed at, last
 
 
 GPU_SIZES = Sizes(
@@ -96,12 +96,13 @@ GPU_SIZES = Sizes(
     pipeline_docs=500,
     batch_sizes=(1, 8, 32, 64),
     repeats=2,
-    budget_s=450,
+    budget_s=420,
     tune_steps=0,
     annotate_runs={
-        "bert_base_random": ("like_pipeline", "big_batches", "parallel_tokenizer", "defaults"),
+        "bert_base_random": ("like_pipeline", "big_batches", "serial_tokenizer", "fp16", "defaults"),
         "minilm_tuned": ("like_pipeline", "defaults"),
     },
+    train_batch_probes=(64,),
 )
 DRY_SIZES = Sizes(
     encoder=TINY_BERT,
@@ -116,18 +117,21 @@ DRY_SIZES = Sizes(
     repeats=1,
     budget_s=240,
     tune_steps=100,
-    annotate_runs={"bert_base_random": ("like_pipeline", "parallel_tokenizer"), "minilm_tuned": ("like_pipeline",)},
+    annotate_runs={"bert_base_random": ("like_pipeline", "serial_tokenizer"), "minilm_tuned": ("like_pipeline",)},
+    train_batch_probes=(16,),
 )
 
 # The `nerbatch annotate` runs Sizes.annotate_runs picks from: (extra options, extra environment).
 # `like_pipeline` does the pipeline's work (one 512-subword window per document, subword-level
 # aggregation), so the ratios use it; the others tell what the defaults, bigger batches (the ceiling
-# has no 64-window cap) or a multi-threaded tokenizer change.
+# has no 64-window cap), a single-threaded tokenizer or fp16 change. The tokenizer runs as users have
+# it: the tokenizers library uses every core unless TOKENIZERS_PARALLELISM=false.
 LIKE_PIPELINE = ["--segment", "none", "--max-length", "512", "--aggregation", "simple"]
 ANNOTATE_RUNS = {
     "like_pipeline": (LIKE_PIPELINE, {}),
     "big_batches": ([*LIKE_PIPELINE, "--batch-size", "512"], {}),
-    "parallel_tokenizer": (LIKE_PIPELINE, {"TOKENIZERS_PARALLELISM": "true"}),
+    "serial_tokenizer": (LIKE_PIPELINE, {"TOKENIZERS_PARALLELISM": "false"}),
+    "fp16": ([*LIKE_PIPELINE, "--precision", "fp16"], {}),
     "defaults": ([], {}),
 }
 
@@ -456,7 +460,8 @@ def junit_outcomes(xml: Path) -> dict:
 
 def step_cpu_gpu_spans(ctx: Context) -> None:
     """The tuned model's spans on the CPU in fp32 against the device at annotate's default precision
-    (bf16 on a GPU): documents whose (start, end, label) spans are identical, and examples that differ."""
+    (bf16 on a GPU): documents whose (start, end, label) spans are identical, and examples that differ.
+    `by_precision`: the same comparison for each precision the device offers (fp16 and fp32 too)."""
     from nerbatch.inference import Annotator
     from nerbatch.modeling import load_token_classifier
 
@@ -464,23 +469,32 @@ def step_cpu_gpu_spans(ctx: Context) -> None:
     texts = reuters_texts(assets["reuters"], ctx.sizes.span_docs)
     cpu_model, tokenizer = load_token_classifier(assets["models"]["minilm_tuned"])
     device_model, _ = load_token_classifier(assets["models"]["minilm_tuned"])
+    device_model.to(ctx.device)
     cpu = Annotator(cpu_model, tokenizer, precision="fp32")
-    device = Annotator(device_model.to(ctx.device), tokenizer)
-    device.annotate(texts[:8])  # warm-up: CUDA context and kernels
-    spans, seconds = {}, {}
-    for name, annotator in (("cpu", cpu), ("device", device)):
+    began = time.perf_counter()
+    cpu_spans = cpu.annotate(texts)
+    ctx.result.update(device=ctx.device, cpu_precision="fp32", cpu_seconds=time.perf_counter() - began)
+    ctx.result["by_precision"] = {}
+    for precision in DEVICE_PRECISIONS[ctx.device]:
+        device = Annotator(device_model, tokenizer, precision=precision)
+        device.annotate(texts[:8])  # warm-up: CUDA context and kernels
         began = time.perf_counter()
-        spans[name] = annotator.annotate(texts)
-        seconds[name] = time.perf_counter() - began
-    ctx.result.update(
-        device=ctx.device,
-        cpu_precision=cpu.precision,
-        device_precision=device.precision,
-        segment=device.segment,
-        cpu_seconds=seconds["cpu"],
-        device_seconds=seconds["device"],
-        **compare_spans(spans["cpu"], spans["device"]),
-    )
+        device_spans = device.annotate(texts)
+        found = {"precision": device.precision, "seconds": time.perf_counter() - began}
+        found |= compare_spans(cpu_spans, device_spans)
+        ctx.result["by_precision"][precision] = found
+        if precision == "auto":  # the headline: annotate's default
+            ctx.result.update(
+                device_precision=device.precision,
+                segment=device.segment,
+                device_seconds=found["seconds"],
+                **compare_spans(cpu_spans, device_spans),
+            )
+        ctx.save()
+
+
+# The precisions the span check compares on each device, the default first.
+DEVICE_PRECISIONS = {"cuda": ("auto", "fp16", "fp32"), "cpu": ("auto",)}
 
 
 def compare_spans(cpu: list, device: list) -> dict:
@@ -678,23 +692,30 @@ def step_training(ctx: Context) -> None:
     ctx.result["reference"] = ctx.attempt("reference loop", train_reference, model, train, valid, sentences)
     if not nested_errors(ctx.result):
         ctx.result["speedup"] = ctx.result["nerbatch"]["sentences_per_s"] / ctx.result["reference"]["sentences_per_s"]
+    ctx.save()
+    # Is a step bound by launching its kernels (rate grows with the batch) or by the GPU's arithmetic?
+    for batch in ctx.sizes.train_batch_probes:
+        ctx.result[f"nerbatch_batch{batch}"] = ctx.attempt(
+            f"nerbatch train, batch {batch}", train_nerbatch, ctx, model, train, valid, sentences, batch
+        )
+        ctx.save()
 
 
-def train_nerbatch(ctx: Context, model: str, train: str, valid: str, sentences: int) -> dict:
+def train_nerbatch(ctx: Context, model: str, train: str, valid: str, sentences: int, batch: int = 32) -> dict:
     """One epoch of `nerbatch train` over `sentences` sentences with the offline recipe's settings and
     bf16 mixed precision, as a process; train_seconds is the loop's own time (metrics.json)."""
-    output = ctx.workdir / "train-nerbatch"
+    output = ctx.workdir / f"train-nerbatch-{batch}"
     cmd = [sys.executable, "-m", "nerbatch", "train", "--model", model, "--train", train, "--validation", valid]
-    cmd += ["--output-dir", str(output), "--epochs", "1", "--batch-size", "32", "--lr", "1e-4"]
+    cmd += ["--output-dir", str(output), "--epochs", "1", "--batch-size", str(batch), "--lr", "1e-4"]
     cmd += ["--warmup-ratio", "0.06", "--weight-decay", "0.01", "--group-by-length", "--keep-checkpoints", "1"]
     cmd += ["--max-train-samples", str(sentences)]
-    log = ctx.out / "logs" / "train-nerbatch.log"
+    log = ctx.out / "logs" / f"train-nerbatch-{batch}.log"
     process = run_logged(cmd, log, ctx.remaining(), ACCELERATE_MIXED_PRECISION="bf16")
     epoch = json.loads((output / "metrics.json").read_text())["epochs"][0]
     shutil.rmtree(output)  # gigabytes of weights and optimizer state with the bert-base shape
     return {
-        "settings": "batch 32, AdamW 1e-4, 6% warm-up, length-grouped batches, bf16 mixed precision",
-        "steps": math.ceil(sentences / 32),
+        "settings": f"batch {batch}, AdamW 1e-4, 6% warm-up, length-grouped batches, bf16 mixed precision",
+        "steps": math.ceil(sentences / batch),
         "train_seconds": epoch["train_seconds"],
         "sentences_per_s": sentences / epoch["train_seconds"],
         "process_seconds": process,
@@ -723,7 +744,7 @@ STEPS = {
     "tests": (step_tests, 100),
     "cpu_gpu_spans": (step_cpu_gpu_spans, 60),
     "annotation": (step_annotation, 200),
-    "training": (step_training, 170),
+    "training": (step_training, 200),
 }
 REPORT_ORDER = ("dry_run", "budget_s", "elapsed_s", "sizes", "machine", "assets", "tests", "training")
 REPORT_ORDER += ("annotation", "cpu_gpu_spans", "targets")
@@ -801,6 +822,9 @@ def print_summary(report: dict) -> None:
             f"cpu_gpu_spans: {spans['docs_identical']}/{spans['docs']} documents identical "
             f"({spans['device_precision']} on {spans['device']} vs fp32 on the CPU)"
         )
+    for precision, found in spans.get("by_precision", {}).items():
+        if "fraction_identical" in found:
+            lines.append(f"  {precision} ({found['precision']}): {found['docs_identical']}/{found['docs']} identical")
     for name in report["sizes"]["annotate_runs"]:
         entry = dig(report, ("annotation", name)) or {}
         for run, figures in entry.get("annotate", {}).items():
@@ -818,7 +842,7 @@ def print_summary(report: dict) -> None:
                 f"{entry['ceiling']['subwords_per_s']:,.0f} subwords/s"
             )
     training = report.get("training", {})
-    for loop in ("nerbatch", "reference"):
+    for loop in ("nerbatch", "reference", *(f"nerbatch_batch{b}" for b in report["sizes"]["train_batch_probes"])):
         if "sentences_per_s" in training.get(loop, {}):
             lines.append(f"training {loop}: {training[loop]['sentences_per_s']:,.1f} sentences/s")
     for name, target in report["targets"].items():
@@ -889,7 +913,7 @@ def parse_args(argv: list[str] | None):
     )
     parser.add_argument("--out", type=Path, required=True, help="Folder for gpu.json, run logs and tests.xml.")
     parser.add_argument("--dry-run", action="store_true", help="Every step at tiny sizes on the CPU (CUDA hidden).")
-    parser.add_argument("--budget", type=float, help="Seconds for the whole run [GPU 450, dry run 240].")
+    parser.add_argument("--budget", type=float, help="Seconds for the whole run [GPU 420, dry run 240].")
     parser.add_argument("--carry", type=Path, default=CARRY, help=f"The folder prepare.py made [{CARRY}].")
     # internal: the driver runs each step as `--step NAME` in a process of its own
     parser.add_argument("--step", choices=list(STEPS), help=argparse.SUPPRESS)

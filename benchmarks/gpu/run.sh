@@ -17,7 +17,8 @@ mkdir -p "$OUT"
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x "$repo/.venv/bin/python" ]]; then PYTHON="$repo/.venv/bin/python"; else PYTHON=python3; fi
 fi
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TOKENIZERS_PARALLELISM=false
+# TOKENIZERS_PARALLELISM is left as users have it (unset: the Rust tokenizer uses every core).
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 # nerbatch runs from this checkout: the package is not installed on the GPU machine (its pins differ).
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
