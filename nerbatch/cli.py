@@ -273,8 +273,9 @@ def predict_cmd(model_dir, text, aggregation, segment, max_length, precision):
     type=click.Choice(PRECISIONS),
     default=Options.precision,
     show_default=True,
-    help="Numeric precision: auto = bf16 on a GPU, fp32 on CPU; int8 = int8 weights and activations on CPU "
-    "(about 2.5x faster, -0.001 F1 measured), fp16 on GPUs without bf16. Recorded in the output metadata.",
+    help="Numeric precision: auto = fp16 on a GPU (a batch that overflows runs again in fp32), fp32 on CPU; "
+    "int8 = int8 weights and activations on CPU (about 2.5x faster, -0.001 F1 measured). Recorded in the "
+    "output metadata.",
 )
 @click.option(
     "--batch-size", type=int, default=Options.batch_size, show_default=True, help="Most windows per forward pass."
@@ -348,7 +349,8 @@ def annotate_cmd(model_dir, inputs, output, no_progress, keep_columns, **options
     if tally.rows:
         click.echo(
             f"rank {state.process_index}: {tally.rows} rows ({tally.flagged} flagged), {tally.tokens} tokens, "
-            f"{tally.entities} entities in {tally.seconds:.1f}s",
+            f"{tally.entities} entities in {tally.seconds:.1f}s"
+            + (f"; {tally.fp32_batches} batches overflowed fp16 and ran again in fp32" if tally.fp32_batches else ""),
             err=True,
         )
 

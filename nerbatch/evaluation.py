@@ -167,7 +167,7 @@ def evaluate_dir(
         rebuilt = build_documents(corpus)
         annotator = Annotator(model.to(accelerator.device), tokenizer, **(annotate_options or {}))
         return evaluate_documents(annotator, corpus, rebuilt, accelerator.process_index, accelerator.num_processes)
-    from nerbatch.precision import autocast_dtype, quantize_int8, resolve_precision
+    from nerbatch.precision import AutocastWithFallback, autocast_dtype, quantize_int8, resolve_precision
 
     precision = resolve_precision((annotate_options or {}).get("precision") or "auto", accelerator.device)
     if precision == "int8":
@@ -181,5 +181,6 @@ def evaluate_dir(
     model, loader = model.to(accelerator.device), accelerator.prepare(loader)
     gold = [s.tags for s in corpus.sentences]
     dtype = autocast_dtype(precision)
-    with torch.autocast(accelerator.device.type, dtype=dtype, enabled=dtype is not None):
-        return evaluate_features(accelerator, model, loader, encoded.features, gold, id2label)
+    if dtype is not None:
+        model = AutocastWithFallback(model, dtype)
+    return evaluate_features(accelerator, model, loader, encoded.features, gold, id2label)

@@ -171,6 +171,7 @@ class Annotator:
         if self.precision == "int8" and not is_quantized(model):
             self.model = model = quantize_int8(model, tokenizer)
         self.autocast_dtype = autocast_dtype(self.precision)
+        self.fp32_batches = 0  # batches whose autocast outputs were not finite, run again in fp32
 
     def settings(self) -> dict:
         """The options that determine the output (for run configs and Parquet metadata)."""
@@ -239,13 +240,19 @@ class Annotator:
         return InFlight(docs, batches, [self._probabilities(*self._tensors(docs, batch)) for batch in batches])
 
     def collect(self, flight: InFlight) -> None:
-        """Wait for a launch's results and store each document's kept probabilities in `doc.probs`."""
+        """Wait for a launch's results and store each document's kept probabilities in `doc.probs`.
+
+        A batch whose probabilities are not all finite (an fp16 overflow) is run again in fp32 here
+        and counted in `fp32_batches`: checking on the host costs no wait for the GPU."""
         for doc in flight.docs:
             doc.probs = np.zeros((doc.n_tokens, len(self.labels)), dtype=np.float32)
         for batch, (probs, copied) in zip(flight.batches, flight.results):
             if copied is not None:
                 copied.synchronize()  # this batch's copy back is complete (later ones may still run)
             probs = probs.numpy()
+            if self.autocast_dtype is not None and not np.isfinite(probs).all():
+                probs = self._fp32_probabilities(flight.docs, batch)
+                self.fp32_batches += 1
             for i, (d, k) in enumerate(batch):
                 doc = flight.docs[d]
                 (s, _), (a, b) = doc.windows[k], doc.keeps[k]
@@ -282,6 +289,12 @@ class Annotator:
             return self.model(input_ids=ids, attention_mask=mask).logits
         with torch.autocast(self.device.type, dtype=self.autocast_dtype):
             return self.model(input_ids=ids, attention_mask=mask).logits
+
+    @torch.inference_mode()
+    def _fp32_probabilities(self, docs: list[Document], batch: list[tuple[int, int]]) -> np.ndarray:
+        """One batch's probabilities without autocast, waited for."""
+        ids, mask = (t.to(self.device) for t in self._tensors(docs, batch))
+        return torch.softmax(self.model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1).cpu().numpy()
 
     def decode(self, doc: Document, text: str) -> list[Span]:
         """The entity spans of one document whose probabilities `forward` has filled."""

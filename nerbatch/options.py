@@ -31,7 +31,7 @@ class Options:
     max_length: int | None = None  # None: a document model's window; `both`: 128 (running text); else the limit
     stride: int | None = None  # None: a quarter of a window
     segment: str | None = None  # None: follow how the model was trained (see nerbatch.inference)
-    precision: str = "auto"  # bf16 on a GPU, fp32 on CPU; int8 on request (CPU)
+    precision: str = "auto"  # fp16 on a GPU, fp32 on CPU; int8 on request (CPU)
     batch_size: int = 64
     max_batch_tokens: int | None = None  # None: inference.CPU_BATCH_TOKENS or GPU_BATCH_TOKENS
     read_rows: int = 512

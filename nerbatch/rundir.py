@@ -46,6 +46,7 @@ class Tally:
     tokens: int = 0
     windows: int = 0
     entities: int = 0
+    fp32_batches: int = 0  # fp16 batches whose outputs overflowed, run again in fp32
     seconds: float = 0.0
 
     def add(self, other: Tally) -> None:
@@ -265,7 +266,7 @@ def write_totals_if_complete(out: RunDir, units: list[Unit], files: list[str], c
     total = Tally()
     for unit in units:
         stats = out.unit_stats(unit)
-        total.add(Tally(**{k: stats[k] for k in vars(Tally())}))
+        total.add(Tally(**{k: stats.get(k, 0) for k in vars(Tally())}))  # units done by 0.3.2 lack fp32_batches
     (out.meta / "stats.json").write_json(
         {
             "complete": True,

@@ -20,6 +20,7 @@ from nerbatch.inference import Annotator
 from nerbatch.modeling import load_tokenizer
 from nerbatch.precision import (
     INT8_SCHEME,
+    AutocastWithFallback,
     OutlierSplitLinear,
     _FullRangeLinear,
     calibration_batches,
@@ -33,6 +34,7 @@ from nerbatch.precision import (
 def test_bad_combinations_are_refused():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert resolve_precision("auto", cpu) == "fp32" and resolve_precision("int8", cpu) == "int8"
+    assert resolve_precision("auto", gpu) == "fp16"  # as close to fp32 as bf16 is not (README, GPU)
     with pytest.raises(OptionError, match="fp16 needs a GPU"):
         resolve_precision("fp16", cpu)
     with pytest.raises(OptionError, match="int8 is for CPUs"):
@@ -131,3 +133,46 @@ def test_outlier_split_keeps_the_other_channels_precise():
     assert 17 in split[0].channels.tolist() and isinstance(split[0].rest, DynamicLinear)
     plain_error, split_error = ((m(x) - exact).abs().mean() for m in (plain, split))
     assert split_error < plain_error / 4, f"mean error: plain int8 {plain_error:.5f}, split {split_error:.5f}"
+
+
+class OverflowsUnderAutocast(torch.nn.Module):
+    """A token classifier whose logits overflow (inf) in the batches `bad` picks, under autocast only."""
+
+    def __init__(self, model, bad):
+        super().__init__()
+        self.inner, self.bad, self.config = model, bad, model.config
+
+    def forward(self, input_ids, attention_mask, **kwargs):
+        output = self.inner(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if torch.is_autocast_enabled("cpu") and self.bad(input_ids):
+            output.logits = output.logits.masked_fill(attention_mask[..., None].bool(), float("inf"))
+        return output
+
+
+def test_an_autocast_batch_that_overflows_runs_again_in_fp32(tuned_model_dir):
+    """fp16's range ends at 65,504: a batch whose outputs are not finite is rerun in fp32 and counted,
+    the others keep their autocast result (CPU bf16 autocast stands in for the GPU's fp16 here)."""
+    model = AutoModelForTokenClassification.from_pretrained(tuned_model_dir).eval()
+    tokenizer = load_tokenizer(str(tuned_model_dir))
+    texts = [
+        "Peter Blackburn of the European Commission said in Brussels on Monday that Germany agreed .",
+        "Japan beat Syria 2-1 in Abu Dhabi .",
+    ] * 4
+    exact = Annotator(model, tokenizer, precision="fp32", batch_size=2).annotate(texts)
+    for bad, expected in ((lambda ids: True, 4), (lambda ids: ids.shape[1] > 20, 2), (lambda ids: False, 0)):
+        annotator = Annotator(OverflowsUnderAutocast(model, bad), tokenizer, precision="fp32", batch_size=2)
+        annotator.autocast_dtype = torch.bfloat16
+        spans = annotator.annotate(texts)
+        assert annotator.fp32_batches == expected
+        assert [[(s.start, s.end, s.label) for s in doc] for doc in spans] == [
+            [(s.start, s.end, s.label) for s in doc] for doc in exact
+        ]
+        assert sum(map(len, spans)) > 0
+
+    wrapped = AutocastWithFallback(OverflowsUnderAutocast(model, lambda ids: ids.shape[0] > 1), torch.bfloat16)
+    batch = tokenizer(texts[:3], padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        reference = model(**batch).logits
+        assert torch.equal(wrapped(**batch).logits, reference) and wrapped.fallbacks == 1  # rerun in fp32
+        one = tokenizer(texts[:1], return_tensors="pt")
+        assert wrapped(**one).logits.isfinite().all() and wrapped.fallbacks == 1  # kept its bf16 result

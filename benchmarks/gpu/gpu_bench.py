@@ -460,7 +460,7 @@ def junit_outcomes(xml: Path) -> dict:
 
 def step_cpu_gpu_spans(ctx: Context) -> None:
     """The tuned model's spans on the CPU in fp32 against the device at annotate's default precision
-    (bf16 on a GPU): documents whose (start, end, label) spans are identical, and examples that differ.
+    (fp16 on a GPU since 0.3.3): documents whose (start, end, label) spans are identical, and examples that differ.
     `by_precision`: the same comparison for each precision the device offers (fp16 and fp32 too)."""
     from nerbatch.inference import Annotator
     from nerbatch.modeling import load_token_classifier

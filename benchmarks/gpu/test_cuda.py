@@ -78,9 +78,7 @@ def loaded(setup):
 
 def default_precision(device: str) -> str:
     """What `--precision auto` must become on `device`."""
-    if device == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+    return "fp16" if device == "cuda" else "fp32"
 
 
 def annotate_process(setup: Setup, corpus: Path, out: Path, *options: str) -> subprocess.CompletedProcess:
@@ -118,7 +116,7 @@ def test_the_command_line_runs_on_the_device_by_default(setup, corpus, texts, tm
     done = annotate_process(setup, corpus, tmp_path / "out")
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"rank 0: {len(texts)} rows" in done.stderr
-    # auto is fp32 on a CPU: bf16 in the output's metadata means the job ran on the GPU
+    # auto is fp32 on a CPU: fp16 in the output's metadata means the job ran on the GPU
     assert part_options(tmp_path / "out")["precision"] == default_precision(setup.device)
 
 
