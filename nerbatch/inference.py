@@ -190,20 +190,22 @@ class Annotator:
         """Tokenize texts in one batched call and plan their windows (safe to run in another thread)."""
         docs = []
         for text, enc in zip(texts, self.backend.encode_batch(texts, add_special_tokens=False)):
+            # each read of an Encoding attribute builds a new Python list: read each once
+            offsets, word_ids, ids = enc.offsets, enc.word_ids, enc.ids
             windows, keeps = [], []
             views = ("sentences", "none") if self.segment == "both" else (self.segment,)
             for view in views:
                 if view == "sentences":
-                    segments = subword_segments(text, enc.offsets)
+                    segments = subword_segments(text, offsets)
                 else:
-                    segments = [(0, len(enc.ids))] if enc.ids else []
+                    segments = [(0, len(ids))] if ids else []
                 if view == "sentences" and self.segment == "both":
                     planned = plan_segment_windows(segments, self.sentence_length, self.sentence_length // 4)
                 else:
                     planned = plan_segment_windows(segments, self.length, self.stride)
                 windows += planned[0]
                 keeps += planned[1]
-            docs.append(Document(enc.offsets, enc.word_ids, enc.ids, windows, keeps, len(views)))
+            docs.append(Document(offsets, word_ids, ids, windows, keeps, len(views)))
         return docs
 
     def batches(self, docs: list[Document]) -> list[list[tuple[int, int]]]:
@@ -257,7 +259,10 @@ class Annotator:
                 doc = flight.docs[d]
                 (s, _), (a, b) = doc.windows[k], doc.keeps[k]
                 first = len(self.prefix) + a - s
-                doc.probs[a:b] += probs[i, first : first + b - a] / doc.views
+                if doc.views == 1:  # each subword is kept by exactly one window
+                    doc.probs[a:b] = probs[i, first : first + b - a]
+                else:
+                    doc.probs[a:b] += probs[i, first : first + b - a] / doc.views
 
     def _tensors(self, docs: list[Document], batch: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded input ids and attention mask of one batch of windows."""
