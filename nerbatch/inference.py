@@ -297,9 +297,18 @@ class Annotator:
 
     @torch.inference_mode()
     def _fp32_probabilities(self, docs: list[Document], batch: list[tuple[int, int]]) -> np.ndarray:
-        """One batch's probabilities without autocast, waited for."""
+        """One batch's probabilities in fp32, waited for. Autocast is turned off explicitly: the
+        caller's (a training loop's mixed precision, a user's own block) would otherwise apply."""
         ids, mask = (t.to(self.device) for t in self._tensors(docs, batch))
-        return torch.softmax(self.model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1).cpu().numpy()
+        with torch.autocast(self.device.type, enabled=False):
+            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+        probs = torch.softmax(logits, dim=-1).cpu().numpy()
+        if not np.isfinite(probs).all():
+            raise ModelError(
+                f"the model's outputs are not finite even in fp32 (a batch of {len(batch)} windows): "
+                "its weights may hold NaN or inf"
+            )
+        return probs
 
     def decode(self, doc: Document, text: str) -> list[Span]:
         """The entity spans of one document whose probabilities `forward` has filled."""

@@ -24,7 +24,7 @@ from importlib import resources
 import torch
 from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-from nerbatch.errors import OptionError
+from nerbatch.errors import NerbatchError, OptionError
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -65,12 +65,17 @@ class AutocastWithFallback(torch.nn.Module):
         self.model, self.dtype, self.fallbacks = model, dtype, 0
 
     def forward(self, **inputs):
-        with torch.autocast(next(self.model.parameters()).device.type, dtype=self.dtype):
+        device = next(self.model.parameters()).device.type
+        with torch.autocast(device, dtype=self.dtype):
             output = self.model(**inputs)
         if torch.isfinite(output.logits).all():
             return output
         self.fallbacks += 1
-        return self.model(**inputs)
+        with torch.autocast(device, enabled=False):  # fp32 even inside a caller's autocast block
+            output = self.model(**inputs)
+        if not torch.isfinite(output.logits).all():
+            raise NerbatchError("the model's outputs are not finite even in fp32: its weights may hold NaN or inf")
+        return output
 
 
 # Calibration text for int8: our own sentences, shipped with the package (nerbatch/demo_data).

@@ -176,3 +176,35 @@ def test_an_autocast_batch_that_overflows_runs_again_in_fp32(tuned_model_dir):
         assert torch.equal(wrapped(**batch).logits, reference) and wrapped.fallbacks == 1  # rerun in fp32
         one = tokenizer(texts[:1], return_tensors="pt")
         assert wrapped(**one).logits.isfinite().all() and wrapped.fallbacks == 1  # kept its bf16 result
+
+
+def test_the_fp32_rerun_is_fp32_inside_a_callers_autocast_and_never_silently_wrong(tuned_model_dir):
+    """Inside a training loop's (or a user's) autocast block the rerun still runs in fp32; outputs
+    that are not finite even in fp32 (broken weights) are an error, not label 0 everywhere."""
+    from nerbatch.errors import NerbatchError
+    from nerbatch.modeling import ModelError
+
+    model = AutoModelForTokenClassification.from_pretrained(tuned_model_dir).eval()
+    tokenizer = load_tokenizer(str(tuned_model_dir))
+    texts = ["Peter Blackburn of the European Commission said in Brussels on Monday that Germany agreed ."]
+    exact = Annotator(model, tokenizer, precision="fp32").annotate(texts)
+    annotator = Annotator(OverflowsUnderAutocast(model, lambda ids: True), tokenizer, precision="fp32")
+    annotator.autocast_dtype = torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert annotator.annotate(texts) == exact and annotator.fp32_batches == 1
+    batch = tokenizer(texts, return_tensors="pt")
+    wrapped = AutocastWithFallback(OverflowsUnderAutocast(model, lambda ids: True), torch.bfloat16)
+    with torch.inference_mode():
+        reference = model(**batch).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(wrapped(**batch).logits, reference)
+
+    broken = AutoModelForTokenClassification.from_pretrained(tuned_model_dir).eval()
+    with torch.no_grad():
+        broken.classifier.bias.fill_(float("nan"))
+    annotator = Annotator(broken, tokenizer, precision="fp32")
+    annotator.autocast_dtype = torch.bfloat16
+    with pytest.raises(ModelError, match="not finite even in fp32"):
+        annotator.annotate(texts)
+    with pytest.raises(NerbatchError, match="not finite even in fp32"), torch.inference_mode():
+        AutocastWithFallback(broken, torch.bfloat16)(**batch)

@@ -156,7 +156,7 @@ def test_offsets_round_trip_on_generated_unicode(tokenizer, text, seed, aggregat
         previous_end = span.end
 
 
-def dense_reference(text, offsets, word_ids, best, best_score, aggregation, probs):
+def dense_reference(text, offsets, word_ids, best, best_score, aggregation, probs, labels=LABELS):
     """The decoding rule written the slow, obvious way: every unit in order, `O` ones included (an
     `O` unit closes the open entity). `decode_spans` visits only entity subwords; both must agree."""
     units, i, n = [], 0, len(best)
@@ -171,10 +171,10 @@ def dense_reference(text, offsets, word_ids, best, best_score, aggregation, prob
             k = max(range(i, j), key=lambda m: best_score[m])
             label, score = best[k], best_score[k]
         else:
-            mean = [sum(probs[k][c] for k in range(i, j)) / (j - i) for c in range(len(LABELS))]
-            label = max(range(len(LABELS)), key=lambda c: mean[c])
+            mean = [sum(probs[k][c] for k in range(i, j)) / (j - i) for c in range(len(labels))]
+            label = max(range(len(labels)), key=lambda c: mean[c])
             score = mean[label]
-        units.append((offsets[i][0], offsets[j - 1][1], *split_tag(LABELS[label]), score))
+        units.append((offsets[i][0], offsets[j - 1][1], *split_tag(labels[label]), score))
         i = j
     spans, group = [], None
     for start, end, bi, tag, score in [*units, (0, 0, "B", "O", 0.0)]:  # a sentinel closes the last group
@@ -194,29 +194,37 @@ def dense_reference(text, offsets, word_ids, best, best_score, aggregation, prob
     return spans
 
 
+# BIO plus the other schemes' prefixes (S/E, U/L) and a bare type, which `split_tag` also reads
+MIXED_LABELS = [*LABELS, "S-PER", "E-PER", "U-LOC", "L-LOC", "MISC"]
+
+
 @settings(max_examples=400, deadline=None)
 @given(
-    words=st.lists(st.tuples(st.integers(1, 3), st.booleans()), max_size=30),
+    words=st.lists(st.tuples(st.integers(1, 3), st.sampled_from(["own", "none", "repeat"])), max_size=30),
     seed=st.integers(0, 2**32 - 1),
     outside_share=st.sampled_from([0.0, 0.5, 0.9]),
     aggregation=st.sampled_from(["first", "simple", "average", "max"]),
+    labels=st.sampled_from([LABELS, MIXED_LABELS]),
 )
-def test_visiting_only_entity_subwords_decodes_like_visiting_every_unit(words, seed, outside_share, aggregation):
-    # words: (subwords, has a word id); "ab" per subword, a space after each word
+def test_visiting_only_entity_subwords_decodes_like_visiting_every_unit(
+    words, seed, outside_share, aggregation, labels
+):
+    # words: (subwords, word id: its own / none / that of the word two back); "ab" per subword
     rng = random.Random(seed)
     text, offsets, word_ids = "", [], []
-    for w, (count, has_id) in enumerate(words):
+    for w, (count, kind) in enumerate(words):
+        word = {"own": w, "none": None, "repeat": max(w - 2, 0)}[kind]
         for _ in range(count):
             offsets.append((len(text), len(text) + 2))
-            word_ids.append(w if has_id else None)
+            word_ids.append(word)
             text += "ab"
         text += " "
     probs = []
     for _ in offsets:
-        row = [rng.random() for _ in LABELS]
+        row = [rng.random() for _ in labels]
         row[0] += 3 * outside_share * rng.random() * 2  # many O subwords, as in real text
         probs.append([p / sum(row) for p in row])
-    best = [max(range(len(LABELS)), key=row.__getitem__) for row in probs]
+    best = [max(range(len(labels)), key=row.__getitem__) for row in probs]
     scores = [probs[i][b] for i, b in enumerate(best)]
-    expected = dense_reference(text, offsets, word_ids, best, scores, aggregation, probs)
-    assert decode_spans(text, offsets, word_ids, best, scores, LABELS, aggregation, probs) == expected
+    expected = dense_reference(text, offsets, word_ids, best, scores, aggregation, probs, labels)
+    assert decode_spans(text, offsets, word_ids, best, scores, labels, aggregation, probs) == expected

@@ -99,7 +99,7 @@ GPU_SIZES = Sizes(
     budget_s=420,
     tune_steps=0,
     annotate_runs={
-        "bert_base_random": ("like_pipeline", "big_batches", "serial_tokenizer", "fp16", "defaults"),
+        "bert_base_random": ("like_pipeline", "big_batches", "serial_tokenizer", "bf16", "defaults"),
         "minilm_tuned": ("like_pipeline", "defaults"),
     },
     train_batch_probes=(64,),
@@ -124,14 +124,15 @@ DRY_SIZES = Sizes(
 # The `nerbatch annotate` runs Sizes.annotate_runs picks from: (extra options, extra environment).
 # `like_pipeline` does the pipeline's work (one 512-subword window per document, subword-level
 # aggregation), so the ratios use it; the others tell what the defaults, bigger batches (the ceiling
-# has no 64-window cap), a single-threaded tokenizer or fp16 change. The tokenizer runs as users have
-# it: the tokenizers library uses every core unless TOKENIZERS_PARALLELISM=false.
+# has no 64-window cap), a single-threaded tokenizer or bf16 (the default before 0.3.3) change. The
+# tokenizer runs as users have it: the tokenizers library uses every core unless
+# TOKENIZERS_PARALLELISM=false.
 LIKE_PIPELINE = ["--segment", "none", "--max-length", "512", "--aggregation", "simple"]
 ANNOTATE_RUNS = {
     "like_pipeline": (LIKE_PIPELINE, {}),
     "big_batches": ([*LIKE_PIPELINE, "--batch-size", "512"], {}),
     "serial_tokenizer": (LIKE_PIPELINE, {"TOKENIZERS_PARALLELISM": "false"}),
-    "fp16": ([*LIKE_PIPELINE, "--precision", "fp16"], {}),
+    "bf16": ([*LIKE_PIPELINE, "--precision", "bf16"], {}),
     "defaults": ([], {}),
 }
 
@@ -460,8 +461,9 @@ def junit_outcomes(xml: Path) -> dict:
 
 def step_cpu_gpu_spans(ctx: Context) -> None:
     """The tuned model's spans on the CPU in fp32 against the device at annotate's default precision
-    (fp16 on a GPU since 0.3.3): documents whose (start, end, label) spans are identical, and examples that differ.
-    `by_precision`: the same comparison for each precision the device offers (fp16 and fp32 too)."""
+    (fp16 on a GPU since 0.3.3): documents whose (start, end, label) spans are identical, and examples
+    that differ.
+    `by_precision`: the same comparison for each precision the device offers (bf16 and fp32 too)."""
     from nerbatch.inference import Annotator
     from nerbatch.modeling import load_token_classifier
 
@@ -494,7 +496,7 @@ def step_cpu_gpu_spans(ctx: Context) -> None:
 
 
 # The precisions the span check compares on each device, the default first.
-DEVICE_PRECISIONS = {"cuda": ("auto", "fp16", "fp32"), "cpu": ("auto",)}
+DEVICE_PRECISIONS = {"cuda": ("auto", "bf16", "fp32"), "cpu": ("auto",)}
 
 
 def compare_spans(cpu: list, device: list) -> dict:
