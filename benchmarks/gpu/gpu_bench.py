@@ -99,7 +99,7 @@ GPU_SIZES = Sizes(
     budget_s=420,
     tune_steps=0,
     annotate_runs={
-        "bert_base_random": ("like_pipeline", "big_batches", "serial_tokenizer", "bf16", "defaults"),
+        "bert_base_random": ("like_pipeline", "big_batches", "bf16", "defaults", "defaults_big_batches"),
         "minilm_tuned": ("like_pipeline", "defaults"),
     },
     train_batch_probes=(64,),
@@ -117,14 +117,15 @@ DRY_SIZES = Sizes(
     repeats=1,
     budget_s=240,
     tune_steps=100,
-    annotate_runs={"bert_base_random": ("like_pipeline", "serial_tokenizer"), "minilm_tuned": ("like_pipeline",)},
+    annotate_runs={"bert_base_random": ("like_pipeline", "defaults_big_batches"), "minilm_tuned": ("like_pipeline",)},
     train_batch_probes=(16,),
 )
 
 # The `nerbatch annotate` runs Sizes.annotate_runs picks from: (extra options, extra environment).
 # `like_pipeline` does the pipeline's work (one 512-subword window per document, subword-level
 # aggregation), so the ratios use it; the others tell what the defaults, bigger batches (the ceiling
-# has no 64-window cap), a single-threaded tokenizer or bf16 (the default before 0.3.3) change. The
+# has no 64-window cap; with the defaults' sentence windows too), a single-threaded tokenizer (0.3.3's
+# second H200 run: 448k against 582k subwords/s, so no longer run) or bf16 (the default before 0.3.3). The
 # tokenizer runs as users have it: the tokenizers library uses every core unless
 # TOKENIZERS_PARALLELISM=false.
 LIKE_PIPELINE = ["--segment", "none", "--max-length", "512", "--aggregation", "simple"]
@@ -134,6 +135,8 @@ ANNOTATE_RUNS = {
     "serial_tokenizer": (LIKE_PIPELINE, {"TOKENIZERS_PARALLELISM": "false"}),
     "bf16": ([*LIKE_PIPELINE, "--precision", "bf16"], {}),
     "defaults": ([], {}),
+    # one window per sentence: 64 windows of ~25 subwords make ~2k-token batches on a GPU (0.3.3 runs)
+    "defaults_big_batches": (["--batch-size", "1024"], {}),
 }
 
 # (name, where in the report, at least): what the GPU run is expected to show.
