@@ -117,6 +117,12 @@ def test_output_layout_benchmark_runs_its_checks(tiny_model_dir, tmp_path):
     assert run["kept_types_equal_input"] and run["peak_rss_mb"]["assembled"] > 0
 
 
+def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
+    """benchmarks/SCRIPT with `args` as a process, offline; its output captured."""
+    command = [sys.executable, str(REPO / "benchmarks" / script), *map(str, args)]
+    return subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=600)
+
+
 def test_cpu_side_times_two_source_trees_with_a_model_without_layers(tiny_model_dir, tmp_path):
     """benchmarks/cpu_side.py: whole annotate processes with a no-layer model, this tree against
     another (here the same one, under another path), units after the first counted as steady."""
@@ -126,30 +132,10 @@ def test_cpu_side_times_two_source_trees_with_a_model_without_layers(tiny_model_
     other = tmp_path / "other"
     shutil.copytree(REPO / "nerbatch", other / "nerbatch")
     out = tmp_path / "side.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "cpu_side.py"),
-            "--model",
-            str(tiny_model_dir),
-            "--reuters",
-            str(REUTERS),
-            "--docs",
-            "40",
-            "--copies",
-            "2",
-            "--rounds",
-            "1",
-            "--other",
-            str(other),
-            "--json-out",
-            str(out),
-        ],
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = run_benchmark(
+        "cpu_side.py", "--model", tiny_model_dir, "--reuters", REUTERS, "--docs", 40, "--copies", 2,
+        "--rounds", 1, "--other", other, "--json-out", out,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert set(report["best"]) == {"this", "other"} and report["sources"]["other"] == str(other)
