@@ -173,9 +173,7 @@ def annotate_unit(
     )
 
     def finish(chunk: Chunk, flight: InFlight) -> None:
-        before = annotator.fp32_batches
-        annotator.collect(flight)
-        tally.fp32_batches += annotator.fp32_batches - before
+        tally.fp32_batches += annotator.collect(flight)
         writer.write(output_columns(chunk, annotator, tally))
         out.beat(rank)
         bar.advance(len(chunk.texts), sum(d.n_tokens for d in chunk.documents()))

@@ -241,11 +241,13 @@ class Annotator:
         batches = self.batches(docs)
         return InFlight(docs, batches, [self._probabilities(*self._tensors(docs, batch)) for batch in batches])
 
-    def collect(self, flight: InFlight) -> None:
+    def collect(self, flight: InFlight) -> int:
         """Wait for a launch's results and store each document's kept probabilities in `doc.probs`.
 
-        A batch whose probabilities are not all finite (an fp16 overflow) is run again in fp32 here
-        and counted in `fp32_batches`: checking on the host costs no wait for the GPU."""
+        A batch whose probabilities are not all finite (an fp16 overflow) is run again in fp32 here:
+        checking on the host costs no wait for the GPU. Returns how many were (also added to
+        `fp32_batches`)."""
+        reruns = 0
         for doc in flight.docs:
             doc.probs = np.zeros((doc.n_tokens, len(self.labels)), dtype=np.float32)
         for batch, (probs, copied) in zip(flight.batches, flight.results):
@@ -254,7 +256,7 @@ class Annotator:
             probs = probs.numpy()
             if self.autocast_dtype is not None and not np.isfinite(probs).all():
                 probs = self._fp32_probabilities(flight.docs, batch)
-                self.fp32_batches += 1
+                reruns += 1
             for i, (d, k) in enumerate(batch):
                 doc = flight.docs[d]
                 (s, _), (a, b) = doc.windows[k], doc.keeps[k]
@@ -263,6 +265,8 @@ class Annotator:
                     doc.probs[a:b] = probs[i, first : first + b - a]
                 else:
                     doc.probs[a:b] += probs[i, first : first + b - a] / doc.views
+        self.fp32_batches += reruns
+        return reruns
 
     def _tensors(self, docs: list[Document], batch: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded input ids and attention mask of one batch of windows."""

@@ -208,3 +208,30 @@ def test_the_fp32_rerun_is_fp32_inside_a_callers_autocast_and_never_silently_wro
         annotator.annotate(texts)
     with pytest.raises(NerbatchError, match="not finite even in fp32"), torch.inference_mode():
         AutocastWithFallback(broken, torch.bfloat16)(**batch)
+
+
+def test_the_annotate_job_counts_overflowing_batches_in_its_stats_and_log(tuned_model_dir, tmp_path, monkeypatch):
+    """The reruns reach the unit's done marker, the run totals and the command's log line."""
+    import nerbatch.annotate
+
+    source = tmp_path / "docs.parquet"
+    texts = ["Angela Merkel met Joe Biden in Berlin .", "It rained .", "Japan beat Syria 2-1 in Abu Dhabi ."]
+    pq.write_table(pa.table({"id": [1, 2, 3], "text": texts}), source)
+    load = nerbatch.annotate.load_annotator
+
+    def overflowing(options, device=None):
+        annotator = load(options, device)
+        annotator.model = OverflowsUnderAutocast(annotator.model, lambda ids: True)
+        annotator.autocast_dtype = torch.bfloat16  # stands in for the GPU's fp16
+        return annotator
+
+    monkeypatch.setattr(nerbatch.annotate, "load_annotator", overflowing)
+    out = tmp_path / "out"
+    args = ["annotate", str(tuned_model_dir), str(source), "--output", str(out), "--id-column", "id", "--no-progress"]
+    done = CliRunner().invoke(main, [*args, "--batch-size", "2"])
+    assert done.exit_code == 0, done.output
+    assert "3 rows" in done.output and "2 batches overflowed fp16 and ran again in fp32" in done.output
+    (marker,) = (out / "_nerbatch" / "done").glob("*.json")
+    assert json.loads(marker.read_text())["fp32_batches"] == 2
+    assert json.loads((out / "_nerbatch" / "stats.json").read_text())["fp32_batches"] == 2
+    assert sum(len(e) for e in pq.read_table(out).column("entities").to_pylist()) > 0
