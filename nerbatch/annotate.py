@@ -197,7 +197,7 @@ def annotate_unit(
         raise
     writer.publish()
     tally.seconds = time.perf_counter() - began
-    out.mark_done(unit, vars(tally))
+    out.mark_done(unit, vars(tally), rank)
     return tally
 
 

@@ -332,7 +332,9 @@ def annotate_cmd(model_dir, inputs, output, no_progress, keep_columns, **options
     from nerbatch.annotate import annotate_units
     from nerbatch.dist import process_state
 
-    state = process_state()  # two processes both believing they are rank 0 would collide: checked here
+    # Two processes both believing they are rank 0 would collide: checked here. The job's one
+    # collective is a barrier, so it goes through gloo and several processes may share a GPU.
+    state = process_state(backend="gloo")
     # SIGTERM (SLURM preemption, the launcher stopping a failed job) unwinds through `finally` like Ctrl-C.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     kept = [c.strip() for c in keep_columns.split(",") if c.strip()]

@@ -43,11 +43,17 @@ def make_accelerator(**kwargs):
     return accelerator
 
 
-def process_state():
-    """accelerate's `PartialState` (rank, world size, device) for jobs that train nothing."""
+def process_state(backend: str | None = None):
+    """accelerate's `PartialState` (rank, world size, device) for jobs that train nothing.
+
+    `backend="gloo"` keeps the group's collectives on the CPU, so that several processes may share
+    one GPU (NCCL refuses two ranks on one device); each process still runs its model on
+    `cuda:{local rank % GPUs}`.
+    """
     from accelerate import PartialState
 
-    state = PartialState(cpu=use_cpu())
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # a lone process has no group to give a backend
+    state = PartialState(cpu=use_cpu(), backend=backend if launched else None)
     check_world(state.num_processes)
     return state
 

@@ -6,7 +6,7 @@ OUT_DIR layout::
     COLUMN=value/part-00000.parquet  the same split into Hive-style directories
     _nerbatch/config.json          the run's resolved config: a rerun must match it
     _nerbatch/pieces/unit-*.parquet  each done unit's rows, until its output file is assembled
-    _nerbatch/done/unit-*.json     completion markers, with the unit's stats
+    _nerbatch/done/unit-*.json     completion markers: the unit's stats, its rank, when
     _nerbatch/failed/unit-*.json   units that raised, with the error
     _nerbatch/files/part-*.json    output files assembled, with the paths written
     _nerbatch/tmp/                 pieces and files being written
@@ -123,9 +123,10 @@ class RunDir:
                 continue
         return max(times, default=0.0)
 
-    def mark_done(self, unit: Unit, stats: dict) -> None:
-        """Record completion (after the piece is published); clears an earlier failure."""
-        self.marker(unit).write_json({"unit": asdict(unit), **stats})
+    def mark_done(self, unit: Unit, stats: dict, rank: int = 0) -> None:
+        """Record completion (after the piece is published), by which rank and when; clears an
+        earlier failure."""
+        self.marker(unit).write_json({"unit": asdict(unit), **stats, "rank": rank, "at": time.time()})
         self.failure(unit).remove()
 
     def mark_failed(self, unit: Unit, error: str) -> None:

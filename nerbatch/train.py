@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import DataCollatorForTokenClassification, get_linear_schedule_with_warmup
 
@@ -167,7 +167,12 @@ def restore(accelerator: Accelerator, output_dir: Path, cfg: TrainConfig) -> dic
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Run the whole training job; returns the best epoch's metrics (main process writes files)."""
     accelerator = make_accelerator(
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, log_with=cfg.report_to, project_dir=cfg.output_dir
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=cfg.report_to,
+        project_dir=cfg.output_dir,
+        # Batches are pinned (make_loader), so their copy to the GPU need not wait for the GPU to
+        # drain the previous step: a blocking copy would leave it idle while the next batch is collated.
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
     set_seed(cfg.seed)
     output_dir = Path(cfg.output_dir)

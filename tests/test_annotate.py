@@ -146,10 +146,10 @@ def test_a_crash_before_marking_or_during_assembly_is_repaired_by_a_rerun(
     args = ("--output", out, "--max-length", 48, "--read-rows", 16)
     mark_done, mark_assembled = RunDir.mark_done, RunDir.mark_assembled
 
-    def killed_at_unit_2(self, unit, stats):
+    def killed_at_unit_2(self, unit, stats, rank=0):
         if unit.index == 2:
             raise KeyboardInterrupt
-        mark_done(self, unit, stats)
+        mark_done(self, unit, stats, rank)
 
     monkeypatch.setattr(RunDir, "mark_done", killed_at_unit_2)
     assert annotate(tiny_model_dir, corpus, *args).exit_code == 1

@@ -6,6 +6,7 @@ the job sleeps after writing each record batch, so the kill lands while a part i
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -88,6 +89,8 @@ def test_two_processes_give_the_rows_of_one(tiny_model_dir, corpus, uninterrupte
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rank 0:" in done.stderr and "rank 1:" in done.stderr  # both ranks did work
     assert len(list((out / "_nerbatch" / "stats").glob("rank-*-of-00002.json"))) == 2
+    markers = [json.loads(p.read_text()) for p in (out / "_nerbatch" / "done").glob("*.json")]
+    assert {m["rank"] for m in markers} == {0, 1} and all(m["at"] > 0 for m in markers)  # who did each unit, when
     one, two = rows(uninterrupted), rows(out)
     assert len(two) == 180 and [r["doc_id"] for r in two] == [r["doc_id"] for r in one]
     assert two == one

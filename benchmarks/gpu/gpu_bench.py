@@ -4,7 +4,7 @@
 
 Built to be right the first time it meets a GPU: one H100/H200 is lent for minutes, offline, with
 the repository and the carry folder made by `prepare.py`. The driver (`main`) runs these steps in
-this order, each in its own process, under one time budget (420 s by default):
+this order, each in its own process, under one time budget (480 s by default):
 
     assets         models and data in a scratch folder: the carried MiniLM with fp32 weights again,
                    and a randomly initialised token classifier shaped like bert-base-cased
@@ -82,7 +82,8 @@ class Sizes:
     budget_s: float  # all steps together
     tune_steps: int  # dry run without a carry folder: fine-tuning steps of the tiny BERT
     annotate_runs: dict  # model: the ANNOTATE_RUNS timed for it
-    train_batch_probes: tuple[int, ...] = ()  # other batch sizes `nerbatch train` is timed at, last
+    # other settings `nerbatch train` is timed with, last: (name, batch size, accelerate mixed precision)
+    train_probes: tuple[tuple[str, int, str], ...] = ()
 
 
 GPU_SIZES = Sizes(
@@ -96,13 +97,20 @@ GPU_SIZES = Sizes(
     pipeline_docs=500,
     batch_sizes=(1, 8, 32, 64),
     repeats=2,
-    budget_s=420,
+    budget_s=480,
     tune_steps=0,
     annotate_runs={
-        "bert_base_random": ("like_pipeline", "big_batches", "bf16", "defaults", "defaults_big_batches"),
-        "minilm_tuned": ("like_pipeline", "defaults"),
+        "bert_base_random": (
+            "like_pipeline",
+            "like_pipeline_4proc",
+            "like_pipeline_8proc",
+            "defaults",
+            "defaults_4proc",
+            "defaults_big_batches",
+        ),
+        "minilm_tuned": ("like_pipeline", "like_pipeline_4proc"),
     },
-    train_batch_probes=(64,),
+    train_probes=(("fp32", 32, "no"),),
 )
 DRY_SIZES = Sizes(
     encoder=TINY_BERT,
@@ -117,8 +125,11 @@ DRY_SIZES = Sizes(
     repeats=1,
     budget_s=240,
     tune_steps=100,
-    annotate_runs={"bert_base_random": ("like_pipeline", "defaults_big_batches"), "minilm_tuned": ("like_pipeline",)},
-    train_batch_probes=(16,),
+    annotate_runs={
+        "bert_base_random": ("like_pipeline", "like_pipeline_2proc", "defaults_big_batches"),
+        "minilm_tuned": ("like_pipeline",),
+    },
+    train_probes=(("batch16", 16, "bf16"), ("fp32", 32, "no")),
 )
 
 # The `nerbatch annotate` runs Sizes.annotate_runs picks from: (extra options, extra environment).
@@ -128,26 +139,36 @@ DRY_SIZES = Sizes(
 # second H200 run: 448k against 582k subwords/s, so no longer run) or bf16 (the default before 0.3.3). The
 # tokenizer runs as users have it: the tokenizers library uses every core unless
 # TOKENIZERS_PARALLELISM=false.
+# `_Nproc` runs start N processes on the one GPU (`accelerate launch --multi_gpu --num_processes N`),
+# each with its own share of the units: N Python processes do the CPU side (tokenizing, planning,
+# decoding, writing) that one process does alone, under one GIL, in the other runs.
 LIKE_PIPELINE = ["--segment", "none", "--max-length", "512", "--aggregation", "simple"]
 ANNOTATE_RUNS = {
     "like_pipeline": (LIKE_PIPELINE, {}),
+    "like_pipeline_2proc": (LIKE_PIPELINE, {}),
+    "like_pipeline_4proc": (LIKE_PIPELINE, {}),
+    "like_pipeline_8proc": (LIKE_PIPELINE, {}),
     "big_batches": ([*LIKE_PIPELINE, "--batch-size", "512"], {}),
     "serial_tokenizer": (LIKE_PIPELINE, {"TOKENIZERS_PARALLELISM": "false"}),
     "bf16": ([*LIKE_PIPELINE, "--precision", "bf16"], {}),
     "defaults": ([], {}),
+    "defaults_4proc": ([], {}),
     # one window per sentence: 64 windows of ~25 subwords make ~2k-token batches on a GPU (0.3.3 runs)
     "defaults_big_batches": (["--batch-size", "1024"], {}),
 }
+
+
+def run_processes(run: str) -> int:
+    """How many annotate processes share the GPU in `run` (its `_Nproc` suffix; 1 without)."""
+    found = re.search(r"_(\d+)proc$", run)
+    return int(found.group(1)) if found else 1
+
 
 # (name, where in the report, at least): what the GPU run is expected to show.
 TARGETS = (
     ("annotate_over_pipeline_best", ("annotation", "bert_base_random", "ratios", "annotate_over_pipeline_best"), 10.0),
     ("annotate_over_ceiling", ("annotation", "bert_base_random", "ratios", "annotate_over_ceiling"), 0.8),
-    (
-        "annotate_subwords_per_s",
-        ("annotation", "bert_base_random", "annotate", "like_pipeline", "steady", "subwords_per_s"),
-        1_000_000,
-    ),
+    ("annotate_subwords_per_s", ("annotation", "bert_base_random", "ratios", "annotate_subwords_per_s"), 1_000_000),
     ("training_speedup", ("training", "speedup"), 3.0),
     ("cpu_gpu_identical_docs", ("cpu_gpu_spans", "fraction_identical"), 0.99),
 )
@@ -584,34 +605,76 @@ def write_corpus(path: Path, texts: list[str], copies: int) -> Path:
 
 
 def time_annotate(ctx: Context, name: str, model_dir: str, corpus: Path, run: str) -> dict:
-    """One `nerbatch annotate` process: the whole process timed; the job's own time (stats.json); and
-    the steady state, the units after the first (done markers), which hold no start-up or warm-up."""
+    """One `nerbatch annotate` job (N processes for an `_Nproc` run, over N times the corpus): the
+    whole job timed; the job's own time (the busiest rank's units); and the steady state (done
+    markers), while every rank is past its first unit, which holds the start-up and warm-up."""
+    from nerbatch.dist import launch_command
+
     options, env = ANNOTATE_RUNS[run]
+    processes = run_processes(run)
+    if processes > 1:  # each process gets as many units as the one process of the plain runs
+        corpus = write_corpus(
+            corpus.with_name(f"{corpus.stem}-x{processes}.parquet"), *corpus_copies(corpus, processes)
+        )
     output = ctx.workdir / f"annotate-{name}-{run}"
-    cmd = [sys.executable, "-m", "nerbatch", "annotate", model_dir, str(corpus), "--output", str(output)]
+    launcher = [*launch_command(processes, free_port()), "-m"] if processes > 1 else [sys.executable, "-m"]
+    cmd = [*launcher, "nerbatch", "annotate", model_dir, str(corpus), "--output", str(output)]
     cmd += ["--id-column", "doc_id", "--no-progress", "--overwrite", *options]
     process = run_logged(cmd, ctx.out / "logs" / f"annotate-{name}-{run}.log", ctx.remaining(), **env)
     stats = json.loads((output / "_nerbatch" / "stats.json").read_text())
-    units = sorted(
-        (json.loads(p.read_text()) for p in (output / "_nerbatch" / "done").glob("*.json")),
-        key=lambda marker: marker["unit"]["index"],
-    )
+    markers = [json.loads(p.read_text()) for p in (output / "_nerbatch" / "done").glob("*.json")]
     shutil.rmtree(output)
-    later = units[1:]
+    busiest = max(sum(m["seconds"] for m in markers if m["rank"] == r) for r in {m["rank"] for m in markers})
     return {
         "options": options,
         "env": env,
+        "processes": processes,
         "settings": stats["options"],
         "entities": stats["entities"],
         "windows": stats["windows"],
-        **rate(stats["docs"], stats["tokens"], stats["seconds"]),
-        "steady": rate(
-            sum(u["docs"] for u in later), sum(u["tokens"] for u in later), sum(u["seconds"] for u in later)
-        ),
+        **rate(stats["docs"], stats["tokens"], busiest),
+        "steady": steady_rate(markers),
         "process_seconds": process,
         "process_docs_per_s": stats["docs"] / process,
         "process_subwords_per_s": stats["tokens"] / process,
     }
+
+
+def corpus_copies(corpus: Path, times: int) -> tuple[list[str], int]:
+    """The texts of a benchmark corpus and its row-group count, times `times` (write_corpus's arguments)."""
+    import pyarrow.parquet as pq
+
+    file = pq.ParquetFile(corpus)
+    rows = file.metadata.num_rows // file.num_row_groups
+    return file.read(columns=["text"]).column("text").to_pylist()[:rows], file.num_row_groups * times
+
+
+def steady_rate(markers: list[dict]) -> dict:
+    """Throughput while every rank is past its first unit and none has finished: from the last rank's
+    first unit done to the first rank's last unit done. Each later unit counts for the share of its
+    run inside that window (a unit's run: its `seconds` before its `at`). With one rank, this is the
+    units after the first."""
+    ranks = {}
+    for marker in sorted(markers, key=lambda m: m["at"]):
+        ranks.setdefault(marker["rank"], []).append(marker)
+    start, end = max(done[0]["at"] for done in ranks.values()), min(done[-1]["at"] for done in ranks.values())
+    if end <= start:
+        raise ValueError("no moment when every rank was past its first unit: give each rank more units")
+    docs = subwords = 0.0
+    for done in ranks.values():
+        for unit in done[1:]:
+            inside = min(unit["at"], end) - max(unit["at"] - unit["seconds"], start)
+            share = max(inside, 0.0) / unit["seconds"]
+            docs, subwords = docs + share * unit["docs"], subwords + share * unit["tokens"]
+    return rate(round(docs), round(subwords), end - start)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def time_pipeline_and_ceiling(ctx: Context, model, tokenizer, pool: list[str]) -> dict:
@@ -667,15 +730,24 @@ def under_autocast(fn, device: str, dtype):
 
 
 def annotation_ratios(entry: dict) -> dict:
-    """annotate (`like_pipeline`) over the pipeline's best batch size and over the ceiling, per subword
-    (they ran on different numbers of the same documents). The pipeline and the ceiling are timed
-    warm, so the main ratios use annotate's steady state; the others are there for the record."""
-    ours = entry["annotate"]["like_pipeline"]
+    """annotate doing the pipeline's work (the fastest `like_pipeline` run: one process, or several
+    sharing the GPU) over the pipeline's best batch size and over the ceiling, per subword (they ran
+    on different numbers of the same documents). The pipeline and the ceiling are timed warm, so the
+    main ratios use annotate's steady state; the others are there for the record."""
+    runs = {
+        run: found for run, found in entry["annotate"].items() if run.startswith("like_pipeline") and "steady" in found
+    }
+    best = max(runs, key=lambda run: runs[run]["steady"]["subwords_per_s"])
+    ours, alone = runs[best], runs["like_pipeline"]
     pipeline, ceiling = entry["pipeline"]["best"]["subwords_per_s"], entry["ceiling"]["subwords_per_s"]
     return {
-        "basis": "subwords/s; annotate = the like_pipeline run, steady state (units after the first)",
+        "basis": f"subwords/s; annotate = the {best} run ({ours['processes']} process(es)), steady state",
+        "run": best,
+        "annotate_subwords_per_s": ours["steady"]["subwords_per_s"],
         "annotate_over_pipeline_best": ours["steady"]["subwords_per_s"] / pipeline,
         "annotate_over_ceiling": ours["steady"]["subwords_per_s"] / ceiling,
+        "one_process_over_pipeline_best": alone["steady"]["subwords_per_s"] / pipeline,
+        "one_process_over_ceiling": alone["steady"]["subwords_per_s"] / ceiling,
         "in_job_annotate_over_pipeline_best": ours["subwords_per_s"] / pipeline,
         "in_job_annotate_over_ceiling": ours["subwords_per_s"] / ceiling,
         "process_annotate_over_pipeline_best": ours["process_subwords_per_s"] / pipeline,
@@ -698,28 +770,99 @@ def step_training(ctx: Context) -> None:
     if not nested_errors(ctx.result):
         ctx.result["speedup"] = ctx.result["nerbatch"]["sentences_per_s"] / ctx.result["reference"]["sentences_per_s"]
     ctx.save()
-    # Is a step bound by launching its kernels (rate grows with the batch) or by the GPU's arithmetic?
-    for batch in ctx.sizes.train_batch_probes:
-        ctx.result[f"nerbatch_batch{batch}"] = ctx.attempt(
-            f"nerbatch train, batch {batch}", train_nerbatch, ctx, model, train, valid, sentences, batch
+    ctx.result["profile"] = ctx.attempt("training profile", profile_training, ctx, model, train)
+    ctx.save()
+    # Is a step bound by launching its kernels (rate grows with the batch; fp32 launches fewer casts
+    # than bf16 autocast) or by the GPU's arithmetic?
+    for name, batch, precision in ctx.sizes.train_probes:
+        ctx.result[f"nerbatch_{name}"] = ctx.attempt(
+            f"nerbatch train, {name}", train_nerbatch, ctx, model, train, valid, sentences, batch, precision
         )
         ctx.save()
 
 
-def train_nerbatch(ctx: Context, model: str, train: str, valid: str, sentences: int, batch: int = 32) -> dict:
+def profile_training(ctx: Context, model_dir: str, train_file: str, steps: int = 20) -> dict:
+    """Where a training step's time goes, in this process: `nerbatch train`'s batches (batch 32,
+    length-grouped, pinned), fused AdamW and linear schedule, under bf16 autocast and in plain fp32;
+    ms per step of each, then one bf16 pass under torch.profiler (per step: kernels launched, GPU
+    time, and the operators with the most CPU time)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import DataCollatorForTokenClassification, get_linear_schedule_with_warmup
+
+    from nerbatch.align import encode
+    from nerbatch.batching import make_loader
+    from nerbatch.config import TrainConfig
+    from nerbatch.data import build_label_list, read_conll
+    from nerbatch.modeling import load_model, load_tokenizer
+    from nerbatch.train import make_optimizer
+
+    device = ctx.device
+    corpus = read_conll(train_file)
+    corpus.sentences = corpus.sentences[: 32 * (3 * steps + 10)]
+    tokenizer = load_tokenizer(model_dir)
+    model, labels = load_model(model_dir, build_label_list(corpus))
+    model.to(device).train()
+    cfg = TrainConfig(lr=1e-4, weight_decay=0.01)
+    encoded = encode(tokenizer, corpus.sentences, {label: i for i, label in enumerate(labels)}, 512)
+    collator = DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=8)
+    batches = iter(make_loader(encoded, collator, 32, 0, train=True, group=True))
+    optimizer = make_optimizer(model, cfg)
+    scheduler = get_linear_schedule_with_warmup(optimizer, 0, 10_000)
+
+    def run(count: int, dtype) -> float:
+        began = time.perf_counter()
+        for _ in range(count):
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+            with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize() if device == "cuda" else None
+        return (time.perf_counter() - began) * 1000 / count
+
+    run(10, torch.bfloat16)  # warm-up: kernel selection, allocator
+    result = {"ms_per_step_bf16": run(steps, torch.bfloat16), "ms_per_step_fp32": run(steps, None)}
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if device == "cuda" else [])]) as prof:
+        run(steps, torch.bfloat16)
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_cpu = sorted((e for e in events if e.self_cpu_time_total > 0), key=lambda e: -e.self_cpu_time_total)
+    return result | {
+        "profiled_steps": steps,
+        "kernels_per_step": sum(e.count for e in kernels) / steps,
+        "gpu_ms_per_step": sum(e.self_device_time_total for e in kernels) / 1000 / steps,
+        "cpu_ops_ms_per_step": sum(e.self_cpu_time_total for e in events) / 1000 / steps,
+        "top_cpu_ops": [
+            {
+                "op": e.key,
+                "calls_per_step": e.count / steps,
+                "self_cpu_ms_per_step": e.self_cpu_time_total / 1000 / steps,
+            }
+            for e in by_cpu[:15]
+        ],
+    }
+
+
+def train_nerbatch(
+    ctx: Context, model: str, train: str, valid: str, sentences: int, batch: int = 32, precision: str = "bf16"
+) -> dict:
     """One epoch of `nerbatch train` over `sentences` sentences with the offline recipe's settings and
-    bf16 mixed precision, as a process; train_seconds is the loop's own time (metrics.json)."""
-    output = ctx.workdir / f"train-nerbatch-{batch}"
+    `precision` (accelerate's mixed precision), as a process; train_seconds is the loop's own time
+    (metrics.json)."""
+    output = ctx.workdir / f"train-nerbatch-{batch}-{precision}"
     cmd = [sys.executable, "-m", "nerbatch", "train", "--model", model, "--train", train, "--validation", valid]
     cmd += ["--output-dir", str(output), "--epochs", "1", "--batch-size", str(batch), "--lr", "1e-4"]
     cmd += ["--warmup-ratio", "0.06", "--weight-decay", "0.01", "--group-by-length", "--keep-checkpoints", "1"]
     cmd += ["--max-train-samples", str(sentences)]
-    log = ctx.out / "logs" / f"train-nerbatch-{batch}.log"
-    process = run_logged(cmd, log, ctx.remaining(), ACCELERATE_MIXED_PRECISION="bf16")
+    log = ctx.out / "logs" / f"train-nerbatch-{batch}-{precision}.log"
+    process = run_logged(cmd, log, ctx.remaining(), ACCELERATE_MIXED_PRECISION=precision)
     epoch = json.loads((output / "metrics.json").read_text())["epochs"][0]
     shutil.rmtree(output)  # gigabytes of weights and optimizer state with the bert-base shape
     return {
-        "settings": f"batch {batch}, AdamW 1e-4, 6% warm-up, length-grouped batches, bf16 mixed precision",
+        "settings": f"batch {batch}, AdamW 1e-4, 6% warm-up, length-grouped batches, mixed precision {precision}",
         "steps": math.ceil(sentences / batch),
         "train_seconds": epoch["train_seconds"],
         "sentences_per_s": sentences / epoch["train_seconds"],
@@ -748,7 +891,7 @@ STEPS = {
     "assets": (step_assets, 90),
     "tests": (step_tests, 100),
     "cpu_gpu_spans": (step_cpu_gpu_spans, 60),
-    "annotation": (step_annotation, 200),
+    "annotation": (step_annotation, 300),
     "training": (step_training, 200),
 }
 REPORT_ORDER = ("dry_run", "budget_s", "elapsed_s", "sizes", "machine", "assets", "tests", "training")
@@ -847,7 +990,7 @@ def print_summary(report: dict) -> None:
                 f"{entry['ceiling']['subwords_per_s']:,.0f} subwords/s"
             )
     training = report.get("training", {})
-    for loop in ("nerbatch", "reference", *(f"nerbatch_batch{b}" for b in report["sizes"]["train_batch_probes"])):
+    for loop in ("nerbatch", "reference", *(f"nerbatch_{probe[0]}" for probe in report["sizes"]["train_probes"])):
         if "sentences_per_s" in training.get(loop, {}):
             lines.append(f"training {loop}: {training[loop]['sentences_per_s']:,.1f} sentences/s")
     for name, target in report["targets"].items():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -117,6 +118,27 @@ def test_the_command_line_runs_on_the_device_by_default(setup, corpus, texts, tm
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"rank 0: {len(texts)} rows" in done.stderr
     # auto is fp32 on a CPU: fp16 in the output's metadata means the job ran on the GPU
+    assert part_options(tmp_path / "out")["precision"] == default_precision(setup.device)
+
+
+def test_several_processes_share_one_device(setup, texts, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on one GPU: both ranks run their units there
+    (the job's group is gloo: NCCL refuses two ranks on one device) and every row comes out once."""
+    from nerbatch.dist import launch_command
+
+    corpus = tmp_path / "two-units.parquet"
+    pq.write_table(pa.table({"doc_id": list(range(len(texts))), "text": texts}), corpus, row_group_size=len(texts) // 2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [*launch_command(2, port), "-m", "nerbatch", "annotate", setup.model, str(corpus), "--output"]
+    cmd += [str(tmp_path / "out"), "--id-column", "doc_id", "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 0:" in done.stderr and "rank 1:" in done.stderr
+    markers = [json.loads(p.read_text()) for p in (tmp_path / "out" / "_nerbatch" / "done").glob("*.json")]
+    assert sorted(m["rank"] for m in markers) == [0, 1]
+    assert sorted(pq.read_table(tmp_path / "out").column("doc_id").to_pylist()) == list(range(len(texts)))
     assert part_options(tmp_path / "out")["precision"] == default_precision(setup.device)
 
 
