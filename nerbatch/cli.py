@@ -278,7 +278,10 @@ def predict_cmd(model_dir, text, aggregation, segment, max_length, precision):
     "output metadata.",
 )
 @click.option(
-    "--batch-size", type=int, default=Options.batch_size, show_default=True, help="Most windows per forward pass."
+    "--batch-size",
+    type=int,
+    default=Options.batch_size,
+    help="Most windows per forward pass [default: 64 on CPU, 1024 on GPU].",
 )
 @click.option(
     "--max-batch-tokens",
@@ -330,7 +333,7 @@ def annotate_cmd(model_dir, inputs, output, no_progress, keep_columns, **options
     units are skipped, unfinished ones redone.
     """
     from nerbatch.annotate import annotate_units
-    from nerbatch.dist import process_state
+    from nerbatch.dist import barrier, process_state
 
     # Two processes both believing they are rank 0 would collide: checked here. The job's one
     # collective is a barrier, so it goes through gloo and several processes may share a GPU.
@@ -345,7 +348,7 @@ def annotate_cmd(model_dir, inputs, output, no_progress, keep_columns, **options
         run,
         state.process_index,
         state.num_processes,
-        state.wait_for_everyone,
+        barrier,
         None if state.device.type == "cpu" else str(state.device),
     )
     if tally.rows:

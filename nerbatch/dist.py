@@ -58,6 +58,16 @@ def process_state(backend: str | None = None):
     return state
 
 
+def barrier() -> None:
+    """Wait until every process of the group is here (alone: return at once).
+
+    accelerate's `wait_for_everyone` names the device `cuda:{local rank}`, which does not exist
+    when several processes share a GPU; a gloo barrier needs no device.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def describe(processes: int) -> str:
     """'1 process' / 'N processes', for log lines the tests read."""
     return f"{processes} process{'es' if processes > 1 else ''}"

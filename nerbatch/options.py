@@ -32,7 +32,7 @@ class Options:
     stride: int | None = None  # None: a quarter of a window
     segment: str | None = None  # None: follow how the model was trained (see nerbatch.inference)
     precision: str = "auto"  # fp16 on a GPU, fp32 on CPU; int8 on request (CPU)
-    batch_size: int = 64
+    batch_size: int | None = None  # None: inference.CPU_BATCH_WINDOWS or GPU_BATCH_WINDOWS
     max_batch_tokens: int | None = None  # None: inference.CPU_BATCH_TOKENS or GPU_BATCH_TOKENS
     read_rows: int = 512
     keep_columns: list[str] = field(default_factory=list)  # input columns copied to the output, types kept

@@ -11,7 +11,7 @@ this order, each in its own process, under one time budget (480 s by default):
     tests          benchmarks/gpu/test_cuda.py under pytest, on the device
     cpu_gpu_spans  the MiniLM's spans on the CPU in fp32 vs on the device at annotate's default precision
     annotation     `nerbatch annotate` vs the transformers pipeline vs the forward-only ceiling, per model
-    training       `nerbatch train` (bf16, batch 32, length-grouped) vs the reference loop (fp32, batch 8)
+    training       `nerbatch train` (batch 32, length-grouped, fp32 and bf16) vs the reference loop (fp32, batch 8)
 
 A step records its results in a JSON file as it goes, so a step that fails or runs out of time keeps
 what it measured and says why in an `error`; the later steps still run. One process per step, because
@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -84,6 +84,9 @@ class Sizes:
     annotate_runs: dict  # model: the ANNOTATE_RUNS timed for it
     # other settings `nerbatch train` is timed with, last: (name, batch size, accelerate mixed precision)
     train_probes: tuple[tuple[str, int, str], ...] = ()
+    train_profile: bool = True  # profile the training step (profile_training)
+    steps: tuple[str, ...] = ()  # the steps to run (assets always runs); empty: all
+    tests: str = ""  # a pytest -k expression choosing the CUDA tests; empty: all
 
 
 GPU_SIZES = Sizes(
@@ -106,11 +109,10 @@ GPU_SIZES = Sizes(
             "like_pipeline_8proc",
             "defaults",
             "defaults_4proc",
-            "defaults_big_batches",
         ),
         "minilm_tuned": ("like_pipeline", "like_pipeline_4proc"),
     },
-    train_probes=(("fp32", 32, "no"),),
+    train_probes=(("bf16", 32, "bf16"),),
 )
 DRY_SIZES = Sizes(
     encoder=TINY_BERT,
@@ -126,10 +128,10 @@ DRY_SIZES = Sizes(
     budget_s=240,
     tune_steps=100,
     annotate_runs={
-        "bert_base_random": ("like_pipeline", "like_pipeline_2proc", "defaults_big_batches"),
+        "bert_base_random": ("like_pipeline", "like_pipeline_2proc", "defaults"),
         "minilm_tuned": ("like_pipeline",),
     },
-    train_probes=(("batch16", 16, "bf16"), ("fp32", 32, "no")),
+    train_probes=(("bf16", 32, "bf16"),),
 )
 
 # The `nerbatch annotate` runs Sizes.annotate_runs picks from: (extra options, extra environment).
@@ -153,9 +155,15 @@ ANNOTATE_RUNS = {
     "bf16": ([*LIKE_PIPELINE, "--precision", "bf16"], {}),
     "defaults": ([], {}),
     "defaults_4proc": ([], {}),
-    # one window per sentence: 64 windows of ~25 subwords make ~2k-token batches on a GPU (0.3.3 runs)
+    # one window per sentence: 64 windows of ~25 subwords made ~2k-token batches on a GPU (0.3.3's
+    # default cap; 0.3.4's GPU default is 1024 windows)
     "defaults_big_batches": (["--batch-size", "1024"], {}),
 }
+
+# `nerbatch train`'s precision on the GPU, as launch/1gpu.yaml sets it: at CoNLL's short sentences a
+# step is bound by launching kernels, and bf16 autocast launches a cast for every weight and
+# activation it converts (H100, batch 32: 1,299 sentences/s in fp32 against 752 in bf16).
+TRAIN_PRECISION = "no"
 
 
 def run_processes(run: str) -> int:
@@ -453,6 +461,7 @@ def step_tests(ctx: Context) -> None:
         "NERBATCH_GPU_DOCS": str(ctx.sizes.test_docs),
     }
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "test_cuda.py")]
+    cmd += ["-k", ctx.sizes.tests] if ctx.sizes.tests else []
     timeout = ctx.remaining()
     try:
         done = subprocess.run([*cmd, f"--junitxml={xml}"], env=child_env(**settings), cwd=REPO, timeout=timeout)
@@ -592,15 +601,14 @@ def annotate_model(ctx: Context, entry: dict, name: str, model_dir: str, reuters
     ctx.save()
 
 
-def write_corpus(path: Path, texts: list[str], copies: int) -> Path:
-    """`copies` times the texts in one Parquet file (`doc_id`, `text`), one row group per copy: each
-    is one annotate unit, so the units after the first show the job without its warm-up."""
+def write_corpus(path: Path, texts: list[str], copies: int, parts: int = 1) -> Path:
+    """`copies` times the texts in one Parquet file (`doc_id`, `text`), `parts` row groups per copy:
+    each is one annotate unit, so the units after the first show the job without its warm-up."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    texts = texts * copies
-    table = pa.table({"doc_id": list(range(len(texts))), "text": texts})
-    pq.write_table(table, path, row_group_size=len(texts) // copies)
+    table = pa.table({"doc_id": list(range(len(texts) * copies)), "text": texts * copies})
+    pq.write_table(table, path, row_group_size=math.ceil(len(texts) / parts))
     return path
 
 
@@ -612,10 +620,9 @@ def time_annotate(ctx: Context, name: str, model_dir: str, corpus: Path, run: st
 
     options, env = ANNOTATE_RUNS[run]
     processes = run_processes(run)
-    if processes > 1:  # each process gets as many units as the one process of the plain runs
-        corpus = write_corpus(
-            corpus.with_name(f"{corpus.stem}-x{processes}.parquet"), *corpus_copies(corpus, processes)
-        )
+    if processes > 1:  # each process gets as much work as the one process of the plain runs, in 2x the units
+        texts, copies = corpus_copies(corpus, processes)
+        corpus = write_corpus(corpus.with_name(f"{corpus.stem}-x{processes}.parquet"), texts, copies, parts=2)
     output = ctx.workdir / f"annotate-{name}-{run}"
     launcher = [*launch_command(processes, free_port()), "-m"] if processes > 1 else [sys.executable, "-m"]
     cmd = [*launcher, "nerbatch", "annotate", model_dir, str(corpus), "--output", str(output)]
@@ -633,7 +640,7 @@ def time_annotate(ctx: Context, name: str, model_dir: str, corpus: Path, run: st
         "entities": stats["entities"],
         "windows": stats["windows"],
         **rate(stats["docs"], stats["tokens"], busiest),
-        "steady": steady_rate(markers),
+        "steady": steady_rate(markers) if len(markers) > processes else {"error": "one unit per rank"},
         "process_seconds": process,
         "process_docs_per_s": stats["docs"] / process,
         "process_subwords_per_s": stats["tokens"] / process,
@@ -658,8 +665,8 @@ def steady_rate(markers: list[dict]) -> dict:
     for marker in sorted(markers, key=lambda m: m["at"]):
         ranks.setdefault(marker["rank"], []).append(marker)
     start, end = max(done[0]["at"] for done in ranks.values()), min(done[-1]["at"] for done in ranks.values())
-    if end <= start:
-        raise ValueError("no moment when every rank was past its first unit: give each rank more units")
+    if end <= start:  # a rank started so late that another had finished: no window where all ran
+        return {"error": f"no moment when every rank was past its first unit ({start - end:.1f} s apart)"}
     docs = subwords = 0.0
     for done in ranks.values():
         for unit in done[1:]:
@@ -770,8 +777,9 @@ def step_training(ctx: Context) -> None:
     if not nested_errors(ctx.result):
         ctx.result["speedup"] = ctx.result["nerbatch"]["sentences_per_s"] / ctx.result["reference"]["sentences_per_s"]
     ctx.save()
-    ctx.result["profile"] = ctx.attempt("training profile", profile_training, ctx, model, train)
-    ctx.save()
+    if ctx.sizes.train_profile:
+        ctx.result["profile"] = ctx.attempt("training profile", profile_training, ctx, model, train)
+        ctx.save()
     # Is a step bound by launching its kernels (rate grows with the batch; fp32 launches fewer casts
     # than bf16 autocast) or by the GPU's arithmetic?
     for name, batch, precision in ctx.sizes.train_probes:
@@ -847,7 +855,7 @@ def profile_training(ctx: Context, model_dir: str, train_file: str, steps: int =
 
 
 def train_nerbatch(
-    ctx: Context, model: str, train: str, valid: str, sentences: int, batch: int = 32, precision: str = "bf16"
+    ctx: Context, model: str, train: str, valid: str, sentences: int, batch: int = 32, precision: str = TRAIN_PRECISION
 ) -> dict:
     """One epoch of `nerbatch train` over `sentences` sentences with the offline recipe's settings and
     `precision` (accelerate's mixed precision), as a process; train_seconds is the loop's own time
@@ -934,6 +942,7 @@ def run_step_process(name: str, args, workdir: Path, started: float, budget: flo
     cmd = [sys.executable, "-u", __file__, "--step", name, "--out", str(args.out), "--workdir", str(workdir)]
     cmd += ["--carry", str(args.carry), "--deadline", str(time.time() + allowed), "--started", str(started)]
     cmd += ["--dry-run"] if args.dry_run else []
+    cmd += [arg for setting in args.set for arg in ("--set", setting)]
     began = time.time()
     process = subprocess.Popen(cmd, env=child_env(), start_new_session=True)
     try:
@@ -1008,9 +1017,23 @@ def write_report(out: Path, report: dict) -> None:
     write_json(out / "gpu.json", {key: report[key] for key in REPORT_ORDER if key in report})
 
 
+def chosen_sizes(args) -> Sizes:
+    """The GPU or dry-run sizes with the `--set FIELD=JSON` overrides applied."""
+    sizes = DRY_SIZES if args.dry_run else GPU_SIZES
+    overrides = {}
+    for setting in args.set:
+        name, _, value = setting.partition("=")
+        if name not in Sizes.__dataclass_fields__:
+            raise SystemExit(f"--set {setting}: no size called {name!r}")
+        overrides[name] = json.loads(value)
+        if isinstance(overrides[name], list):
+            overrides[name] = tuple(tuple(v) if isinstance(v, list) else v for v in overrides[name])
+    return replace(sizes, **overrides)
+
+
 def drive(args) -> int:
     """Run every step in order under the time budget, rewriting OUT/gpu.json after each."""
-    sizes = DRY_SIZES if args.dry_run else GPU_SIZES
+    sizes = chosen_sizes(args)
     budget = args.budget or sizes.budget_s
     started = time.time()
     report = {"dry_run": args.dry_run, "budget_s": budget, "elapsed_s": 0.0, "sizes": asdict(sizes)}
@@ -1022,6 +1045,8 @@ def drive(args) -> int:
     print(f"machine: {json.dumps(report['machine'])}", flush=True)
     with tempfile.TemporaryDirectory(prefix="nerbatch-gpu-") as scratch:
         for name in STEPS:
+            if sizes.steps and name != "assets" and name not in sizes.steps:
+                continue
             if not args.dry_run and report["machine"]["gpu"] is None:
                 report[name] = {"error": "torch finds no CUDA device (on a CPU, run with --dry-run)"}
             elif name != "assets" and "error" in report["assets"]:
@@ -1040,7 +1065,7 @@ def drive(args) -> int:
 
 def run_step(args) -> int:
     """Inside a step's process: run it, record its result (and any error), exit non-zero on error."""
-    sizes = DRY_SIZES if args.dry_run else GPU_SIZES
+    sizes = chosen_sizes(args)
     ctx = Context(args.step, sizes, args.dry_run, args.out, args.workdir, args.carry, args.deadline, args.started)
     step, _ = STEPS[args.step]
     try:
@@ -1061,7 +1086,14 @@ def parse_args(argv: list[str] | None):
     )
     parser.add_argument("--out", type=Path, required=True, help="Folder for gpu.json, run logs and tests.xml.")
     parser.add_argument("--dry-run", action="store_true", help="Every step at tiny sizes on the CPU (CUDA hidden).")
-    parser.add_argument("--budget", type=float, help="Seconds for the whole run [GPU 420, dry run 240].")
+    parser.add_argument("--budget", type=float, help="Seconds for the whole run [GPU 480, dry run 240].")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=JSON",
+        help="Override one of the sizes, e.g. --set 'steps=[\"annotation\"]' (a shorter rerun).",
+    )
     parser.add_argument("--carry", type=Path, default=CARRY, help=f"The folder prepare.py made [{CARRY}].")
     # internal: the driver runs each step as `--step NAME` in a process of its own
     parser.add_argument("--step", choices=list(STEPS), help=argparse.SUPPRESS)
