@@ -100,3 +100,42 @@ def test_cpu_and_device_spans_are_compared(dry_run):
 def test_every_target_is_checked(dry_run):
     assert set(dry_run["targets"]) == TARGETS
     assert all(isinstance(t["met"], bool) and t["value"] is not None for t in dry_run["targets"].values())
+
+
+def test_processes_sharing_the_device_annotate_n_times_the_corpus(dry_run):
+    entry = dry_run["annotation"]["bert_base_random"]
+    shared = entry["annotate"]["like_pipeline_2proc"]
+    assert shared["processes"] == 2 and shared["docs"] == 2 * entry["pool_docs"] * entry["copies"]
+    assert shared["steady"]["subwords_per_s"] > 0 and shared["process_subwords_per_s"] > 0
+    best = entry["ratios"]["run"]
+    assert best in ("like_pipeline", "like_pipeline_2proc")
+    assert entry["ratios"]["annotate_subwords_per_s"] == entry["annotate"][best]["steady"]["subwords_per_s"]
+
+
+def test_the_training_profile_says_where_a_step_goes(dry_run):
+    profile = dry_run["training"]["profile"]
+    assert profile["ms_per_step_bf16"] > 0 and profile["ms_per_step_fp32"] > 0
+    assert profile["cpu_ops_ms_per_step"] > 0 and len(profile["top_cpu_ops"]) > 5
+
+
+def marker(rank: int, at: float, seconds: float, tokens: int) -> dict:
+    return {"rank": rank, "at": at, "seconds": seconds, "docs": tokens // 10, "tokens": tokens}
+
+
+def test_the_steady_window_counts_only_the_time_every_rank_was_past_its_first_unit():
+    sys.path.insert(0, str(REPO / "benchmarks" / "gpu"))
+    from gpu_bench import steady_rate
+
+    # rank 0: units done at 10 (first), 14, 18; rank 1 started late: 12 (first), 16, 20.
+    # The window is [12, 18]: rank 0's unit 10-14 counts half, 14-18 whole; rank 1's 12-16 whole,
+    # 16-20 half.
+    markers = [marker(0, 10, 10, 999), marker(0, 14, 4, 400), marker(0, 18, 4, 400)]
+    markers += [marker(1, 12, 12, 999), marker(1, 16, 4, 800), marker(1, 20, 4, 800)]
+    steady = steady_rate(markers)
+    assert steady["seconds"] == 6 and steady["subwords"] == 200 + 400 + 800 + 400
+    assert steady["subwords_per_s"] == pytest.approx(1800 / 6)
+    # one rank alone: its units after the first
+    alone = steady_rate(markers[:3])
+    assert (alone["seconds"], alone["subwords"]) == (8, 800)
+    # a rank done before another finished its first unit: no window, said so
+    assert "error" in steady_rate([marker(0, 5, 5, 1), marker(0, 6, 1, 1), marker(1, 9, 9, 1), marker(1, 10, 1, 1)])

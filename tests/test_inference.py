@@ -194,3 +194,15 @@ def test_matches_the_pipeline_on_unicode_text(tiny, aggregation):
         assert [(s.start, s.end, s.label) for s in mine] == [(e["start"], e["end"], e["entity_group"]) for e in theirs]
         found += len(mine)
     assert found > 10
+
+
+def test_batches_hold_at_most_the_window_cap_of_the_device(tiny, reuters_texts):
+    model, tokenizer = tiny
+    texts = [s for text in reuters_texts[:60] for s in text.split(". ")]  # many short sentence windows
+    default = Annotator(model, tokenizer, segment="sentences", max_batch_tokens=1 << 20)
+    assert default.batch_size == 64  # on CPU; a GPU's default is 1024 (benchmarks/gpu/test_cuda.py)
+    docs = default.encode(texts)
+    assert sum(len(d.windows) for d in docs) > 200
+    assert max(map(len, default.batches(docs))) == 64
+    wide = Annotator(model, tokenizer, segment="sentences", batch_size=1024, max_batch_tokens=1 << 20)
+    assert max(map(len, wide.batches(docs))) > 64

@@ -107,6 +107,7 @@ def test_the_annotate_job_puts_the_model_on_the_device(setup, corpus, texts, tmp
     assert annotator.device.type == setup.device
     assert {p.device.type for p in annotator.model.parameters()} == {setup.device}
     assert annotator.precision == default_precision(setup.device)
+    assert annotator.batch_size == (1024 if setup.device == "cuda" else 64)  # the window cap of each device
     tally = annotate_units(options, device=setup.device)
     assert tally.rows == len(texts) and tally.entities > 0
     assert pq.read_table(options.output).num_rows == len(texts)
