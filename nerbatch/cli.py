@@ -279,13 +279,13 @@ def predict_cmd(model_dir, text, aggregation, segment, max_length, precision):
 )
 @click.option(
     "--batch-size",
-    type=int,
+    type=click.IntRange(min=1),
     default=Options.batch_size,
     help="Most windows per forward pass [default: 64 on CPU, 1024 on GPU].",
 )
 @click.option(
     "--max-batch-tokens",
-    type=int,
+    type=click.IntRange(min=1),
     default=Options.max_batch_tokens,
     help="Most padded subwords per forward pass [default: 1024 on CPU, 32768 on GPU].",
 )
@@ -333,11 +333,12 @@ def annotate_cmd(model_dir, inputs, output, no_progress, keep_columns, **options
     units are skipped, unfinished ones redone.
     """
     from nerbatch.annotate import annotate_units
-    from nerbatch.dist import barrier, process_state
+    from nerbatch.dist import barrier, process_state, shares_gpus
 
     # Two processes both believing they are rank 0 would collide: checked here. The job's one
-    # collective is a barrier, so it goes through gloo and several processes may share a GPU.
-    state = process_state(backend="gloo")
+    # collective is a barrier: processes sharing a GPU form a gloo group (NCCL refuses two ranks on
+    # one device); otherwise accelerate's choice stands (NCCL finds its network by itself).
+    state = process_state(backend="gloo" if shares_gpus() else None)
     # SIGTERM (SLURM preemption, the launcher stopping a failed job) unwinds through `finally` like Ctrl-C.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     kept = [c.strip() for c in keep_columns.split(",") if c.strip()]
@@ -348,7 +349,7 @@ def annotate_cmd(model_dir, inputs, output, no_progress, keep_columns, **options
         run,
         state.process_index,
         state.num_processes,
-        barrier,
+        lambda: barrier(state),
         None if state.device.type == "cpu" else str(state.device),
     )
     if tally.rows:

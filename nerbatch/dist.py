@@ -43,29 +43,39 @@ def make_accelerator(**kwargs):
     return accelerator
 
 
+def shares_gpus() -> bool:
+    """Whether this machine runs more of the job's processes than it has GPUs, so that some share one
+    (process k runs on GPU k mod GPUs)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return torch.cuda.is_available() and local > torch.cuda.device_count()
+
+
 def process_state(backend: str | None = None):
     """accelerate's `PartialState` (rank, world size, device) for jobs that train nothing.
 
-    `backend="gloo"` keeps the group's collectives on the CPU, so that several processes may share
-    one GPU (NCCL refuses two ranks on one device); each process still runs its model on
-    `cuda:{local rank % GPUs}`.
+    `backend` names the process group's backend when the launcher started a group (else accelerate
+    chooses: NCCL on GPUs, gloo on CPUs); see `shares_gpus`.
     """
     from accelerate import PartialState
 
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # a lone process has no group to give a backend
+    # accelerate forms a group only under a launcher (LOCAL_RANK set); a backend without one fails
+    launched = int(os.environ.get("LOCAL_RANK", "-1")) != -1
     state = PartialState(cpu=use_cpu(), backend=backend if launched else None)
     check_world(state.num_processes)
     return state
 
 
-def barrier() -> None:
-    """Wait until every process of the group is here (alone: return at once).
+def barrier(state) -> None:
+    """Wait until every process of `state`'s group is here (alone: return at once).
 
-    accelerate's `wait_for_everyone` names the device `cuda:{local rank}`, which does not exist
-    when several processes share a GPU; a gloo barrier needs no device.
+    With a gloo group on GPUs (processes sharing them) the barrier names no device: accelerate's
+    `wait_for_everyone` names `cuda:{local rank}`, which does not exist there.
     """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    group = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if group and torch.distributed.get_backend() == "gloo":
         torch.distributed.barrier()
+    else:
+        state.wait_for_everyone()
 
 
 def describe(processes: int) -> str:

@@ -168,7 +168,7 @@ class Annotator:
         # to the model's limit, exactly as `sentences` alone would
         self.sentence_length = limit - len(self.prefix) - len(self.suffix) if self.segment == "both" else self.length
         on_gpu = self.device.type == "cuda"
-        self.batch_size = batch_size or (GPU_BATCH_WINDOWS if on_gpu else CPU_BATCH_WINDOWS)
+        self.batch_size = batch_size if batch_size is not None else GPU_BATCH_WINDOWS if on_gpu else CPU_BATCH_WINDOWS
         self.max_batch_tokens = max_batch_tokens or (GPU_BATCH_TOKENS if on_gpu else CPU_BATCH_TOKENS)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.precision = resolve_precision(precision, self.device)

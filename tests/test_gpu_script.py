@@ -139,3 +139,28 @@ def test_the_steady_window_counts_only_the_time_every_rank_was_past_its_first_un
     assert (alone["seconds"], alone["subwords"]) == (8, 800)
     # a rank done before another finished its first unit: no window, said so
     assert "error" in steady_rate([marker(0, 5, 5, 1), marker(0, 6, 1, 1), marker(1, 9, 9, 1), marker(1, 10, 1, 1)])
+
+
+def test_set_overrides_a_size_and_refuses_what_it_cannot_mean():
+    sys.path.insert(0, str(REPO / "benchmarks" / "gpu"))
+    from gpu_bench import chosen_sizes, parse_args
+
+    def sizes(*settings):
+        return chosen_sizes(parse_args(["--out", "/tmp/unused", *(a for s in settings for a in ("--set", s))]))
+
+    chosen = sizes('steps=["annotation"]', 'tests="share_one_device"', "train_profile=false", "budget_s=300")
+    assert (chosen.steps, chosen.tests, chosen.train_profile, chosen.budget_s) == (
+        ("annotation",),
+        "share_one_device",
+        False,
+        300,
+    )
+    assert chosen.annotate_runs == sizes().annotate_runs  # the rest as it was
+    for wrong, said in [
+        ('steps=["annotate"]', "no step called annotate"),
+        ('steps="annotation"', "steps takes a tuple"),
+        ("tests=share", "not JSON"),
+        ("budget=1", "no size called 'budget'"),
+    ]:
+        with pytest.raises(SystemExit, match=said):
+            sizes(wrong)

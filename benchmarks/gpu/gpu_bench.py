@@ -596,8 +596,8 @@ def annotate_model(ctx: Context, entry: dict, name: str, model_dir: str, reuters
         ctx.save()
     model.to(ctx.device)
     entry.update(ctx.attempt(f"{name}: pipeline and ceiling", time_pipeline_and_ceiling, ctx, model, tokenizer, pool))
-    if not nested_errors(entry):
-        entry["ratios"] = annotation_ratios(entry)
+    if "pipeline" in entry and "subwords_per_s" in entry["annotate"].get("like_pipeline", {}).get("steady", {}):
+        entry["ratios"] = annotation_ratios(entry)  # from the runs that succeeded
     ctx.save()
 
 
@@ -627,6 +627,8 @@ def time_annotate(ctx: Context, name: str, model_dir: str, corpus: Path, run: st
     launcher = [*launch_command(processes, free_port()), "-m"] if processes > 1 else [sys.executable, "-m"]
     cmd = [*launcher, "nerbatch", "annotate", model_dir, str(corpus), "--output", str(output)]
     cmd += ["--id-column", "doc_id", "--no-progress", "--overwrite", *options]
+    if processes > 1 and ctx.device == "cuda":
+        env = {**env, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]}  # one GPU
     process = run_logged(cmd, ctx.out / "logs" / f"annotate-{name}-{run}.log", ctx.remaining(), **env)
     stats = json.loads((output / "_nerbatch" / "stats.json").read_text())
     markers = [json.loads(p.read_text()) for p in (output / "_nerbatch" / "done").glob("*.json")]
@@ -671,7 +673,7 @@ def steady_rate(markers: list[dict]) -> dict:
     for done in ranks.values():
         for unit in done[1:]:
             inside = min(unit["at"], end) - max(unit["at"] - unit["seconds"], start)
-            share = max(inside, 0.0) / unit["seconds"]
+            share = max(inside, 0.0) / unit["seconds"] if unit["seconds"] > 0 else float(start <= unit["at"] <= end)
             docs, subwords = docs + share * unit["docs"], subwords + share * unit["tokens"]
     return rate(round(docs), round(subwords), end - start)
 
@@ -831,7 +833,8 @@ def profile_training(ctx: Context, model_dir: str, train_file: str, steps: int =
         torch.cuda.synchronize() if device == "cuda" else None
         return (time.perf_counter() - began) * 1000 / count
 
-    run(10, torch.bfloat16)  # warm-up: kernel selection, allocator
+    run(10, torch.bfloat16)  # warm-up of each precision: kernel selection, allocator
+    run(10, None)
     result = {"ms_per_step_bf16": run(steps, torch.bfloat16), "ms_per_step_fp32": run(steps, None)}
     with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if device == "cuda" else [])]) as prof:
         run(steps, torch.bfloat16)
@@ -1025,9 +1028,21 @@ def chosen_sizes(args) -> Sizes:
         name, _, value = setting.partition("=")
         if name not in Sizes.__dataclass_fields__:
             raise SystemExit(f"--set {setting}: no size called {name!r}")
-        overrides[name] = json.loads(value)
-        if isinstance(overrides[name], list):
-            overrides[name] = tuple(tuple(v) if isinstance(v, list) else v for v in overrides[name])
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise SystemExit(
+                f"--set {setting}: the value is not JSON (strings need quotes: {name}='\"...\"')"
+            ) from None
+        default = getattr(sizes, name)
+        if isinstance(value, list):
+            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        if not isinstance(value, type(default)) and not (isinstance(default, float) and isinstance(value, int)):
+            raise SystemExit(f"--set {setting}: {name} takes a {type(default).__name__}")
+        overrides[name] = value
+    unknown = set(overrides.get("steps", ())) - set(STEPS)
+    if unknown:
+        raise SystemExit(f"--set steps: no step called {', '.join(sorted(unknown))} (steps: {', '.join(STEPS)})")
     return replace(sizes, **overrides)
 
 

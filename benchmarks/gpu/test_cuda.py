@@ -134,11 +134,13 @@ def test_several_processes_share_one_device(setup, texts, tmp_path):
         port = s.getsockname()[1]
     cmd = [*launch_command(2, port), "-m", "nerbatch", "annotate", setup.model, str(corpus), "--output"]
     cmd += [str(tmp_path / "out"), "--id-column", "doc_id", "--no-progress"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    one = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]  # both on one GPU, however many there are
+    env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": one} if setup.device == "cuda" else {})}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rank 0:" in done.stderr and "rank 1:" in done.stderr
     markers = [json.loads(p.read_text()) for p in (tmp_path / "out" / "_nerbatch" / "done").glob("*.json")]
-    assert sorted(m["rank"] for m in markers) == [0, 1]
+    assert {m["rank"] for m in markers} == {0, 1}
     assert sorted(pq.read_table(tmp_path / "out").column("doc_id").to_pylist()) == list(range(len(texts)))
     assert part_options(tmp_path / "out")["precision"] == default_precision(setup.device)
 
