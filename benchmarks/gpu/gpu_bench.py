@@ -809,7 +809,7 @@ def profile_training(ctx: Context, model_dir: str, train_file: str, steps: int =
 
     device = ctx.device
     corpus = read_conll(train_file)
-    corpus.sentences = corpus.sentences[: 32 * (3 * steps + 10)]
+    corpus.sentences = corpus.sentences[: 32 * (3 * steps + 20)]  # warm-ups, two timed runs, the profiled one
     tokenizer = load_tokenizer(model_dir)
     model, labels = load_model(model_dir, build_label_list(corpus))
     model.to(device).train()
