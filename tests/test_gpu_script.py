@@ -118,6 +118,15 @@ def test_the_training_profile_says_where_a_step_goes(dry_run):
     assert profile["cpu_ops_ms_per_step"] > 0 and len(profile["top_cpu_ops"]) > 5
 
 
+def test_one_annotate_process_is_profiled(dry_run):
+    entry = dry_run["annotation"]["bert_base_random"]
+    profile = entry["profile"]
+    assert profile["docs"] == entry["pool_docs"] * entry["copies"] and profile["job_seconds"] > 0
+    functions = [row["function"] for row in profile["by_cumulative_time"]]
+    assert any("annotate_unit" in f for f in functions)  # the job's own code is in the ranking
+    assert all(row["own_us_per_doc"] >= 0 for row in profile["by_own_time"])
+
+
 def marker(rank: int, at: float, seconds: float, tokens: int) -> dict:
     return {"rank": rank, "at": at, "seconds": seconds, "docs": tokens // 10, "tokens": tokens}
 

@@ -85,6 +85,7 @@ class Sizes:
     # other settings `nerbatch train` is timed with, last: (name, batch size, accelerate mixed precision)
     train_probes: tuple[tuple[str, int, str], ...] = ()
     train_profile: bool = True  # profile the training step (profile_training)
+    annotate_profile: tuple[str, ...] = ("bert_base_random",)  # models whose annotate job is profiled
     steps: tuple[str, ...] = ()  # the steps to run (assets always runs); empty: all
     tests: str = ""  # a pytest -k expression choosing the CUDA tests; empty: all
 
@@ -594,11 +595,58 @@ def annotate_model(ctx: Context, entry: dict, name: str, model_dir: str, reuters
             f"{name}: annotate {run}", time_annotate, ctx, name, model_dir, corpus, run
         )
         ctx.save()
+    if name in ctx.sizes.annotate_profile:
+        entry["profile"] = ctx.attempt(f"{name}: annotate profile", profile_annotate, ctx, model_dir, corpus)
+        ctx.save()
     model.to(ctx.device)
     entry.update(ctx.attempt(f"{name}: pipeline and ceiling", time_pipeline_and_ceiling, ctx, model, tokenizer, pool))
     if "pipeline" in entry and "subwords_per_s" in entry["annotate"].get("like_pipeline", {}).get("steady", {}):
         entry["ratios"] = annotation_ratios(entry)  # from the runs that succeeded
     ctx.save()
+
+
+def profile_annotate(ctx: Context, model_dir: str, corpus: Path, top: int = 25) -> dict:
+    """Where one annotate process's main thread spends its time: the `like_pipeline` job run once to
+    warm up, then again under cProfile, in this process (the tokenizing thread is not profiled;
+    waiting for it shows as lock acquisition). Functions with the most own time and most time
+    below them, per document."""
+    import cProfile
+    import pstats
+
+    from nerbatch.annotate import annotate_units
+    from nerbatch.options import Options
+
+    pipeline_like = dict(segment="none", max_length=512, aggregation="simple")
+    options = Options(
+        model=model_dir,
+        inputs=[str(corpus)],
+        output=str(ctx.workdir / "annotate-profile"),
+        id_column="doc_id",
+        progress=False,
+        overwrite=True,
+        **pipeline_like,
+    )
+    annotate_units(options, device=ctx.device)  # warm-up: kernels, allocator, imports
+    profiler = cProfile.Profile()
+    profiler.enable()
+    tally = annotate_units(options, device=ctx.device)
+    profiler.disable()
+    shutil.rmtree(options.output)
+    stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, primitive, own, cumulative, callers)}
+
+    def rows(index: int) -> list[dict]:
+        ranked = sorted(stats.items(), key=lambda item: -item[1][index])[:top]
+        return [
+            {
+                "function": f"{Path(file).name}:{line}({name})",
+                "calls": calls,
+                "own_us_per_doc": own / tally.rows * 1e6,
+                "cumulative_us_per_doc": cumulative / tally.rows * 1e6,
+            }
+            for (file, line, name), (_, calls, own, cumulative, _) in ranked
+        ]
+
+    return {"docs": tally.rows, "job_seconds": tally.seconds, "by_own_time": rows(2), "by_cumulative_time": rows(3)}
 
 
 def write_corpus(path: Path, texts: list[str], copies: int, parts: int = 1) -> Path:
