@@ -581,6 +581,7 @@ def annotate_model(ctx: Context, entry: dict, name: str, model_dir: str, reuters
     model, tokenizer = load_token_classifier(model_dir)
     pool = load_documents(Path(reuters), ctx.sizes.pool_docs, tokenizer, max_model_length(tokenizer, model.config))
     corpus = write_corpus(ctx.workdir / f"{name}-corpus.parquet", pool, ctx.sizes.copies)
+    shared = {}  # processes: the corpus of the runs where that many share the GPU, written once
     entry.update(
         model=model_shape(model),
         device=ctx.device,
@@ -592,7 +593,13 @@ def annotate_model(ctx: Context, entry: dict, name: str, model_dir: str, reuters
     ctx.save()
     for run in runs:
         entry["annotate"][run] = ctx.attempt(
-            f"{name}: annotate {run}", time_annotate, ctx, name, model_dir, corpus, run
+            f"{name}: annotate {run}",
+            time_annotate,
+            ctx,
+            name,
+            model_dir,
+            corpus_for(ctx, corpus, pool, run, shared),
+            run,
         )
         ctx.save()
     if name in ctx.sizes.annotate_profile:
@@ -660,17 +667,27 @@ def write_corpus(path: Path, texts: list[str], copies: int, parts: int = 1) -> P
     return path
 
 
+def corpus_for(ctx: Context, corpus: Path, pool: list[str], run: str, written: dict) -> Path:
+    """The corpus `run` annotates: `corpus` for one process; for N sharing the GPU, N times as many
+    copies of the pool in twice as many units, so each process gets as much work as one alone
+    (written once per N, kept in `written`)."""
+    processes = run_processes(run)
+    if processes == 1:
+        return corpus
+    if processes not in written:
+        path = corpus.with_name(f"{corpus.stem}-x{processes}.parquet")
+        written[processes] = write_corpus(path, pool, ctx.sizes.copies * processes, parts=2)
+    return written[processes]
+
+
 def time_annotate(ctx: Context, name: str, model_dir: str, corpus: Path, run: str) -> dict:
-    """One `nerbatch annotate` job (N processes for an `_Nproc` run, over N times the corpus): the
+    """One `nerbatch annotate` job (N processes for an `_Nproc` run, on `corpus_for`'s corpus): the
     whole job timed; the job's own time (the busiest rank's units); and the steady state (done
     markers), while every rank is past its first unit, which holds the start-up and warm-up."""
     from nerbatch.dist import launch_command
 
     options, env = ANNOTATE_RUNS[run]
     processes = run_processes(run)
-    if processes > 1:  # each process gets as much work as the one process of the plain runs, in 2x the units
-        texts, copies = corpus_copies(corpus, processes)
-        corpus = write_corpus(corpus.with_name(f"{corpus.stem}-x{processes}.parquet"), texts, copies, parts=2)
     output = ctx.workdir / f"annotate-{name}-{run}"
     launcher = [*launch_command(processes, free_port()), "-m"] if processes > 1 else [sys.executable, "-m"]
     cmd = [*launcher, "nerbatch", "annotate", model_dir, str(corpus), "--output", str(output)]
@@ -695,15 +712,6 @@ def time_annotate(ctx: Context, name: str, model_dir: str, corpus: Path, run: st
         "process_docs_per_s": stats["docs"] / process,
         "process_subwords_per_s": stats["tokens"] / process,
     }
-
-
-def corpus_copies(corpus: Path, times: int) -> tuple[list[str], int]:
-    """The texts of a benchmark corpus and its row-group count, times `times` (write_corpus's arguments)."""
-    import pyarrow.parquet as pq
-
-    file = pq.ParquetFile(corpus)
-    rows = file.metadata.num_rows // file.num_row_groups
-    return file.read(columns=["text"]).column("text").to_pylist()[:rows], file.num_row_groups * times
 
 
 def steady_rate(markers: list[dict]) -> dict:
@@ -878,7 +886,8 @@ def profile_training(ctx: Context, model_dir: str, train_file: str, steps: int =
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize() if device == "cuda" else None
+        if device == "cuda":
+            torch.cuda.synchronize()
         return (time.perf_counter() - began) * 1000 / count
 
     run(10, torch.bfloat16)  # warm-up of each precision: kernel selection, allocator

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -125,14 +124,13 @@ def test_the_command_line_runs_on_the_device_by_default(setup, corpus, texts, tm
 def test_several_processes_share_one_device(setup, texts, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on one GPU: both ranks run their units there
     (the job's group is gloo: NCCL refuses two ranks on one device) and every row comes out once."""
+    from gpu_bench import free_port
+
     from nerbatch.dist import launch_command
 
     corpus = tmp_path / "two-units.parquet"
     pq.write_table(pa.table({"doc_id": list(range(len(texts))), "text": texts}), corpus, row_group_size=len(texts) // 2)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [*launch_command(2, port), "-m", "nerbatch", "annotate", setup.model, str(corpus), "--output"]
+    cmd = [*launch_command(2, free_port()), "-m", "nerbatch", "annotate", setup.model, str(corpus), "--output"]
     cmd += [str(tmp_path / "out"), "--id-column", "doc_id", "--no-progress"]
     one = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]  # both on one GPU, however many there are
     env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": one} if setup.device == "cuda" else {})}
