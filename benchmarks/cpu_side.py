@@ -5,15 +5,17 @@ reading, tokenizing, planning windows, building batches, decoding spans, writing
 On a GPU that rest is what stands between annotate and the forward-only ceiling (README, GPU): one
 process's CPU side has to keep up with the GPU. This measures it on any machine, and compares
 checkouts side by side (`--other DIR`: another nerbatch source tree, e.g. a `git worktree` of an
-older commit), in interleaved rounds.
+older commit), or this checkout with worker processes (`--workers N`: this process only runs the
+model, `nerbatch.serve`), in interleaved rounds.
 
     .venv/bin/python benchmarks/cpu_side.py --model runs/minilm-conll2003-document \\
-        --reuters ../shared/data/reuters21578/reuters21578.parquet [--other /tmp/nerbatch-old]
+        --reuters ../shared/data/reuters21578/reuters21578.parquet [--other /tmp/nerbatch-old] [--workers 2]
 
 The model directory only lends its tokenizer and labels. The no-layer model's head is calibrated,
 as the GPU benchmark's random model is, to tag about 5% of the subwords, so decoding costs what it
 costs with a trained model. Documents: the first `--docs` Reuters bodies that fit one 512-subword
-window, `--copies` times over, one annotate unit per copy; `steady` is the units after the first.
+window, `--copies` times over, one annotate unit per copy; `steady` is the units after the
+first, in one process; `work` is from the first unit's start to the last one's end (with workers too).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def build_inputs(model: str, reuters: str, docs: int, copies: int, workdir: Path
 
 
 def time_process(source: Path, encoder: Path, corpus: Path, output: Path, options: list[str]) -> dict:
-    """One `nerbatch annotate` process from the source tree `source`: in-job and steady docs/s."""
+    """One `nerbatch annotate` process from the source tree `source`: steady and at-work docs/s."""
     env = {**os.environ, "PYTHONPATH": str(source), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     cmd = [sys.executable, "-m", "nerbatch", "annotate", str(encoder), str(corpus), "--output", str(output)]
     cmd += ["--id-column", "doc_id", "--no-progress", "--overwrite", *options]
@@ -69,13 +71,20 @@ def time_process(source: Path, encoder: Path, corpus: Path, output: Path, option
     process = time.perf_counter() - began
     stats = json.loads((output / "_nerbatch" / "stats.json").read_text())
     units = [json.loads(p.read_text()) for p in (output / "_nerbatch" / "done").glob("*.json")]
+    # from the first unit's start to the last unit's end: the work, without start-up, also when
+    # worker processes annotate units side by side (a marker holds its unit's end and duration)
+    work = max(u["at"] for u in units) - min(u["at"] - u["seconds"] for u in units)
+    # units after the first, their own durations added up (in one process, where they run in turn)
     later = sorted(units, key=lambda u: u["unit"]["index"])[1:]
     steady = sum(u["seconds"] for u in later)
+    served = [json.loads(p.read_text()) for p in (output / "_nerbatch" / "stats").glob("server-*.json")]
     return {
         "docs": stats["docs"],
-        "job_docs_per_s": stats["docs"] / stats["seconds"],
+        **({"server_cpu_us_per_doc": 1e6 * served[0]["cpu_seconds"] / stats["docs"]} if served else {}),
         "steady_docs_per_s": sum(u["docs"] for u in later) / steady,
         "steady_us_per_doc": 1e6 * steady / sum(u["docs"] for u in later),
+        "work_docs_per_s": stats["docs"] / work,
+        "work_us_per_doc": 1e6 * work / stats["docs"],
         "process_seconds": process,
     }
 
@@ -88,32 +97,45 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--other", type=Path, help="Another nerbatch source tree, timed in the same rounds.")
+    parser.add_argument("--workers", type=int, nargs="*", default=[], help="Also run this checkout with N workers.")
+    parser.add_argument(
+        "--gpu-batches", action="store_true", help="The GPU's batch caps (1024 windows, 32768 subwords)."
+    )
     parser.add_argument("--defaults", action="store_true", help="annotate's defaults instead of pipeline-like options.")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
 
-    sources = {"this": HERE.parent, **({"other": args.other.resolve()} if args.other else {})}
     options = [] if args.defaults else LIKE_PIPELINE
+    options += ["--batch-size", "1024", "--max-batch-tokens", "32768"] if args.gpu_batches else []
+    variants = {"this": (HERE.parent, options)}
+    if args.other:
+        variants["other"] = (args.other.resolve(), options)
+    variants |= {f"workers{n}": (HERE.parent, [*options, "--workers", str(n)]) for n in args.workers}
     with tempfile.TemporaryDirectory(prefix="nerbatch-cpu-side-") as tmp:
         encoder, corpus = build_inputs(args.model, args.reuters, args.docs, args.copies, Path(tmp))
-        runs: dict[str, list[dict]] = {name: [] for name in sources}
+        runs: dict[str, list[dict]] = {name: [] for name in variants}
         for _ in range(args.rounds):
-            for name, source in sources.items():
-                runs[name].append(time_process(source, encoder, corpus, Path(tmp) / f"out-{name}", options))
-    best = {name: max(rounds, key=lambda r: r["steady_docs_per_s"]) for name, rounds in runs.items()}
+            for name, (source, flags) in variants.items():
+                runs[name].append(time_process(source, encoder, corpus, Path(tmp) / f"out-{name}", flags))
+    best = {name: max(rounds, key=lambda r: r["work_docs_per_s"]) for name, rounds in runs.items()}
     report = {
         "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "options": options,
-        "sources": {name: str(path) for name, path in sources.items()},
+        "variants": {name: [str(source), *flags] for name, (source, flags) in variants.items()},
         "rounds": runs,
         "best": best,
     }
     print(f"{report['cpu']}, {report['cores']} cores; {' '.join(options) or 'defaults'}")
     for name, figures in best.items():
         print(
-            f"  {name:6s} {figures['steady_docs_per_s']:8,.0f} docs/s steady ({figures['steady_us_per_doc']:.0f} us a "
-            f"document), {figures['job_docs_per_s']:,.0f} in the job, {figures['process_seconds']:.1f} s process"
+            f"  {name:8s} {figures['work_docs_per_s']:8,.0f} docs/s at work ({figures['work_us_per_doc']:.0f} us a "
+            f"document), {figures['process_seconds']:.1f} s process"
+            + (
+                f", model process {figures['server_cpu_us_per_doc']:.0f} us CPU a document"
+                if "server_cpu_us_per_doc" in figures
+                else ""
+            )
         )
     if args.json_out:
         args.json_out.write_text(json.dumps(report, indent=1) + "\n")

@@ -74,21 +74,8 @@ def annotate_units(
 
     mine = set(units_for_rank(units, rank, world))
     todo = [u for u in units if u in mine and not out.is_done(u)]
-    tally = Tally()
-    failed: list[tuple[Unit, str]] = []
     schema = output_schema(carried_fields(units, options), output_metadata(config))
-    if todo:
-        bar = Progress(sum(u.rows for u in todo), options.progress and rank == 0)
-        with startup.collections_per_chunk() as collect:
-            for unit in todo:
-                try:
-                    tally.add(annotate_unit(unit, annotator, options, out, schema, rank, bar, collect))
-                except Exception as exc:  # one corrupt file must not stop the other units
-                    message = f"{unit.describe()}: {type(exc).__name__}: {exc}"
-                    out.mark_failed(unit, message)
-                    failed.append((unit, message))
-                    print(f"nerbatch annotate: unit {unit.name} failed: {message}", file=sys.stderr)
-        bar.close()
+    tally, failed = annotate_all(todo, annotator, options, out, schema, rank) if todo else (Tally(), [])
     (out.meta / "stats" / f"rank-{rank:05d}-of-{world:05d}.json").write_json(
         {**vars(tally), "units": len(todo), "failed": [m for _, m in failed], "wall_seconds": time.time() - started},
     )
@@ -107,6 +94,37 @@ def annotate_units(
     return tally
 
 
+def annotate_all(
+    todo: list[Unit], annotator: Annotator, options: Options, out: RunDir, schema, rank: int
+) -> tuple[Tally, list[tuple[Unit, str]]]:
+    """Annotate the units `todo` in turn (or with worker processes: `nerbatch.serve`); returns the
+    tally and the units that raised, with their errors (the others are complete)."""
+    bar = Progress(sum(u.rows for u in todo), options.progress and rank == 0)
+    try:
+        if options.workers:
+            from nerbatch.serve import annotate_with_workers
+
+            return annotate_with_workers(todo, annotator, options, out, schema, rank, bar)
+        tally, failed = Tally(), []
+        with startup.collections_per_chunk() as collect:
+            for unit in todo:
+                try:
+                    tally.add(annotate_unit(unit, annotator, options, out, schema, rank, bar, collect))
+                except Exception as exc:  # one corrupt file must not stop the other units
+                    failed.append(record_failure(out, unit, exc))
+        return tally, failed
+    finally:
+        bar.close()
+
+
+def record_failure(out: RunDir, unit: Unit, exc: Exception) -> tuple[Unit, str]:
+    """Record that `unit` raised `exc` (a rerun redoes it) and say so on stderr."""
+    message = f"{unit.describe()}: {type(exc).__name__}: {exc}"
+    out.mark_failed(unit, message)
+    print(f"nerbatch annotate: unit {unit.name} failed: {message}", file=sys.stderr)
+    return unit, message
+
+
 def check_options(options: Options) -> None:
     """Option combinations that cannot work: one-line errors before anything is loaded."""
     taken = {"entities", "error", "n_windows"} | ({"source_file", "row_index"} if not options.id_column else set())
@@ -122,6 +140,8 @@ def check_options(options: Options) -> None:
         )
     if options.partition_by == options.text_column or options.text_column in options.keep_columns:
         raise OptionError(f"--keep-columns/--partition-by: {options.text_column!r} is the text column")
+    if options.workers < 0:
+        raise OptionError(f"--workers must be 0 or more (got {options.workers})")
     for name, value in (("--row-group-rows", options.row_group_rows), ("--file-rows", options.file_rows)):
         if value < 1:
             raise OptionError(f"{name} must be at least 1 (got {value})")

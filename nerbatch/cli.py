@@ -290,6 +290,15 @@ def predict_cmd(model_dir, text, aggregation, segment, max_length, precision):
     help="Most padded subwords per forward pass [default: 1024 on CPU, 32768 on GPU].",
 )
 @click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=Options.workers,
+    show_default=True,
+    help="Worker processes that read, tokenize, decode and write while this process only runs the model "
+    "(0: all in this process). For a GPU: one process per GPU, each with workers, instead of several "
+    "processes sharing it.",
+)
+@click.option(
     "--read-rows", type=int, default=Options.read_rows, show_default=True, help="Rows read and tokenized at a time."
 )
 @click.option(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -58,12 +59,42 @@ class Document:
 
 @dataclass
 class InFlight:
-    """Batches launched by `Annotator.launch`: per batch, its probabilities (a CPU tensor, still being
-    copied back on a GPU) and the event that marks the copy complete (None on a CPU)."""
+    """Batches launched by `Annotator.launch`, each with its pending probabilities."""
 
     docs: list[Document]
     batches: list[list[tuple[int, int]]]
-    results: list[tuple[torch.Tensor, torch.cuda.Event | None]]
+    results: list[Pending]
+
+
+class Pending(Protocol):
+    """One batch's probabilities on their way (a GPU's copy back, a model process's reply)."""
+
+    def result(self) -> tuple[np.ndarray, bool]:
+        """Wait for the probabilities (windows x width x labels); the flag says the batch overflowed
+        in reduced precision and was run again in fp32."""
+        ...
+
+
+@dataclass
+class LocalBatch:
+    """A batch launched on this process's model: probabilities in a CPU tensor (on a GPU, still being
+    copied back into pinned memory until `copied` fires; None on a CPU)."""
+
+    annotator: Annotator
+    ids: torch.Tensor
+    mask: torch.Tensor
+    probs: torch.Tensor
+    copied: torch.cuda.Event | None
+
+    def result(self) -> tuple[np.ndarray, bool]:
+        """The probabilities; a batch that is not all finite (an fp16 overflow) is run again in fp32
+        here: checking on the host costs no wait for the GPU."""
+        if self.copied is not None:
+            self.copied.synchronize()  # this batch's copy back is complete (later ones may still run)
+        probs = self.probs.numpy()
+        if self.annotator.autocast_dtype is not None and not np.isfinite(probs).all():
+            return self.annotator.fp32_probabilities(self.ids, self.mask), True
+        return probs, False
 
 
 def plan_windows(n: int, length: int, stride: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -176,6 +207,7 @@ class Annotator:
             self.model = model = quantize_int8(model, tokenizer)
         self.autocast_dtype = autocast_dtype(self.precision)
         self.fp32_batches = 0  # batches whose autocast outputs were not finite, run again in fp32
+        self.server = None  # a `nerbatch.serve` client in a worker process: batches run there
 
     def settings(self) -> dict:
         """The options that determine the output (for run configs and Parquet metadata)."""
@@ -243,24 +275,19 @@ class Annotator:
         the previous chunk while these run (`nerbatch.annotate` does): the GPU never waits for the
         CPU's span decoding. On a CPU the passes simply run here, in turn."""
         batches = self.batches(docs)
-        return InFlight(docs, batches, [self._probabilities(*self._tensors(docs, batch)) for batch in batches])
+        return InFlight(docs, batches, [self.run_batch(*self._tensors(docs, batch)) for batch in batches])
 
     def collect(self, flight: InFlight) -> int:
         """Wait for a launch's results and store each document's kept probabilities in `doc.probs`.
 
-        A batch whose probabilities are not all finite (an fp16 overflow) is run again in fp32 here:
-        checking on the host costs no wait for the GPU. Returns how many were (also added to
-        `fp32_batches`)."""
+        Returns how many batches overflowed in reduced precision and ran again in fp32 (also added
+        to `fp32_batches`)."""
         reruns = 0
         for doc in flight.docs:
             doc.probs = np.zeros((doc.n_tokens, len(self.labels)), dtype=np.float32)
-        for batch, (probs, copied) in zip(flight.batches, flight.results):
-            if copied is not None:
-                copied.synchronize()  # this batch's copy back is complete (later ones may still run)
-            probs = probs.numpy()
-            if self.autocast_dtype is not None and not np.isfinite(probs).all():
-                probs = self._fp32_probabilities(flight.docs, batch)
-                reruns += 1
+        for batch, pending in zip(flight.batches, flight.results):
+            probs, rerun = pending.result()
+            reruns += rerun
             for i, (d, k) in enumerate(batch):
                 doc = flight.docs[d]
                 (s, _), (a, b) = doc.windows[k], doc.keeps[k]
@@ -283,19 +310,24 @@ class Annotator:
             mask[i, : len(row)] = 1
         return torch.from_numpy(ids), torch.from_numpy(mask)
 
-    def _probabilities(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        """Softmax probabilities of one batch as a CPU tensor. On a GPU the copy back is only
-        started (into pinned memory); the returned event says when it is complete."""
+    @torch.inference_mode()
+    def run_batch(self, ids: torch.Tensor, mask: torch.Tensor) -> Pending:
+        """Start the model on one padded batch (CPU tensors). On a GPU the copy back of the softmax
+        probabilities is only started; with a model server attached (`nerbatch.serve`), the batch
+        is sent to the process that holds the model."""
+        if self.server is not None:
+            return self.server.submit(ids.numpy(), mask.numpy())
+        if self.model is None:
+            raise ModelError("this Annotator was unpickled without its model: attach a model server (nerbatch.serve)")
         if self.device.type != "cuda":
-            return torch.softmax(self._logits(ids, mask).float(), dim=-1), None
-        ids = ids.pin_memory().to(self.device, non_blocking=True)
-        mask = mask.pin_memory().to(self.device, non_blocking=True)
-        probs = torch.softmax(self._logits(ids, mask).float(), dim=-1)
+            return LocalBatch(self, ids, mask, torch.softmax(self._logits(ids, mask).float(), dim=-1), None)
+        on_device = (t.pin_memory().to(self.device, non_blocking=True) for t in (ids, mask))
+        probs = torch.softmax(self._logits(*on_device).float(), dim=-1)
         host = torch.empty(probs.shape, dtype=probs.dtype, pin_memory=True)
         host.copy_(probs, non_blocking=True)
         copied = torch.cuda.Event()
         copied.record(torch.cuda.current_stream(self.device))  # the model's device, not the current one
-        return host, copied
+        return LocalBatch(self, ids, mask, host, copied)
 
     def _logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.autocast_dtype is None:
@@ -304,19 +336,23 @@ class Annotator:
             return self.model(input_ids=ids, attention_mask=mask).logits
 
     @torch.inference_mode()
-    def _fp32_probabilities(self, docs: list[Document], batch: list[tuple[int, int]]) -> np.ndarray:
+    def fp32_probabilities(self, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
         """One batch's probabilities in fp32, waited for. Autocast is turned off explicitly: the
         caller's (a training loop's mixed precision, a user's own block) would otherwise apply."""
-        ids, mask = (t.to(self.device) for t in self._tensors(docs, batch))
         with torch.autocast(self.device.type, enabled=False):
-            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
         probs = torch.softmax(logits, dim=-1).cpu().numpy()
         if not np.isfinite(probs).all():
             raise ModelError(
-                f"the model's outputs are not finite even in fp32 (a batch of {len(batch)} windows): "
+                f"the model's outputs are not finite even in fp32 (a batch of {len(ids)} windows): "
                 "its weights may hold NaN or inf"
             )
         return probs
+
+    def __getstate__(self) -> dict:
+        """Everything but the model: worker processes (`nerbatch.serve`) tokenize, plan and decode
+        with a copy, and send their batches to the process that holds the model."""
+        return {**self.__dict__, "model": None, "server": None}
 
     def decode(self, doc: Document, text: str) -> list[Span]:
         """The entity spans of one document whose probabilities `forward` has filled."""

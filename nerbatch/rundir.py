@@ -6,11 +6,11 @@ OUT_DIR layout::
     COLUMN=value/part-00000.parquet  the same split into Hive-style directories
     _nerbatch/config.json          the run's resolved config: a rerun must match it
     _nerbatch/pieces/unit-*.parquet  each done unit's rows, until its output file is assembled
-    _nerbatch/done/unit-*.json     completion markers: the unit's stats, its rank, when
+    _nerbatch/done/unit-*.json     completion markers: the unit's stats, its rank and process, when
     _nerbatch/failed/unit-*.json   units that raised, with the error
     _nerbatch/files/part-*.json    output files assembled, with the paths written
     _nerbatch/tmp/                 pieces and files being written
-    _nerbatch/stats/rank-*.json    what each rank did in its last run
+    _nerbatch/stats/rank-*.json    what each rank did in its last run (server-rank-*: with --workers)
     _nerbatch/alive/rank-*.json    when each rank last said it was working (ranks wait for each other)
     _nerbatch/stats.json           totals, written once every unit is done and every file assembled
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -124,9 +125,10 @@ class RunDir:
         return max(times, default=0.0)
 
     def mark_done(self, unit: Unit, stats: dict, rank: int = 0) -> None:
-        """Record completion (after the piece is published), by which rank and when; clears an
-        earlier failure."""
-        self.marker(unit).write_json({"unit": asdict(unit), **stats, "rank": rank, "at": time.time()})
+        """Record completion (after the piece is published), by which rank and process (a rank's
+        `--workers` are processes of their own) and when; clears an earlier failure."""
+        record = {"unit": asdict(unit), **stats, "rank": rank, "pid": os.getpid(), "at": time.time()}
+        self.marker(unit).write_json(record)
         self.failure(unit).remove()
 
     def mark_failed(self, unit: Unit, error: str) -> None:

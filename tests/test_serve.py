@@ -1,0 +1,160 @@
+"""`annotate --workers N` (nerbatch.serve): this process runs the model, spawned workers do the rest.
+
+The output must be the rows an in-process run writes, a failing unit must fail alone, and a worker
+killed mid-unit must cost only its unit, which a rerun redoes (test hook: `NERBATCH_TEST_SLOW_BATCH_S`,
+see tests/test_annotate_launch.py).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import queue
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+from nerbatch.cli import main
+from nerbatch.inference import Annotator
+from nerbatch.modeling import ModelError
+from nerbatch.serve import ServerClient
+
+from conftest import REUTERS, need
+from helpers import environment
+
+OPTIONS = ["--max-length", "64", "--read-rows", "8", "--id-column", "doc_id", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """180 Reuters rows (some null) in 6 row groups over two files: 6 units."""
+    table = pq.read_table(need(REUTERS), columns=["doc_id", "text"]).slice(2000, 180)
+    directory = tmp_path_factory.mktemp("serve-corpus")
+    pq.write_table(table.slice(0, 150), directory / "a.parquet", row_group_size=30)
+    pq.write_table(table.slice(150), directory / "b.parquet")
+    return directory
+
+
+def annotate(model: Path, inputs: Path, out: Path, *extra) -> object:
+    args = ["annotate", str(model), str(inputs), "--output", str(out), *OPTIONS, *map(str, extra)]
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+def rows(out: Path) -> list[dict]:
+    table = pa.concat_tables(pq.read_table(p) for p in sorted(out.glob("part-*.parquet")))
+    return table.sort_by("doc_id").to_pylist()
+
+
+@pytest.fixture(scope="module")
+def in_process(tiny_model_dir, corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("in-process") / "out"
+    assert annotate(tiny_model_dir, corpus, out).exit_code == 0
+    return out
+
+
+def test_workers_write_the_rows_of_one_process(tiny_model_dir, corpus, in_process, tmp_path):
+    out = tmp_path / "out"
+    result = annotate(tiny_model_dir, corpus, out, "--workers", 2)
+    assert result.exit_code == 0, result.output
+    assert rows(out) == rows(in_process)
+    assert len(rows(out)) == 180 and sum(r["error"] is None for r in rows(out)) > 120
+    served = json.loads((out / "_nerbatch" / "stats" / "server-rank-00000.json").read_text())
+    assert served["workers"] == 2 and served["batches"] > 6
+    stats = json.loads((out / "_nerbatch" / "stats.json").read_text())
+    expected = json.loads((in_process / "_nerbatch" / "stats.json").read_text())
+    counts = ("rows", "docs", "flagged", "tokens", "windows", "entities", "units")
+    assert {k: stats[k] for k in counts} == {k: expected[k] for k in counts}
+    # the workers' tallies reached this process (what the command prints)
+    assert "180 rows" in result.output
+
+
+def test_a_corrupt_file_fails_its_unit_only_with_workers(tiny_model_dir, corpus, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    table = pq.read_table(corpus / "b.parquet")
+    pq.write_table(table, inputs / "good.parquet")
+    pq.write_table(table, inputs / "zcorrupt.parquet", compression="zstd")
+    data = bytearray((inputs / "zcorrupt.parquet").read_bytes())
+    data[100:2000] = bytes(1900)  # inside the text column's pages, well before the footer
+    (inputs / "zcorrupt.parquet").write_bytes(bytes(data))
+    out = tmp_path / "out"
+    result = annotate(tiny_model_dir, inputs, out, "--workers", 2)
+    assert result.exit_code != 0
+    assert "zcorrupt.parquet" in result.output and "1 unit(s) failed" in result.output
+    assert (out / "_nerbatch" / "done" / "unit-000000.json").exists()
+    assert (out / "_nerbatch" / "failed" / "unit-000001.json").exists()
+    pq.write_table(table, inputs / "zcorrupt.parquet", compression="zstd")  # the input is repaired
+    assert annotate(tiny_model_dir, inputs, out, "--workers", 2).exit_code == 0
+    assert pq.read_table(out / "part-00000.parquet")["doc_id"].to_pylist() == table["doc_id"].to_pylist() * 2
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The spawned worker processes of `parent` (not multiprocessing's resource tracker)."""
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    found = []
+    for pid in map(int, children):
+        try:
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except FileNotFoundError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the workers through Linux's /proc")
+def test_a_killed_worker_costs_its_unit_and_a_rerun_completes(tiny_model_dir, corpus, in_process, tmp_path):
+    from test_annotate_launch import wait_for
+
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "nerbatch", "annotate", str(tiny_model_dir), str(corpus), "--output", str(out)]
+    argv += [*OPTIONS, "--workers", "2"]
+    job = subprocess.Popen(
+        argv, env=environment(NERBATCH_TEST_SLOW_BATCH_S="0.2"), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    wait_for(lambda: len(worker_pids(job.pid)) == 2)
+    # both workers are half way through a unit (so the one killed is)
+    wait_for(lambda: len(list((out / "_nerbatch" / "tmp").glob("*.parquet"))) == 2)
+    victim = worker_pids(job.pid)[0]
+    subprocess.run(["kill", "-KILL", str(victim)], check=True)
+    _, stderr = job.communicate(timeout=300)
+    assert job.returncode != 0
+    assert f"exited with code {-signal.SIGKILL} while annotating it" in stderr.decode()
+    failed = [json.loads(p.read_text()) for p in (out / "_nerbatch" / "failed").glob("*.json")]
+    done = list((out / "_nerbatch" / "done").glob("*.json"))
+    assert len(failed) == 1 and len(done) == 5  # the other worker took every other unit
+    rerun = subprocess.run(argv, env=environment(), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert rows(out) == rows(in_process)
+
+
+def test_replies_are_matched_to_batches_in_order_and_errors_raise(tiny_model_dir):
+    """A worker's replies come in the order its batches went; one nobody waits for (its unit failed)
+    is read and dropped; a reply that says the model process failed raises `ModelError`."""
+    requests, replies = queue.Queue(), queue.Queue()
+    client = ServerClient(0, requests, replies)
+    batches = [client.submit(np.zeros((1, 4), np.int64), np.ones((1, 4), np.int64)) for _ in range(3)]
+    assert [requests.get()[:2] for _ in range(3)] == [("batch", 0)] * 3
+    for k in range(2):
+        replies.put((np.full((1, 4, 2), k, np.float32), k == 1, None))
+    replies.put((None, False, "OutOfMemoryError: CUDA out of memory"))
+    probs, rerun = batches[1].result()  # batch 0's reply is taken on the way
+    assert probs[0, 0, 0] == 1 and rerun
+    assert batches[0].result()[0][0, 0, 0] == 0
+    with pytest.raises(ModelError, match="out of memory"):
+        batches[2].result()
+
+    model = AutoModelForTokenClassification.from_pretrained(tiny_model_dir)
+    copy = pickle.loads(pickle.dumps(Annotator(model, AutoTokenizer.from_pretrained(tiny_model_dir))))
+    assert copy.model is None and copy.encode(["Peter lives in Berlin."])[0].n_tokens > 0
+    with pytest.raises(ModelError, match="without its model"):
+        copy.run_batch(torch.zeros((1, 4), dtype=torch.long), torch.ones((1, 4), dtype=torch.long))
