@@ -9,10 +9,13 @@ except that a padded batch goes to this process over a queue and its probabiliti
 worker batches one chunk at a time, as in process, so the output is the same.
 
 Workers are spawned (a process that has initialised CUDA cannot fork) with a copy of the
-`Annotator` without its model. They take units from a shared queue, so a worker that finishes
-early takes the next one. A unit that raises fails alone, as in process; a worker that dies takes
-only its current unit with it (recorded as failed, the rank raises `UnitsFailed` at the end and a
-rerun redoes it), and the others go on.
+`Annotator` without its model, and ask this process for units one at a time, so a worker that
+finishes early takes the next one. Each worker has channels of its own: a pipe for its requests,
+whose end of file says the worker is gone, and a queue for the replies, sent by a background thread
+so that this process never waits for a worker to read. Nothing is shared between workers, so one
+killed half way through a message (or holding a lock) cannot stall the others. A unit that raises
+fails alone, as in process; a worker that dies takes only its current unit with it (recorded as
+failed, the rank raises `UnitsFailed` at the end and a rerun redoes it), and the others go on.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
 
 import numpy as np
 import torch
@@ -39,22 +43,19 @@ from nerbatch.storage import locate
 # Batches launched on the GPU before the oldest one's probabilities are sent back: the GPU works
 # through the queued ones while this process reads the next request and replies.
 IN_FLIGHT = 3
-POLL_SECONDS = 1.0  # how often an idle server looks for dead workers, and a waiting worker for its server
+POLL_SECONDS = 1.0  # how often a worker waiting for a reply checks that this process is still there
 
 
 @dataclass
 class Worker:
-    """The server's view of one worker process."""
+    """This process's view of one worker process."""
 
     process: multiprocessing.process.BaseProcess
+    requests: Connection  # the read end of its requests pipe
     replies: multiprocessing.queues.Queue
-    unit: Unit | None = None  # the unit it is annotating
+    unit: Unit | None = None  # the unit it was last given
     report: tuple[dict, list] | None = None  # its tally and failures, once it has finished
-    gone: bool = False  # exited without a report (killed, crashed)
-
-    @property
-    def settled(self) -> bool:
-        return self.report is not None or self.gone
+    gone: bool = False  # its pipe closed without a report: killed, crashed
 
 
 def annotate_with_workers(
@@ -63,24 +64,21 @@ def annotate_with_workers(
     """Annotate the units `todo` with `options.workers` worker processes while this process runs the
     model for them; returns the tally and the failed units, as `nerbatch.annotate.annotate_all`."""
     context = multiprocessing.get_context("spawn")
-    requests, units = context.Queue(), context.Queue()
-    # what is still unsent to a dead worker must not hold up this process's exit
-    units.cancel_join_thread()
-    for unit in todo:
-        units.put(unit)
-    workers = []
+    workers, ends = [], []
     for index in range(min(options.workers, len(todo))):
-        units.put(None)  # one end-of-work mark per worker
+        reader, writer = context.Pipe(duplex=False)
         replies = context.Queue()
-        replies.cancel_join_thread()
-        args = (index, annotator, options, schema, rank, units, requests, replies)
+        replies.cancel_join_thread()  # replies a dead worker never read must not hold up our exit
+        args = (annotator, options, schema, rank, writer, replies)
         process = context.Process(target=work, args=args, name=f"nerbatch-worker-{index}", daemon=True)
-        workers.append(Worker(process, replies))
+        workers.append(Worker(process, reader, replies))
+        ends.append(writer)
     began, cpu = time.perf_counter(), time.process_time()
     try:
-        for worker in workers:
+        for worker, writer in zip(workers, ends):
             worker.process.start()
-        batches = serve(annotator, requests, workers, bar)
+            writer.close()  # the worker holds the only write end: its exit is our end of file
+        batches = serve(annotator, workers, deque(todo), bar)
     finally:
         for worker in workers:  # after an error here (Ctrl-C, SIGTERM): the workers must not outlive us
             if worker.process.is_alive():
@@ -97,55 +95,59 @@ def annotate_with_workers(
     return tally, failed
 
 
-def serve(annotator: Annotator, requests, workers: list[Worker], bar) -> int:
-    """Run the workers' batches on the model until every worker has finished or died; returns how
-    many batches ran."""
-    launched: deque[tuple[Worker, Pending | None, str | None]] = deque()
+def serve(annotator: Annotator, workers: list[Worker], units: deque[Unit], bar) -> int:
+    """Answer the workers' requests (batches to run, units to take, progress, their reports) until
+    every worker has exited; returns how many batches ran."""
+    launched: deque[tuple[Worker, tuple | Pending]] = deque()
+    listening = {worker.requests: worker for worker in workers}
     batches = 0
-    while not all(w.settled for w in workers):
-        # seen before reading: whatever a worker sent before it exited is in the queue by then
-        exited = [w for w in workers if w.process.exitcode is not None]
-        try:
-            # with batches on the GPU, reply as soon as nothing else is asked for
-            message = requests.get(timeout=0 if launched else POLL_SECONDS)
-        except queue.Empty:
-            if launched:
-                reply(*launched.popleft())
-            for worker in exited:
-                worker.gone = worker.report is None
+    while listening:
+        # with batches on the GPU, reply as soon as nothing else is asked for
+        ready = wait(list(listening), timeout=0 if launched else None)
+        if not ready:
+            reply(*launched.popleft())
             continue
-        kind, worker = message[0], workers[message[1]]
-        if kind == "batch":
-            batches += 1
-            launched.append(launch(annotator, worker, *message[2:]))
-            if len(launched) > IN_FLIGHT:
-                reply(*launched.popleft())
-        elif kind == "unit":
-            worker.unit = message[2]
-        elif kind == "progress":
-            bar.advance(*message[2:])
-        elif kind == "done":
-            worker.report = message[2:]
+        for connection in ready:
+            worker = listening[connection]
+            try:
+                message = connection.recv()
+            except (EOFError, OSError):  # exited: after its report, or killed (maybe half way through a message)
+                del listening[connection]
+                worker.gone = worker.report is None
+                continue
+            kind = message[0]
+            if kind == "batch":
+                batches += 1
+                launched.append((worker, launch(annotator, *message[1:])))
+                if len(launched) > IN_FLIGHT:
+                    reply(*launched.popleft())
+            elif kind == "next":  # it has every reply it asked for: this one can go at once
+                worker.unit = units.popleft() if units else None
+                worker.replies.put(("unit", worker.unit))
+            elif kind == "progress":
+                bar.advance(*message[1:])
+            elif kind == "done":
+                worker.report = message[1:]
     return batches
 
 
-def launch(annotator: Annotator, worker: Worker, ids: np.ndarray, mask: np.ndarray):
-    """Start one batch; a failure goes back to the worker, whose unit then fails alone."""
+def launch(annotator: Annotator, ids: np.ndarray, mask: np.ndarray) -> tuple | Pending:
+    """Start one batch; a failure becomes the reply, and the worker's unit then fails alone."""
     try:
-        return worker, annotator.run_batch(torch.from_numpy(ids), torch.from_numpy(mask)), None
+        return annotator.run_batch(torch.from_numpy(ids), torch.from_numpy(mask))
     except Exception as exc:  # e.g. out of GPU memory
-        return worker, None, f"{type(exc).__name__}: {exc}"
+        return ("error", f"{type(exc).__name__}: {exc}")
 
 
-def reply(worker: Worker, pending: Pending | None, error: str | None) -> None:
+def reply(worker: Worker, launched: tuple | Pending) -> None:
     """Send a batch's probabilities (or why there are none) to the worker that asked."""
-    if pending is not None:
-        try:
-            worker.replies.put((*pending.result(), None))
-            return
-        except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
-    worker.replies.put((None, False, error))
+    if isinstance(launched, tuple):
+        worker.replies.put(launched)
+        return
+    try:
+        worker.replies.put(("probs", *launched.result()))
+    except Exception as exc:
+        worker.replies.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
 def account(todo: list[Unit], workers: list[Worker], out: RunDir) -> tuple[Tally, list[tuple[Unit, str]]]:
@@ -174,35 +176,51 @@ def account(todo: list[Unit], workers: list[Worker], out: RunDir) -> tuple[Tally
 
 
 class ServerClient:
-    """A worker's end of the model server: `Annotator.run_batch` sends batches here."""
+    """A worker's end of the model process: `Annotator.run_batch` sends batches here, and the
+    worker asks it for units."""
 
-    def __init__(self, index: int, requests, replies):
-        self.index, self.requests, self.replies = index, requests, replies
-        self.waiting: deque[RemoteBatch] = deque()
+    def __init__(self, requests: Connection, replies):
+        self.requests, self.replies = requests, replies
+        self.waiting: deque[RemoteBatch] = deque()  # sent, reply not read yet, in order
         self.parent = os.getppid()
 
     def submit(self, ids: np.ndarray, mask: np.ndarray) -> RemoteBatch:
-        self.requests.put(("batch", self.index, ids, mask))
+        self.requests.send(("batch", ids, mask))
         batch = RemoteBatch(self)
         self.waiting.append(batch)
         return batch
 
+    def next_unit(self) -> Unit | None:
+        """The next unit to annotate (None: no more). First reads the replies of batches nobody
+        waits for any more (their unit failed half way), so that the next reply is this one's."""
+        while self.waiting:
+            self.receive(self.waiting[-1])
+        self.requests.send(("next",))
+        return self.read()[1]
+
+    def advance(self, docs: int, tokens: int) -> None:
+        """The progress bar's `advance`, forwarded (the model process owns the bar)."""
+        self.requests.send(("progress", docs, tokens))
+
+    def report(self, tally: Tally, failed: list[tuple[Unit, str]]) -> None:
+        self.requests.send(("done", vars(tally), failed))
+
     def receive(self, batch: RemoteBatch) -> None:
-        """Read replies until `batch` has its own. Replies come in the order the batches were sent;
-        those of batches nobody waits for any more (their unit failed) are read and dropped."""
+        """Read replies until `batch` has its own; they come in the order the batches were sent."""
         while batch.reply is None:
+            self.waiting.popleft().reply = self.read()
+
+    def read(self) -> tuple:
+        while True:
             try:
-                self.waiting[0].reply = self.replies.get(timeout=POLL_SECONDS)
+                return self.replies.get(timeout=POLL_SECONDS)
             except queue.Empty:
                 if os.getppid() != self.parent:
-                    self.requests.cancel_join_thread()  # nobody reads them any more
                     raise SystemExit("nerbatch worker: the annotate process serving the model is gone") from None
-                continue
-            self.waiting.popleft()
 
 
 class RemoteBatch:
-    """A batch sent to the model server (the `Pending` of a worker)."""
+    """A batch sent to the model process (a worker's `Pending`)."""
 
     def __init__(self, client: ServerClient):
         self.client = client
@@ -210,37 +228,25 @@ class RemoteBatch:
 
     def result(self) -> tuple[np.ndarray, bool]:
         self.client.receive(self)
-        probs, rerun, error = self.reply
-        if error is not None:
-            raise ModelError(f"the model process could not run a batch: {error}")
+        if self.reply[0] == "error":
+            raise ModelError(f"the model process could not run a batch: {self.reply[1]}")
+        _, probs, rerun = self.reply
         return probs, rerun
 
 
-class ProgressMessages:
-    """The progress bar's `advance`, forwarded to the server (which owns the bar)."""
-
-    def __init__(self, index: int, requests):
-        self.index, self.requests = index, requests
-
-    def advance(self, docs: int, tokens: int) -> None:
-        self.requests.put(("progress", self.index, docs, tokens))
-
-
-def work(index: int, annotator: Annotator, options: Options, schema, rank: int, units, requests, replies) -> None:
-    """A worker process: annotate units from `units` until its end mark, then report."""
+def work(annotator: Annotator, options: Options, schema, rank: int, requests: Connection, replies) -> None:
+    """A worker process: annotate the units the model process gives it, then report."""
     from nerbatch.annotate import annotate_unit, record_failure
 
     startup.begin()  # this process's collector as in the console command's (`nerbatch.startup`)
     startup.end()
-    annotator.server = ServerClient(index, requests, replies)
+    client = annotator.server = ServerClient(requests, replies)
     out = RunDir(locate(options.output))
-    progress = ProgressMessages(index, requests)
     tally, failed = Tally(), []
     with startup.collections_per_chunk() as collect:
-        while (unit := units.get()) is not None:
-            requests.put(("unit", index, unit))
+        while (unit := client.next_unit()) is not None:
             try:
-                tally.add(annotate_unit(unit, annotator, options, out, schema, rank, progress, collect))
+                tally.add(annotate_unit(unit, annotator, options, out, schema, rank, client, collect))
             except Exception as exc:  # one corrupt file must not stop the other units
                 failed.append(record_failure(out, unit, exc))
-    requests.put(("done", index, vars(tally), failed))
+    client.report(tally, failed)

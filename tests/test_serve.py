@@ -8,11 +8,15 @@ see tests/test_annotate_launch.py).
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import pickle
 import queue
 import signal
+import struct
 import subprocess
 import sys
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -137,24 +141,57 @@ def test_a_killed_worker_costs_its_unit_and_a_rerun_completes(tiny_model_dir, co
     assert rows(out) == rows(in_process)
 
 
+class Sent(list):
+    """A stand-in for a worker's requests pipe: what was sent, in order."""
+
+    def send(self, message: tuple) -> None:
+        self.append(message)
+
+
 def test_replies_are_matched_to_batches_in_order_and_errors_raise(tiny_model_dir):
-    """A worker's replies come in the order its batches went; one nobody waits for (its unit failed)
-    is read and dropped; a reply that says the model process failed raises `ModelError`."""
-    requests, replies = queue.Queue(), queue.Queue()
-    client = ServerClient(0, requests, replies)
+    """A worker's replies come in the order its batches went; a reply that says the model process
+    failed raises `ModelError`; asking for the next unit first reads the replies of batches nobody
+    waits for any more (their unit failed half way)."""
+    requests, replies = Sent(), queue.Queue()
+    client = ServerClient(requests, replies)
     batches = [client.submit(np.zeros((1, 4), np.int64), np.ones((1, 4), np.int64)) for _ in range(3)]
-    assert [requests.get()[:2] for _ in range(3)] == [("batch", 0)] * 3
+    assert [m[0] for m in requests] == ["batch"] * 3
     for k in range(2):
-        replies.put((np.full((1, 4, 2), k, np.float32), k == 1, None))
-    replies.put((None, False, "OutOfMemoryError: CUDA out of memory"))
+        replies.put(("probs", np.full((1, 4, 2), k, np.float32), k == 1))
+    replies.put(("error", "OutOfMemoryError: CUDA out of memory"))
     probs, rerun = batches[1].result()  # batch 0's reply is taken on the way
     assert probs[0, 0, 0] == 1 and rerun
     assert batches[0].result()[0][0, 0, 0] == 0
     with pytest.raises(ModelError, match="out of memory"):
         batches[2].result()
 
+    abandoned = client.submit(np.zeros((1, 4), np.int64), np.ones((1, 4), np.int64))
+    replies.put(("probs", np.zeros((1, 4, 2), np.float32), False))
+    replies.put(("unit", "the next unit"))
+    assert client.next_unit() == "the next unit" and requests[-1] == ("next",)
+    assert abandoned.reply[0] == "probs" and not client.waiting
+
     model = AutoModelForTokenClassification.from_pretrained(tiny_model_dir)
     copy = pickle.loads(pickle.dumps(Annotator(model, AutoTokenizer.from_pretrained(tiny_model_dir))))
     assert copy.model is None and copy.encode(["Peter lives in Berlin."])[0].n_tokens > 0
     with pytest.raises(ModelError, match="without its model"):
         copy.run_batch(torch.zeros((1, 4), dtype=torch.long), torch.ones((1, 4), dtype=torch.long))
+
+
+def test_a_worker_cut_off_half_way_through_a_message_is_gone_and_the_others_finish():
+    """Each worker has a pipe of its own: one killed while sending (its pipe ends inside a message)
+    is recorded as gone, and the model process goes on serving the others to the end."""
+    from nerbatch.rundir import Tally
+    from nerbatch.serve import Worker, serve
+
+    cut_reader, cut_writer = multiprocessing.Pipe(duplex=False)
+    os.write(cut_writer.fileno(), struct.pack("!i", 1_000_000) + b"the first bytes of a batch")
+    cut_writer.close()
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    writer.send(("next",))
+    writer.send(("done", vars(Tally(rows=3)), []))
+    writer.close()
+    cut, whole = Worker(None, cut_reader, queue.Queue()), Worker(None, reader, queue.Queue())
+    assert serve(None, [cut, whole], deque(["unit 0"]), bar=None) == 0
+    assert cut.gone and not whole.gone and whole.report[0]["rows"] == 3
+    assert whole.replies.get_nowait() == ("unit", "unit 0") and whole.unit == "unit 0"
