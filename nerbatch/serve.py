@@ -1,11 +1,11 @@
 """`annotate --workers N`: this process only runs the model; N worker processes do the rest.
 
 What an annotate process does besides the forward pass (reading, tokenizing, planning windows,
-decoding spans, writing Parquet) runs under one GIL: on a GPU it kept one process at about a third
-of the forward-only ceiling (README, GPU). Several processes sharing a GPU each hold a CUDA context,
+decoding spans, writing Parquet) runs under one GIL: on an H100 it kept one process at 36-41% of
+the forward-only ceiling (README, GPU). Several processes sharing a GPU each hold a CUDA context,
 and contexts take turns on the GPU. Here the rank's process keeps the one context and serves forward
 passes; each worker annotates units exactly as `nerbatch.annotate.annotate_unit` does in process,
-except that a padded batch goes to this process over a queue and its probabilities come back. Each
+except that a padded batch goes to this process over a pipe and its probabilities come back. Each
 worker batches one chunk at a time, as in process, so the output is the same.
 
 Workers are spawned (a process that has initialised CUDA cannot fork) with a copy of the
@@ -54,7 +54,7 @@ class Worker:
     requests: Connection  # the read end of its requests pipe
     replies: multiprocessing.queues.Queue
     unit: Unit | None = None  # the unit it was last given
-    report: tuple[dict, list] | None = None  # its tally and failures, once it has finished
+    report: tuple[dict, list, float | None] | None = None  # its tally, failures and peak RSS (MiB), once done
     gone: bool = False  # its pipe closed without a report: killed, crashed
 
 
@@ -86,10 +86,14 @@ def annotate_with_workers(
             worker.process.join()
     # how busy serving kept this process: near 1 CPU second a second, the workers wait for it
     wall = time.perf_counter() - began
-    stats = {"workers": len(workers), "batches": batches, "wall_seconds": wall}
-    (out.meta / "stats" / f"server-rank-{rank:05d}.json").write_json(
-        {**stats, "cpu_seconds": time.process_time() - cpu}
-    )
+    stats = {
+        "workers": len(workers),
+        "batches": batches,
+        "wall_seconds": wall,
+        "cpu_seconds": time.process_time() - cpu,
+    }
+    peaks = {"peak_rss_mb": peak_rss_mb(), "worker_peak_rss_mb": [w.report[2] if w.report else None for w in workers]}
+    (out.meta / "stats" / f"server-rank-{rank:05d}.json").write_json(stats | peaks)
     tally, failed = account(todo, workers, out)
     tally.seconds = wall  # the units ran side by side: their own durations add up to more
     return tally, failed
@@ -203,7 +207,7 @@ class ServerClient:
         self.requests.send(("progress", docs, tokens))
 
     def report(self, tally: Tally, failed: list[tuple[Unit, str]]) -> None:
-        self.requests.send(("done", vars(tally), failed))
+        self.requests.send(("done", vars(tally), failed, peak_rss_mb()))
 
     def receive(self, batch: RemoteBatch) -> None:
         """Read replies until `batch` has its own; they come in the order the batches were sent."""
@@ -217,6 +221,16 @@ class ServerClient:
             except queue.Empty:
                 if os.getppid() != self.parent:
                     raise SystemExit("nerbatch worker: the annotate process serving the model is gone") from None
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory in MiB (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
 class RemoteBatch:
