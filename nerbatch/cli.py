@@ -139,7 +139,7 @@ def evaluate_cmd(
     space, sentences by a newline), annotated exactly as `nerbatch annotate` would, and each gold word
     takes the label of the first predicted span that overlaps it.
     """
-    from nerbatch.dist import describe, process_state
+    from nerbatch.dist import describe, process_state, shut_down
     from nerbatch.evaluation import evaluate_dir
 
     annotate_options = {
@@ -165,6 +165,7 @@ def evaluate_cmd(
         click.echo(f"{model_dir} on {data}, {level}, evaluated on {describe(state.num_processes)}:")
         print_table(metrics)
         click.echo(json.dumps(metrics, sort_keys=True))
+    shut_down()
 
 
 def print_table(metrics: dict) -> None:
@@ -342,7 +343,7 @@ def annotate_cmd(model_dir, inputs, output, no_progress, keep_columns, **options
     units are skipped, unfinished ones redone.
     """
     from nerbatch.annotate import annotate_units
-    from nerbatch.dist import barrier, process_state, shares_gpus
+    from nerbatch.dist import barrier, process_state, shares_gpus, shut_down
 
     # Two processes both believing they are rank 0 would collide: checked here. The job's one
     # collective is a barrier: processes sharing a GPU form a gloo group (NCCL refuses two ranks on
@@ -354,13 +355,16 @@ def annotate_cmd(model_dir, inputs, output, no_progress, keep_columns, **options
     run = Options(
         model=model_dir, inputs=list(inputs), output=output, progress=not no_progress, keep_columns=kept, **options
     )
-    tally = annotate_units(
-        run,
-        state.process_index,
-        state.num_processes,
-        lambda: barrier(state),
-        None if state.device.type == "cpu" else str(state.device),
-    )
+    try:
+        tally = annotate_units(
+            run,
+            state.process_index,
+            state.num_processes,
+            lambda: barrier(state),
+            None if state.device.type == "cpu" else str(state.device),
+        )
+    finally:
+        shut_down()
     if tally.rows:
         click.echo(
             f"rank {state.process_index}: {tally.rows} rows ({tally.flagged} flagged), {tally.tokens} tokens, "

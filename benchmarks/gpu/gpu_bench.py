@@ -161,6 +161,13 @@ ANNOTATE_RUNS = {
     "like_pipeline_2workers": ([*LIKE_PIPELINE, "--workers", "2"], {}),
     "like_pipeline_4workers": ([*LIKE_PIPELINE, "--workers", "4"], {}),
     "like_pipeline_8workers": ([*LIKE_PIPELINE, "--workers", "8"], {}),
+    # a worker batches one chunk (--read-rows, 512 rows) at a time, so every chunk ends with a
+    # part-filled batch; 2,048 rows make fewer of them (defined for a `--set` rerun)
+    "like_pipeline_chunks2048_8workers": ([*LIKE_PIPELINE, "--read-rows", "2048", "--workers", "8"], {}),
+    "like_pipeline_serial_tokenizer_8workers": (
+        [*LIKE_PIPELINE, "--workers", "8"],
+        {"TOKENIZERS_PARALLELISM": "false"},
+    ),
     "big_batches": ([*LIKE_PIPELINE, "--batch-size", "512"], {}),
     "serial_tokenizer": (LIKE_PIPELINE, {"TOKENIZERS_PARALLELISM": "false"}),
     "bf16": ([*LIKE_PIPELINE, "--precision", "bf16"], {}),
