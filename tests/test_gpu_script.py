@@ -160,6 +160,11 @@ def test_the_steady_window_counts_only_the_time_every_rank_was_past_its_first_un
     # one rank's worker processes (`--workers`) count as processes of their own
     workers = [{**m, "rank": 0, "pid": 100 + m["rank"]} for m in markers]
     assert steady_rate(workers) == steady
+    # a worker that started late and did one unit (12-20): the window is the others' [10, 18], where
+    # it ran 6 of its 8 seconds
+    late = [{**m, "pid": 100} for m in markers[:3]] + [marker(0, 20, 8, 800, pid=101)]
+    steady = steady_rate(late)
+    assert steady["seconds"] == 8 and steady["subwords"] == 800 + 600 and "single unit" in steady["note"]
 
 
 def test_set_overrides_a_size_and_refuses_what_it_cannot_mean():

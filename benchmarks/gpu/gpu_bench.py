@@ -750,20 +750,41 @@ def steady_rate(markers: list[dict]) -> dict:
     """Throughput while every process (rank, or a rank's worker: the markers' `rank` and `pid`) is
     past its first unit and none has finished: from the last process's first unit done to the first
     process's last unit done. Each later unit counts for the share of its run inside that window (a
-    unit's run: its `seconds` before its `at`). With one process, this is the units after the first."""
-    ranks = {}
+    unit's run: its `seconds` before its `at`). With one process, this is the units after the first.
+
+    Workers take units as they come, so one that started late may do a single unit: the window is
+    then taken over the processes that did several, and the single units count for their share of
+    it too (`note` says so)."""
+    processes = {}
     for marker in sorted(markers, key=lambda m: m["at"]):
-        ranks.setdefault((marker["rank"], marker.get("pid")), []).append(marker)
-    start, end = max(done[0]["at"] for done in ranks.values()), min(done[-1]["at"] for done in ranks.values())
-    if end <= start:  # a process started so late that another had finished: no window where all ran
-        return {"error": f"no moment when every process was past its first unit ({start - end:.1f} s apart)"}
+        processes.setdefault((marker["rank"], marker.get("pid")), []).append(marker)
+    window = steady_window(processes.values())
+    counted = [done[1:] for done in processes.values()]
+    note = {}
+    if window is None:
+        several = [done for done in processes.values() if len(done) > 1]
+        window = steady_window(several) if len(several) < len(processes) else None
+        if window is None:
+            return {"error": "no moment when every process was past its first unit"}
+        counted = [done[1:] if len(done) > 1 else done for done in processes.values()]
+        note = {"note": f"{len(processes) - len(several)} process(es) did a single unit: window over the others"}
+    start, end = window
     docs = subwords = 0.0
-    for done in ranks.values():
-        for unit in done[1:]:
-            inside = min(unit["at"], end) - max(unit["at"] - unit["seconds"], start)
-            share = max(inside, 0.0) / unit["seconds"] if unit["seconds"] > 0 else float(start <= unit["at"] <= end)
-            docs, subwords = docs + share * unit["docs"], subwords + share * unit["tokens"]
-    return rate(round(docs), round(subwords), end - start)
+    for unit in (unit for units in counted for unit in units):
+        inside = min(unit["at"], end) - max(unit["at"] - unit["seconds"], start)
+        share = max(inside, 0.0) / unit["seconds"] if unit["seconds"] > 0 else float(start <= unit["at"] <= end)
+        docs, subwords = docs + share * unit["docs"], subwords + share * unit["tokens"]
+    return rate(round(docs), round(subwords), end - start) | note
+
+
+def steady_window(processes) -> tuple[float, float] | None:
+    """(last first unit done, first last unit done) over `processes` (each its markers in time
+    order), or None when one finished before another was past its first unit."""
+    processes = list(processes)
+    if not processes:
+        return None
+    start, end = max(done[0]["at"] for done in processes), min(done[-1]["at"] for done in processes)
+    return (start, end) if end > start else None
 
 
 def free_port() -> int:
@@ -832,7 +853,9 @@ def annotation_ratios(entry: dict) -> dict:
     on different numbers of the same documents). The pipeline and the ceiling are timed warm, so the
     main ratios use annotate's steady state; the others are there for the record."""
     runs = {
-        run: found for run, found in entry["annotate"].items() if run.startswith("like_pipeline") and "steady" in found
+        run: found
+        for run, found in entry["annotate"].items()
+        if run.startswith("like_pipeline") and "subwords_per_s" in found.get("steady", {})
     }
     best = max(runs, key=lambda run: runs[run]["steady"]["subwords_per_s"])
     ours, alone = runs[best], runs["like_pipeline"]
