@@ -81,8 +81,15 @@ def time_process(source: Path, encoder: Path, corpus: Path, output: Path, option
     return {
         "docs": stats["docs"],
         **({"server_cpu_us_per_doc": 1e6 * served[0]["cpu_seconds"] / stats["docs"]} if served else {}),
-        "steady_docs_per_s": sum(u["docs"] for u in later) / steady,
-        "steady_us_per_doc": 1e6 * steady / sum(u["docs"] for u in later),
+        # with workers the units overlap: their durations say nothing about the rate
+        **(
+            {}
+            if served
+            else {
+                "steady_docs_per_s": sum(u["docs"] for u in later) / steady,
+                "steady_us_per_doc": 1e6 * steady / sum(u["docs"] for u in later),
+            }
+        ),
         "work_docs_per_s": stats["docs"] / work,
         "work_us_per_doc": 1e6 * work / stats["docs"],
         "process_seconds": process,
@@ -105,7 +112,7 @@ def main() -> None:
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
 
-    options = [] if args.defaults else LIKE_PIPELINE
+    options = [*([] if args.defaults else LIKE_PIPELINE)]
     options += ["--batch-size", "1024", "--max-batch-tokens", "32768"] if args.gpu_batches else []
     variants = {"this": (HERE.parent, options)}
     if args.other:

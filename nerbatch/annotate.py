@@ -111,15 +111,15 @@ def annotate_all(
                 try:
                     tally.add(annotate_unit(unit, annotator, options, out, schema, rank, bar, collect))
                 except Exception as exc:  # one corrupt file must not stop the other units
-                    failed.append(record_failure(out, unit, exc))
+                    failed.append(record_failure(out, unit, f"{type(exc).__name__}: {exc}"))
         return tally, failed
     finally:
         bar.close()
 
 
-def record_failure(out: RunDir, unit: Unit, exc: Exception) -> tuple[Unit, str]:
-    """Record that `unit` raised `exc` (a rerun redoes it) and say so on stderr."""
-    message = f"{unit.describe()}: {type(exc).__name__}: {exc}"
+def record_failure(out: RunDir, unit: Unit, error: str) -> tuple[Unit, str]:
+    """Record that `unit` failed with `error` (a rerun redoes it) and say so on stderr."""
+    message = f"{unit.describe()}: {error}"
     out.mark_failed(unit, message)
     print(f"nerbatch annotate: unit {unit.name} failed: {message}", file=sys.stderr)
     return unit, message

@@ -149,23 +149,25 @@ def evaluate_cmd(
         "segment": segment,
         "precision": precision,
     }
-    metrics = evaluate_dir(
-        model_dir,
-        data,
-        split,
-        batch_size,
-        max_length,
-        documents=documents,
-        document_column=document_column,
-        annotate_options=annotate_options,
-    )
-    state = process_state()
-    if state.is_main_process:
-        level = "document level (annotate)" if documents else "sentence level"
-        click.echo(f"{model_dir} on {data}, {level}, evaluated on {describe(state.num_processes)}:")
-        print_table(metrics)
-        click.echo(json.dumps(metrics, sort_keys=True))
-    shut_down()
+    try:
+        metrics = evaluate_dir(
+            model_dir,
+            data,
+            split,
+            batch_size,
+            max_length,
+            documents=documents,
+            document_column=document_column,
+            annotate_options=annotate_options,
+        )
+        state = process_state()
+        if state.is_main_process:
+            level = "document level (annotate)" if documents else "sentence level"
+            click.echo(f"{model_dir} on {data}, {level}, evaluated on {describe(state.num_processes)}:")
+            print_table(metrics)
+            click.echo(json.dumps(metrics, sort_keys=True))
+    finally:
+        shut_down()
 
 
 def print_table(metrics: dict) -> None:
@@ -296,8 +298,8 @@ def predict_cmd(model_dir, text, aggregation, segment, max_length, precision):
     default=Options.workers,
     show_default=True,
     help="Worker processes that read, tokenize, decode and write while this process only runs the model "
-    "(0: all in this process). For a GPU: one process per GPU, each with workers, instead of several "
-    "processes sharing it.",
+    "(0: all in this process). Meant for GPUs, as an alternative to several processes sharing one; not yet "
+    "measured there.",
 )
 @click.option(
     "--read-rows", type=int, default=Options.read_rows, show_default=True, help="Rows read and tokenized at a time."

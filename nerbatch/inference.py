@@ -69,6 +69,10 @@ class InFlight:
 class Pending(Protocol):
     """One batch's probabilities on their way (a GPU's copy back, a model process's reply)."""
 
+    def ready(self) -> bool:
+        """Whether `result` would return without waiting."""
+        ...
+
     def result(self) -> tuple[np.ndarray, bool]:
         """Wait for the probabilities (windows x width x labels); the flag says the batch overflowed
         in reduced precision and was run again in fp32."""
@@ -85,6 +89,10 @@ class LocalBatch:
     mask: torch.Tensor
     probs: torch.Tensor
     copied: torch.cuda.Event | None
+
+    def ready(self) -> bool:
+        """Whether `result` would return without waiting for the GPU."""
+        return self.copied is None or self.copied.query()
 
     def result(self) -> tuple[np.ndarray, bool]:
         """The probabilities; a batch that is not all finite (an fp16 overflow) is run again in fp32

@@ -23,10 +23,11 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
+import signal
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 
 import numpy as np
@@ -44,6 +45,7 @@ from nerbatch.storage import locate
 # through the queued ones while this process reads the next request and replies.
 IN_FLIGHT = 3
 POLL_SECONDS = 1.0  # how often a worker waiting for a reply checks that this process is still there
+WAIT_SECONDS = 0.001  # how long this process waits for a request while the GPU finishes the oldest batch
 
 
 @dataclass
@@ -54,8 +56,11 @@ class Worker:
     requests: Connection  # the read end of its requests pipe
     replies: multiprocessing.queues.Queue
     unit: Unit | None = None  # the unit it was last given
-    report: tuple[dict, list, float | None] | None = None  # its tally, failures and peak RSS (MiB), once done
-    gone: bool = False  # its pipe closed without a report: killed, crashed
+    tally: Tally = field(default_factory=Tally)  # of the units it settled, as each settles
+    failed: list[tuple[Unit, str]] = field(default_factory=list)
+    finished: bool = False  # it said it has no more work (then exits)
+    peak_rss_mb: float | None = None
+    gone: bool = False  # its pipe closed before it finished: killed, crashed
 
 
 def annotate_with_workers(
@@ -80,10 +85,15 @@ def annotate_with_workers(
             writer.close()  # the worker holds the only write end: its exit is our end of file
         batches = serve(annotator, workers, deque(todo), bar)
     finally:
-        for worker in workers:  # after an error here (Ctrl-C, SIGTERM): the workers must not outlive us
-            if worker.process.is_alive():
+        for worker, writer in zip(workers, ends):
+            writer.close()  # (those of workers that never started)
+            if worker.process.pid is None:
+                continue
+            if worker.process.is_alive():  # after an error here (Ctrl-C, SIGTERM): they must not outlive us
                 worker.process.terminate()
             worker.process.join()
+            worker.requests.close()
+            worker.replies.close()
     # how busy serving kept this process: near 1 CPU second a second, the workers wait for it
     wall = time.perf_counter() - began
     stats = {
@@ -92,7 +102,7 @@ def annotate_with_workers(
         "wall_seconds": wall,
         "cpu_seconds": time.process_time() - cpu,
     }
-    peaks = {"peak_rss_mb": peak_rss_mb(), "worker_peak_rss_mb": [w.report[2] if w.report else None for w in workers]}
+    peaks = {"pid": os.getpid(), "peak_rss_mb": peak_rss_mb(), "worker_peak_rss_mb": [w.peak_rss_mb for w in workers]}
     (out.meta / "stats" / f"server-rank-{rank:05d}.json").write_json(stats | peaks)
     tally, failed = account(todo, workers, out)
     tally.seconds = wall  # the units ran side by side: their own durations add up to more
@@ -106,23 +116,24 @@ def serve(annotator: Annotator, workers: list[Worker], units: deque[Unit], bar) 
     listening = {worker.requests: worker for worker in workers}
     batches = 0
     while listening:
-        # with batches on the GPU, reply as soon as nothing else is asked for
-        ready = wait(list(listening), timeout=0 if launched else None)
+        # with batches on the GPU, reply as soon as the oldest is back and nothing else is asked for
+        ready = wait(list(listening), timeout=(0 if finished(launched[0][1]) else WAIT_SECONDS) if launched else None)
         if not ready:
-            reply(*launched.popleft())
+            if launched and finished(launched[0][1]):
+                reply(*launched.popleft())
             continue
         for connection in ready:
             worker = listening[connection]
             try:
                 message = connection.recv()
-            except (EOFError, OSError):  # exited: after its report, or killed (maybe half way through a message)
+            except (EOFError, OSError):  # exited: after its last word, or killed (maybe half way through a message)
                 del listening[connection]
-                worker.gone = worker.report is None
+                worker.gone = not worker.finished
                 continue
             kind = message[0]
             if kind == "batch":
                 batches += 1
-                launched.append((worker, launch(annotator, *message[1:])))
+                launched.append((worker, start_batch(annotator, *message[1:])))
                 if len(launched) > IN_FLIGHT:
                     reply(*launched.popleft())
             elif kind == "next":  # it has every reply it asked for: this one can go at once
@@ -130,12 +141,24 @@ def serve(annotator: Annotator, workers: list[Worker], units: deque[Unit], bar) 
                 worker.replies.put(("unit", worker.unit))
             elif kind == "progress":
                 bar.advance(*message[1:])
-            elif kind == "done":
-                worker.report = message[1:]
+            elif kind == "settled":  # a unit done (its tally) or failed (its unit and error)
+                _, tally, failure = message
+                if tally is not None:
+                    worker.tally.add(Tally(**tally))
+                else:
+                    worker.failed.append(failure)
+            elif kind == "finished":
+                worker.finished, worker.peak_rss_mb = True, message[1]
     return batches
 
 
-def launch(annotator: Annotator, ids: np.ndarray, mask: np.ndarray) -> tuple | Pending:
+def finished(launched: tuple | Pending) -> bool:
+    """Whether a launched batch's reply can go without waiting (an error reply, or a batch whose
+    results are back)."""
+    return isinstance(launched, tuple) or launched.ready()
+
+
+def start_batch(annotator: Annotator, ids: np.ndarray, mask: np.ndarray) -> tuple | Pending:
     """Start one batch; a failure becomes the reply, and the worker's unit then fails alone."""
     try:
         return annotator.run_batch(torch.from_numpy(ids), torch.from_numpy(mask))
@@ -157,12 +180,14 @@ def reply(worker: Worker, launched: tuple | Pending) -> None:
 def account(todo: list[Unit], workers: list[Worker], out: RunDir) -> tuple[Tally, list[tuple[Unit, str]]]:
     """The workers' tallies and failures, plus the units that a dead worker left unfinished or that
     no worker took (every one of them died), recorded as failed so that a rerun redoes them."""
+    from nerbatch.annotate import record_failure
+
     tally, failed = Tally(), []
     for worker in workers:
-        if worker.report:
-            tally.add(Tally(**worker.report[0]))
-            failed += worker.report[1]
+        tally.add(worker.tally)
+        failed += worker.failed
     settled = {u.index for u, _ in failed}
+    (out.meta / "done").refresh()  # markers the workers wrote: an object store's cached listing lacks them
     for unit in todo:
         if unit.index in settled or out.is_done(unit):
             continue
@@ -172,10 +197,7 @@ def account(todo: list[Unit], workers: list[Worker], out: RunDir) -> tuple[Tally
             if died
             else "every worker exited before taking it"
         )
-        message = f"{unit.describe()}: not annotated: {why}; rerun the same command"
-        out.mark_failed(unit, message)
-        failed.append((unit, message))
-        print(f"nerbatch annotate: unit {unit.name} failed: {message}", file=sys.stderr)
+        failed.append(record_failure(out, unit, f"not annotated: {why}; rerun the same command"))
     return tally, failed
 
 
@@ -206,8 +228,14 @@ class ServerClient:
         """The progress bar's `advance`, forwarded (the model process owns the bar)."""
         self.requests.send(("progress", docs, tokens))
 
-    def report(self, tally: Tally, failed: list[tuple[Unit, str]]) -> None:
-        self.requests.send(("done", vars(tally), failed, peak_rss_mb()))
+    def settled(self, tally: Tally | None, failure: tuple[Unit, str] | None) -> None:
+        """Say that a unit is done (its tally) or failed (the unit and its error), as it happens:
+        what a worker did is known even if it dies later."""
+        self.requests.send(("settled", vars(tally) if tally else None, failure))
+
+    def finish(self) -> None:
+        """No more work: say so, with this process's peak memory."""
+        self.requests.send(("finished", peak_rss_mb()))
 
     def receive(self, batch: RemoteBatch) -> None:
         """Read replies until `batch` has its own; they come in the order the batches were sent."""
@@ -223,22 +251,15 @@ class ServerClient:
                     raise SystemExit("nerbatch worker: the annotate process serving the model is gone") from None
 
 
-def peak_rss_mb() -> float | None:
-    """This process's peak resident memory in MiB (None where the platform does not say)."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
-
-
 class RemoteBatch:
     """A batch sent to the model process (a worker's `Pending`)."""
 
     def __init__(self, client: ServerClient):
         self.client = client
         self.reply: tuple | None = None
+
+    def ready(self) -> bool:
+        return self.reply is not None
 
     def result(self) -> tuple[np.ndarray, bool]:
         self.client.receive(self)
@@ -249,18 +270,29 @@ class RemoteBatch:
 
 
 def work(annotator: Annotator, options: Options, schema, rank: int, requests: Connection, replies) -> None:
-    """A worker process: annotate the units the model process gives it, then report."""
+    """A worker process: annotate the units the model process gives it, saying how each settled."""
     from nerbatch.annotate import annotate_unit, record_failure
 
+    # Ctrl-C reaches every process of the terminal: the model process stops the workers itself
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     startup.begin()  # this process's collector as in the console command's (`nerbatch.startup`)
     startup.end()
     client = annotator.server = ServerClient(requests, replies)
     out = RunDir(locate(options.output))
-    tally, failed = Tally(), []
     with startup.collections_per_chunk() as collect:
         while (unit := client.next_unit()) is not None:
             try:
-                tally.add(annotate_unit(unit, annotator, options, out, schema, rank, client, collect))
+                client.settled(annotate_unit(unit, annotator, options, out, schema, rank, client, collect), None)
             except Exception as exc:  # one corrupt file must not stop the other units
-                failed.append(record_failure(out, unit, exc))
-    client.report(tally, failed)
+                client.settled(None, record_failure(out, unit, f"{type(exc).__name__}: {exc}"))
+    client.finish()
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory in MiB (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux

@@ -73,6 +73,8 @@ def test_workers_write_the_rows_of_one_process(tiny_model_dir, corpus, in_proces
     assert len(rows(out)) == 180 and sum(r["error"] is None for r in rows(out)) > 120
     served = json.loads((out / "_nerbatch" / "stats" / "server-rank-00000.json").read_text())
     assert served["workers"] == 2 and served["batches"] > 6
+    markers = [json.loads(p.read_text()) for p in (out / "_nerbatch" / "done").glob("*.json")]
+    assert len(markers) == 6 and served["pid"] not in {m["pid"] for m in markers}  # the workers did the units
     stats = json.loads((out / "_nerbatch" / "stats.json").read_text())
     expected = json.loads((in_process / "_nerbatch" / "stats.json").read_text())
     counts = ("rows", "docs", "flagged", "tokens", "windows", "entities", "units")
@@ -103,9 +105,8 @@ def test_a_corrupt_file_fails_its_unit_only_with_workers(tiny_model_dir, corpus,
 
 def worker_pids(parent: int) -> list[int]:
     """The spawned worker processes of `parent` (not multiprocessing's resource tracker)."""
-    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
     found = []
-    for pid in map(int, children):
+    for pid in map(int, Path(f"/proc/{parent}/task/{parent}/children").read_text().split()):
         try:
             if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 found.append(pid)
@@ -114,8 +115,18 @@ def worker_pids(parent: int) -> list[int]:
     return found
 
 
+def writing_a_piece(pid: int) -> bool:
+    """Whether process `pid` has a piece open under the run's temporary folder (half way through a
+    unit: not yet published, so not yet done)."""
+    try:
+        links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+    except (FileNotFoundError, PermissionError):
+        return False
+    return any("/_nerbatch/tmp/" in link for link in links)
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the workers through Linux's /proc")
+@pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(), reason="needs Linux /proc")
 def test_a_killed_worker_costs_its_unit_and_a_rerun_completes(tiny_model_dir, corpus, in_process, tmp_path):
     from test_annotate_launch import wait_for
 
@@ -125,11 +136,9 @@ def test_a_killed_worker_costs_its_unit_and_a_rerun_completes(tiny_model_dir, co
     job = subprocess.Popen(
         argv, env=environment(NERBATCH_TEST_SLOW_BATCH_S="0.2"), stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
-    wait_for(lambda: len(worker_pids(job.pid)) == 2)
-    # both workers are half way through a unit (so the one killed is)
-    wait_for(lambda: len(list((out / "_nerbatch" / "tmp").glob("*.parquet"))) == 2)
-    victim = worker_pids(job.pid)[0]
-    subprocess.run(["kill", "-KILL", str(victim)], check=True)
+    victims = []
+    wait_for(lambda: victims.extend(p for p in worker_pids(job.pid) if writing_a_piece(p)) or victims)
+    subprocess.run(["kill", "-KILL", str(victims[0])], check=True)
     _, stderr = job.communicate(timeout=300)
     assert job.returncode != 0
     assert f"exited with code {-signal.SIGKILL} while annotating it" in stderr.decode()
@@ -189,9 +198,43 @@ def test_a_worker_cut_off_half_way_through_a_message_is_gone_and_the_others_fini
     cut_writer.close()
     reader, writer = multiprocessing.Pipe(duplex=False)
     writer.send(("next",))
-    writer.send(("done", vars(Tally(rows=3)), []))
+    writer.send(("settled", vars(Tally(rows=3)), None))
+    writer.send(("finished", 500.0))
     writer.close()
     cut, whole = Worker(None, cut_reader, queue.Queue()), Worker(None, reader, queue.Queue())
     assert serve(None, [cut, whole], deque(["unit 0"]), bar=None) == 0
-    assert cut.gone and not whole.gone and whole.report[0]["rows"] == 3
+    assert cut.gone and not whole.gone and whole.tally.rows == 3 and whole.peak_rss_mb == 500.0
     assert whole.replies.get_nowait() == ("unit", "unit 0") and whole.unit == "unit 0"
+
+
+class FailingModel:
+    """An annotator stand-in whose model process cannot run a batch (out of memory)."""
+
+    def run_batch(self, ids, mask):
+        raise RuntimeError("CUDA out of memory")
+
+
+def test_a_batch_the_model_process_cannot_run_is_an_error_reply_to_its_worker():
+    """The model process turns the failure into that batch's reply (the worker's unit then fails
+    alone, `RemoteBatch.result` above) and goes on serving."""
+    from nerbatch.serve import Worker, reply, start_batch
+
+    worker = Worker(None, None, queue.Queue())
+    reply(worker, start_batch(FailingModel(), np.zeros((1, 4), np.int64), np.ones((1, 4), np.int64)))
+    assert worker.replies.get_nowait() == ("error", "RuntimeError: CUDA out of memory")
+
+
+def test_a_worker_that_cannot_start_raises_its_own_error(tiny_model_dir, corpus, tmp_path, monkeypatch):
+    """Spawning pickles the annotator: a failure there is the error the command shows (not one from
+    cleaning up processes that never started)."""
+    from nerbatch.annotate import annotate_units
+    from nerbatch.options import Options
+
+    options = Options(model=str(tiny_model_dir), inputs=[str(corpus)], output=str(tmp_path / "out"), workers=2)
+
+    def unpicklable(self):
+        raise TypeError("cannot pickle this annotator")
+
+    monkeypatch.setattr(Annotator, "__getstate__", unpicklable)
+    with pytest.raises(TypeError, match="cannot pickle this annotator"):
+        annotate_units(options)
