@@ -116,3 +116,31 @@ def fine_tune(base: Path, out: Path, steps: int = TUNE_STEPS) -> Path:
     model.eval()
     model.save_pretrained(out)
     return out
+
+
+def good_and_corrupt_inputs(table, directory: Path) -> Path:
+    """`directory`/in with `table` twice: good.parquet, and zcorrupt.parquet whose data pages are
+    zeroed (footer intact, so planning reads it and its unit fails while reading)."""
+    import pyarrow.parquet as pq
+
+    inputs = directory / "in"
+    inputs.mkdir()
+    pq.write_table(table, inputs / "good.parquet")
+    pq.write_table(table, inputs / "zcorrupt.parquet", compression="zstd")
+    data = bytearray((inputs / "zcorrupt.parquet").read_bytes())
+    data[100:2000] = bytes(1900)  # inside the text column's pages, well before the footer
+    (inputs / "zcorrupt.parquet").write_bytes(bytes(data))
+    return inputs
+
+
+def reuters_corpus(directory: Path, start: int) -> Path:
+    """180 Reuters rows from `start` in `directory`: a.parquet in 5 row groups of 30, b.parquet in
+    one (6 units)."""
+    import pyarrow.parquet as pq
+
+    from conftest import REUTERS
+
+    table = pq.read_table(need(REUTERS), columns=["doc_id", "text"]).slice(start, 180)
+    pq.write_table(table.slice(0, 150), directory / "a.parquet", row_group_size=30)
+    pq.write_table(table.slice(150), directory / "b.parquet")
+    return directory

@@ -16,6 +16,7 @@ from nerbatch.cli import main
 from nerbatch.rundir import RunDir
 
 from conftest import REUTERS, need
+from helpers import good_and_corrupt_inputs
 
 README_QUERY = (
     "SELECT e.label, count(*) AS n FROM (SELECT unnest(entities) AS e FROM read_parquet('{out}/*.parquet')) "
@@ -185,14 +186,8 @@ def test_unreadable_parquet_is_an_error_before_any_work(tiny_model_dir, corpus, 
 
 def test_a_corrupt_file_fails_its_unit_only(tiny_model_dir, corpus, tmp_path):
     """Footer fine, data pages garbage: the unit fails loudly, the other units' parts are complete."""
-    inputs = tmp_path / "in"
-    inputs.mkdir()
     table = pq.read_table(corpus / "b.parquet")
-    pq.write_table(table, inputs / "good.parquet")
-    pq.write_table(table, inputs / "zcorrupt.parquet", compression="zstd")
-    data = bytearray((inputs / "zcorrupt.parquet").read_bytes())
-    data[100:2000] = bytes(1900)  # inside the text column's pages, well before the footer
-    (inputs / "zcorrupt.parquet").write_bytes(bytes(data))
+    inputs = good_and_corrupt_inputs(table, tmp_path)
     out = tmp_path / "out"
     result = annotate(tiny_model_dir, inputs, "--output", out, "--id-column", "doc_id")
     assert result.exit_code != 0

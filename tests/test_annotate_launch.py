@@ -19,8 +19,7 @@ import pytest
 
 from nerbatch.dist import launch_command
 
-from conftest import REUTERS, need
-from helpers import environment, free_port
+from helpers import environment, free_port, reuters_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -53,11 +52,7 @@ def rows(out: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """150 Reuters rows in 5 row groups plus a one-group file: 6 units, uneven over 2 ranks."""
-    table = pq.read_table(need(REUTERS), columns=["doc_id", "text"]).slice(1000, 180)
-    directory = tmp_path_factory.mktemp("launch-corpus")
-    pq.write_table(table.slice(0, 150), directory / "a.parquet", row_group_size=30)
-    pq.write_table(table.slice(150), directory / "b.parquet")
-    return directory
+    return reuters_corpus(tmp_path_factory.mktemp("launch-corpus"), 1000)
 
 
 @pytest.fixture(scope="module")

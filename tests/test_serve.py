@@ -32,8 +32,7 @@ from nerbatch.inference import Annotator
 from nerbatch.modeling import ModelError
 from nerbatch.serve import ServerClient
 
-from conftest import REUTERS, need
-from helpers import environment
+from helpers import environment, good_and_corrupt_inputs, reuters_corpus
 
 OPTIONS = ["--max-length", "64", "--read-rows", "8", "--id-column", "doc_id", "--no-progress"]
 
@@ -41,11 +40,7 @@ OPTIONS = ["--max-length", "64", "--read-rows", "8", "--id-column", "doc_id", "-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """180 Reuters rows (some null) in 6 row groups over two files: 6 units."""
-    table = pq.read_table(need(REUTERS), columns=["doc_id", "text"]).slice(2000, 180)
-    directory = tmp_path_factory.mktemp("serve-corpus")
-    pq.write_table(table.slice(0, 150), directory / "a.parquet", row_group_size=30)
-    pq.write_table(table.slice(150), directory / "b.parquet")
-    return directory
+    return reuters_corpus(tmp_path_factory.mktemp("serve-corpus"), 2000)
 
 
 def annotate(model: Path, inputs: Path, out: Path, *extra) -> object:
@@ -84,14 +79,8 @@ def test_workers_write_the_rows_of_one_process(tiny_model_dir, corpus, in_proces
 
 
 def test_a_corrupt_file_fails_its_unit_only_with_workers(tiny_model_dir, corpus, tmp_path):
-    inputs = tmp_path / "in"
-    inputs.mkdir()
     table = pq.read_table(corpus / "b.parquet")
-    pq.write_table(table, inputs / "good.parquet")
-    pq.write_table(table, inputs / "zcorrupt.parquet", compression="zstd")
-    data = bytearray((inputs / "zcorrupt.parquet").read_bytes())
-    data[100:2000] = bytes(1900)  # inside the text column's pages, well before the footer
-    (inputs / "zcorrupt.parquet").write_bytes(bytes(data))
+    inputs = good_and_corrupt_inputs(table, tmp_path)
     out = tmp_path / "out"
     result = annotate(tiny_model_dir, inputs, out, "--workers", 2)
     assert result.exit_code != 0
