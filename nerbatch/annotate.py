@@ -108,13 +108,25 @@ def annotate_all(
         tally, failed = Tally(), []
         with startup.collections_per_chunk() as collect:
             for unit in todo:
-                try:
-                    tally.add(annotate_unit(unit, annotator, options, out, schema, rank, bar, collect))
-                except Exception as exc:  # one corrupt file must not stop the other units
-                    failed.append(record_failure(out, unit, f"{type(exc).__name__}: {exc}"))
+                done, failure = settle_unit(unit, annotator, options, out, schema, rank, bar, collect)
+                if done:
+                    tally.add(done)
+                else:
+                    failed.append(failure)
         return tally, failed
     finally:
         bar.close()
+
+
+def settle_unit(
+    unit: Unit, annotator: Annotator, options: Options, out: RunDir, schema, rank: int, bar, collect
+) -> tuple[Tally | None, tuple[Unit, str] | None]:
+    """`annotate_unit`'s tally, or (when it raised) None and the recorded failure: one corrupt file
+    must not stop the other units."""
+    try:
+        return annotate_unit(unit, annotator, options, out, schema, rank, bar, collect), None
+    except Exception as exc:
+        return None, record_failure(out, unit, f"{type(exc).__name__}: {exc}")
 
 
 def record_failure(out: RunDir, unit: Unit, error: str) -> tuple[Unit, str]:

@@ -69,10 +69,6 @@ class InFlight:
 class Pending(Protocol):
     """One batch's probabilities on their way (a GPU's copy back, a model process's reply)."""
 
-    def ready(self) -> bool:
-        """Whether `result` would return without waiting."""
-        ...
-
     def result(self) -> tuple[np.ndarray, bool]:
         """Wait for the probabilities (windows x width x labels); the flag says the batch overflowed
         in reduced precision and was run again in fp32."""

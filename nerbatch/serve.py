@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from nerbatch import startup
-from nerbatch.inference import Annotator, Pending
+from nerbatch.inference import Annotator, LocalBatch
 from nerbatch.modeling import ModelError
 from nerbatch.options import Options
 from nerbatch.rundir import RunDir, Tally
@@ -112,14 +112,15 @@ def annotate_with_workers(
 def serve(annotator: Annotator, workers: list[Worker], units: deque[Unit], bar) -> int:
     """Answer the workers' requests (batches to run, units to take, progress, their reports) until
     every worker has exited; returns how many batches ran."""
-    launched: deque[tuple[Worker, tuple | Pending]] = deque()
+    launched: deque[tuple[Worker, LocalBatch | FailedBatch]] = deque()
     listening = {worker.requests: worker for worker in workers}
     batches = 0
     while listening:
         # with batches on the GPU, reply as soon as the oldest is back and nothing else is asked for
-        ready = wait(list(listening), timeout=(0 if finished(launched[0][1]) else WAIT_SECONDS) if launched else None)
+        oldest_back = bool(launched) and launched[0][1].ready()
+        ready = wait(list(listening), timeout=None if not launched else 0 if oldest_back else WAIT_SECONDS)
         if not ready:
-            if launched and finished(launched[0][1]):
+            if oldest_back:
                 reply(*launched.popleft())
             continue
         for connection in ready:
@@ -152,25 +153,29 @@ def serve(annotator: Annotator, workers: list[Worker], units: deque[Unit], bar) 
     return batches
 
 
-def finished(launched: tuple | Pending) -> bool:
-    """Whether a launched batch's reply can go without waiting (an error reply, or a batch whose
-    results are back)."""
-    return isinstance(launched, tuple) or launched.ready()
+class FailedBatch:
+    """A batch the model could not even start (e.g. out of GPU memory): its result is the error."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def ready(self) -> bool:
+        return True
+
+    def result(self) -> tuple[np.ndarray, bool]:
+        raise self.error
 
 
-def start_batch(annotator: Annotator, ids: np.ndarray, mask: np.ndarray) -> tuple | Pending:
-    """Start one batch; a failure becomes the reply, and the worker's unit then fails alone."""
+def start_batch(annotator: Annotator, ids: np.ndarray, mask: np.ndarray) -> LocalBatch | FailedBatch:
+    """Start one batch; a failure becomes its reply, and the worker's unit then fails alone."""
     try:
         return annotator.run_batch(torch.from_numpy(ids), torch.from_numpy(mask))
-    except Exception as exc:  # e.g. out of GPU memory
-        return ("error", f"{type(exc).__name__}: {exc}")
+    except Exception as exc:
+        return FailedBatch(exc)
 
 
-def reply(worker: Worker, launched: tuple | Pending) -> None:
+def reply(worker: Worker, launched: LocalBatch | FailedBatch) -> None:
     """Send a batch's probabilities (or why there are none) to the worker that asked."""
-    if isinstance(launched, tuple):
-        worker.replies.put(launched)
-        return
     try:
         worker.replies.put(("probs", *launched.result()))
     except Exception as exc:
@@ -258,9 +263,6 @@ class RemoteBatch:
         self.client = client
         self.reply: tuple | None = None
 
-    def ready(self) -> bool:
-        return self.reply is not None
-
     def result(self) -> tuple[np.ndarray, bool]:
         self.client.receive(self)
         if self.reply[0] == "error":
@@ -271,7 +273,7 @@ class RemoteBatch:
 
 def work(annotator: Annotator, options: Options, schema, rank: int, requests: Connection, replies) -> None:
     """A worker process: annotate the units the model process gives it, saying how each settled."""
-    from nerbatch.annotate import annotate_unit, record_failure
+    from nerbatch.annotate import settle_unit
 
     # Ctrl-C reaches every process of the terminal: the model process stops the workers itself
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -281,10 +283,7 @@ def work(annotator: Annotator, options: Options, schema, rank: int, requests: Co
     out = RunDir(locate(options.output))
     with startup.collections_per_chunk() as collect:
         while (unit := client.next_unit()) is not None:
-            try:
-                client.settled(annotate_unit(unit, annotator, options, out, schema, rank, client, collect), None)
-            except Exception as exc:  # one corrupt file must not stop the other units
-                client.settled(None, record_failure(out, unit, f"{type(exc).__name__}: {exc}"))
+            client.settled(*settle_unit(unit, annotator, options, out, schema, rank, client, collect))
     client.finish()
 
 
