@@ -87,22 +87,31 @@ def main() -> None:
 @click.option("--checkpoint-every", type=int, help="Optimizer steps between mid-epoch checkpoints.")
 @click.option("--report-to", help="An accelerate tracker (tensorboard, wandb, ...).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --output-dir.")
-def train_cmd(config_path, resume, train_data, **options):
+@click.option(
+    "--overwrite", is_flag=True, help="Replace an earlier training run in --output-dir (without it, one is an error)."
+)
+def train_cmd(config_path, resume, overwrite, train_data, **options):
     """Fine-tune a token classifier (run under `accelerate launch` for several processes)."""
     from nerbatch.config import load_config
     from nerbatch.train import train
 
-    train(load_config(config_path, {"train": train_data, **options}), resume=resume)
+    train(load_config(config_path, {"train": train_data, **options}), resume=resume, overwrite=overwrite)
 
 
 @main.command("evaluate")
 @click.argument("model_dir")
 @click.argument("data")
 @click.option("--split", default="validation", show_default=True, help="Split name for hub datasets.")
-@click.option("--batch-size", default=32, show_default=True, help="Sentences per batch (sentence level).")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Sentences per batch (sentence level).",
+)
 @click.option(
     "--max-length",
-    type=int,
+    type=click.IntRange(min=1),
     help="Subwords per input, special tokens included [default: the model's "
     "limit; with --documents, the window the model was trained on, as annotate].",
 )
@@ -190,7 +199,7 @@ def print_table(metrics: dict) -> None:
 @click.option(
     "--segment", type=click.Choice(SEGMENTS), help="As annotate's --segment [default: as the model was trained]."
 )
-@click.option("--max-length", type=int, help="As annotate's --max-length.")
+@click.option("--max-length", type=click.IntRange(min=1), help="As annotate's --max-length.")
 @click.option(
     "--precision",
     type=click.Choice(PRECISIONS),
@@ -260,7 +269,7 @@ def predict_cmd(model_dir, text, aggregation, segment, max_length, precision):
 )
 @click.option(
     "--max-length",
-    type=int,
+    type=click.IntRange(min=1),
     default=Options.max_length,
     help="Subwords per window, special tokens included [default: the window a document-context model was "
     "trained on; 128 for the running-text view of --segment both; else the model's limit].",

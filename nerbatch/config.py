@@ -7,6 +7,7 @@ wrong type are errors (a typo must not silently fall back to a default).
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -70,7 +71,7 @@ def load_config(path: str | Path | None, overrides: dict) -> TrainConfig:
         with open(path, "rb") as f:
             try:
                 values = tomllib.load(f)
-            except tomllib.TOMLDecodeError as exc:
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
                 raise ConfigError(f"{path}: {exc}") from exc
     values.update({k: v for k, v in overrides.items() if v is not None})
     return build_config(values, source=str(path or "command line"))
@@ -110,8 +111,16 @@ def check_ranges(cfg: TrainConfig, source: str) -> None:
     if cfg.context_window < 16 or too_long:
         limit = f" and at most max_length ({cfg.max_length})" if too_long else ""
         raise ConfigError(f"{source}: context_window = {cfg.context_window} must be at least 16{limit}")
-    if not cfg.lr > 0:
-        raise ConfigError(f"{source}: lr = {cfg.lr} must be positive")
+    if not 0 < cfg.lr < math.inf:
+        raise ConfigError(f"{source}: lr = {cfg.lr} must be positive and finite")
+    if not 0 <= cfg.seed < 2**32:  # numpy's seeds
+        raise ConfigError(f"{source}: seed = {cfg.seed} must be between 0 and 2**32 - 1")
+    if cfg.report_to is not None:
+        from accelerate.utils import LoggerType
+
+        trackers = sorted(t.value for t in LoggerType)
+        if cfg.report_to.lower() not in trackers:
+            raise ConfigError(f"{source}: report_to = {cfg.report_to!r} must be one of {', '.join(trackers)}")
     if not 0 <= cfg.warmup_ratio <= 1:
         raise ConfigError(f"{source}: warmup_ratio = {cfg.warmup_ratio} must be between 0 and 1")
 

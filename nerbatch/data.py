@@ -6,6 +6,7 @@ from, so that errors can name a file and line) plus the label names the source d
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,22 +85,31 @@ def load_corpus(
     `-DOCSTART-` rows (tabular and hub data that keep them) or `document_column` (tabular data).
     """
     path = Path(spec)
+    if path.is_dir():
+        raise DataError(f"{spec}: is a directory; pass one CoNLL, Parquet or JSON Lines file")
     if path.exists():
         if path.suffix in TABULAR_SUFFIXES:
-            return read_tabular(path, tokens_column, tags_column, document_column)
-        return read_conll(path)
-    if path.suffix in TABULAR_SUFFIXES | {".txt", ".conll"}:
+            corpus = read_tabular(path, tokens_column, tags_column, document_column)
+        else:
+            corpus = read_conll(path)
+    elif path.suffix in TABULAR_SUFFIXES | {".txt", ".conll"}:
         raise DataError(f"{spec}: no such file")
-    name, _, explicit_split = spec.partition(":")
-    if document_column:
-        raise DataError(f"{spec}: --document-column applies to Parquet/JSON Lines files, not hub datasets")
-    return read_hub(name, explicit_split or split, tokens_column, tags_column)
+    else:
+        name, _, explicit_split = spec.partition(":")
+        if document_column:
+            raise DataError(f"{spec}: --document-column applies to Parquet/JSON Lines files, not hub datasets")
+        corpus = read_hub(name, explicit_split or split, tokens_column, tags_column)
+    if not corpus.sentences:  # found only after a whole epoch otherwise, or as a model with a random head
+        raise DataError(f"{corpus.name}: no sentences (an empty file, or only {DOCSTART} lines)")
+    return corpus
 
 
 def read_conll(path: str | Path) -> Corpus:
     """Read a CoNLL file: `word ... tag` per line (4-column or 2-column), blank line between sentences.
 
-    `-DOCSTART-` lines start a new document. IOB1 tags are converted to IOB2.
+    `-DOCSTART-` lines start a new document. IOB1 tags are converted to IOB2. Every word line has
+    as many columns as the first: a line that lost a column would otherwise read its chunk tag as
+    the entity tag.
     """
     path = Path(path)
     sentences: list[Sentence] = []
@@ -115,24 +125,34 @@ def read_conll(path: str | Path) -> Corpus:
             words.clear()
             tags.clear()
 
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    columns = (0, 0)  # the column count of the first word line, and that line
+    for lineno, line in enumerate(io.StringIO(read_text(path), newline=None), start=1):
+        try:
             fields = split_fields(line)
-            if not fields:
-                flush()
-                continue
-            if fields[0] == DOCSTART:
-                flush()
-                documents += 1
-                if sentences and sentences[-1].document == current:  # an empty document takes no index
-                    current += 1
-                continue
-            if len(fields) < 2:
-                raise DataError(f"{path}:{lineno}: expected 'word ... tag', got {line.rstrip()!r}")
-            if not words:
-                start_line = lineno
-            words.append(fields[0])
-            tags.append(fields[-1])
+        except ValueError as exc:
+            raise DataError(f"{path}:{lineno}: {exc}") from None
+        if not fields:
+            flush()
+            continue
+        if fields[0] == DOCSTART:
+            flush()
+            documents += 1
+            if sentences and sentences[-1].document == current:  # an empty document takes no index
+                current += 1
+            continue
+        if len(fields) < 2:
+            raise DataError(f"{path}:{lineno}: expected 'word ... tag', got {line.rstrip()!r}")
+        if not columns[0]:
+            columns = (len(fields), lineno)
+        elif len(fields) != columns[0]:
+            raise DataError(
+                f"{path}:{lineno}: {len(fields)} columns ({line.rstrip()!r}) where line {columns[1]} has "
+                f"{columns[0]}; every word line needs the same columns, the entity tag last"
+            )
+        if not words:
+            start_line = lineno
+        words.append(fields[0])
+        tags.append(fields[-1])
     flush()
     if not documents:
         for sentence in sentences:
@@ -140,10 +160,34 @@ def read_conll(path: str | Path) -> Corpus:
     return Corpus(sentences, None, documents or 1, str(path), has_documents=bool(documents))
 
 
+def read_text(path: Path) -> str:
+    """The whole file as text: UTF-8, with or without a byte-order mark (a BOM left in would turn
+    the first `-DOCSTART-` into a word); other encodings are an error naming the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(
+            f"{path}:{line}: not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start}); "
+            "convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
 def split_fields(line: str) -> list[str]:
     """The columns of a CoNLL line, split on ASCII spaces and tabs only: `str.split()` would also
-    split a word at a no-break or ideographic space and silently keep only its first part."""
-    return [field for field in line.rstrip("\r\n").replace("\t", " ").split(" ") if field]
+    split a word at a no-break or ideographic space and silently keep only its first part.
+
+    A line with tabs is split on tabs alone; a space inside one of its fields is a `ValueError`
+    (read as a separator, it would move the rest of the word into the tag columns)."""
+    line = line.rstrip("\r\n")
+    if "\t" not in line:
+        return [field for field in line.split(" ") if field]
+    fields = [field.strip(" ") for field in line.split("\t")]
+    spaced = next((field for field in fields if " " in field), None)
+    if spaced is not None:
+        raise ValueError(f"the tab-separated field {spaced!r} holds a space; a CoNLL word cannot contain one")
+    return [field for field in fields if field]
 
 
 def read_tabular(path: Path, tokens_column: str, tags_column: str, document_column: str | None = None) -> Corpus:
@@ -156,12 +200,14 @@ def read_tabular(path: Path, tokens_column: str, tags_column: str, document_colu
 
     label_names = None
     if path.suffix == ".parquet":
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            raise DataError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
         label_names = _classlabel_names(table.schema.metadata, tags_column)
         rows = table.to_pylist()
     else:
-        with open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        rows = read_json_lines(path)
     sentences = []
     document_index: dict = {}
     columns = (tokens_column, tags_column) + ((document_column,) if document_column else ())
@@ -193,6 +239,19 @@ def read_tabular(path: Path, tokens_column: str, tags_column: str, document_colu
         sentences.sort(key=lambda s: s.document)  # stable: row order within each document
         return Corpus(sentences, label_names, len(document_index), str(path), has_documents=True)
     return _split_at_docstart_rows(Corpus(sentences, label_names, 1, str(path)))
+
+
+def read_json_lines(path: Path) -> list:
+    """The rows of a JSON Lines file (blank lines skipped); a bad line is an error naming it."""
+    rows = []
+    # not str.splitlines: JSON strings may hold U+2028 and other characters it splits at
+    for lineno, line in enumerate(io.StringIO(read_text(path), newline=None), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not a JSON value ({exc.msg} at column {exc.colno})") from None
+    return rows
 
 
 def read_hub(name: str, split: str, tokens_column: str, tags_column: str) -> Corpus:
@@ -284,10 +343,14 @@ def build_label_list(corpus: Corpus) -> list[str]:
     """
     if corpus.label_names:
         return list(corpus.label_names)
+    for sentence in corpus.sentences:
+        for offset, tag in enumerate(sentence.tags):
+            if tag != "O" and (tag[:2] not in ("B-", "I-") or len(tag) == 2):
+                raise DataError(
+                    f"{sentence.where(offset)}: tag {tag!r} on word {sentence.words[offset]!r} is neither 'O' "
+                    "nor an entity type prefixed by 'B-' or 'I-' (IOB1 or IOB2)"
+                )
     types = sorted({t[2:] for s in corpus.sentences for t in s.tags if t != "O"})
-    bare = sorted({t for s in corpus.sentences for t in s.tags if t != "O" and t[:2] not in ("B-", "I-")})
-    if bare:
-        raise DataError(f"{corpus.name}: tags {bare[:5]} are neither 'O' nor 'B-'/'I-' prefixed")
     return ["O"] + [f"{p}-{t}" for t in types for p in ("B", "I")]
 
 

@@ -123,6 +123,7 @@ def run_demo(model: str | None, dataset: str | None, output_dir: Path, epochs: i
             "--warmup-ratio",
             "0.1",
             "--group-by-length",
+            "--overwrite",
         ],
     )
     step("evaluate the best epoch", python + ["evaluate", str(model_dir), validation])

@@ -152,7 +152,7 @@ def evaluate_dir(
 
     from nerbatch.data import check_labels, load_corpus
     from nerbatch.dist import make_accelerator
-    from nerbatch.modeling import load_token_classifier, max_model_length
+    from nerbatch.modeling import load_token_classifier, window_length
 
     accelerator = make_accelerator()
     model, tokenizer = load_token_classifier(model_dir)
@@ -172,7 +172,7 @@ def evaluate_dir(
     precision = resolve_precision((annotate_options or {}).get("precision") or "auto", accelerator.device)
     if precision == "int8":
         model = quantize_int8(model, tokenizer, inplace=True)  # loaded here: no copy needed
-    length = max_length or max_model_length(tokenizer, model.config)
+    length = window_length(max_length, tokenizer, model.config)
     encoded, loader = eval_loader(
         tokenizer, corpus.sentences, label2id, length, DataCollatorForTokenClassification(tokenizer), batch_size
     )

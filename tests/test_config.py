@@ -29,6 +29,13 @@ def test_command_line_overrides_file(tmp_path):
     assert (cfg.model, cfg.epochs, cfg.batch_size, cfg.lr) == ("m", 5, 8, 1.0)
 
 
+def test_a_job_file_that_is_not_utf8_is_an_error_naming_it(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_bytes('output_dir = "runs/M\u00fcnchen"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"job\.toml: .*can't decode byte 0xfc"):
+        load_config(job, {})
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
@@ -52,6 +59,10 @@ def test_bad_keys_and_types_are_errors(tmp_path, text, message):
         ({"gradient_accumulation_steps": 0}, "must be at least 1"),
         ({"warmup_ratio": 1.5}, "between 0 and 1"),
         ({"keep_checkpoints": 0}, "keep_checkpoints = 0 must be at least 1"),
+        ({"lr": float("inf")}, "lr = inf must be positive and finite"),
+        ({"seed": -1}, "seed = -1 must be between 0 and 2\\*\\*32 - 1"),
+        ({"seed": 2**32}, "must be between 0 and"),
+        ({"report_to": "bogus"}, "report_to = 'bogus' must be one of .*tensorboard"),
     ],
 )
 def test_values_that_cannot_work_are_errors(override, message):

@@ -115,3 +115,61 @@ def test_out_of_range_tag_id_is_an_error(tmp_path):
     pq.write_table(bad.replace_schema_metadata(table.schema.metadata), tmp_path / "bad.parquet")
     with pytest.raises(DataError, match="row 0: tag id -100 is not one of the 9 labels"):
         load_corpus(str(tmp_path / "bad.parquet"))
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
+    path = tmp_path / "bom.conll"
+    path.write_text("-DOCSTART- -X- -X- O\n\nRome NNP B-NP B-LOC\nwins VBZ B-VP O\n", encoding="utf-8-sig")
+    corpus = read_conll(path)
+    assert corpus.has_documents and corpus.documents == 1
+    assert [s.words for s in corpus.sentences] == [["Rome", "wins"]]
+
+
+def test_unreadable_files_are_errors_naming_the_file_and_line(tmp_path):
+    latin = tmp_path / "latin.conll"
+    latin.write_bytes("Rome B-LOC\n\nZ\u00fcrich B-LOC\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin\.conll:3: not UTF-8 text \(byte 0xfc"):
+        read_conll(latin)
+    with pytest.raises(DataError, match="is a directory"):
+        load_corpus(str(tmp_path))
+    jsonl = tmp_path / "bad.jsonl"
+    jsonl.write_text(json.dumps({"tokens": ["Rome"], "ner_tags": ["B-LOC"]}) + "\n{'tokens': ['Oslo']}\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: not a JSON value"):
+        load_corpus(str(jsonl))
+    fake = tmp_path / "fake.parquet"
+    fake.write_text("tokens,ner_tags\n")
+    with pytest.raises(DataError, match=r"fake\.parquet: not a readable Parquet file"):
+        load_corpus(str(fake))
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "-DOCSTART- -X- -X- O\n\n"])
+def test_a_corpus_without_sentences_is_an_error(tmp_path, text):
+    path = tmp_path / "empty.conll"
+    path.write_text(text)
+    with pytest.raises(DataError, match=r"empty\.conll: no sentences"):
+        load_corpus(str(path))
+
+
+def test_a_line_that_lost_a_column_is_an_error_not_a_new_tag(tmp_path):
+    path = tmp_path / "short.conll"
+    path.write_text("Rome NNP B-NP B-LOC\nwins VBZ B-VP O\n\nlamb NN I-NP\n")
+    # read as `word ... tag`, line 4 would make the chunk tag I-NP an entity type
+    with pytest.raises(DataError, match=r"short\.conll:4: 3 columns \('lamb NN I-NP'\) where line 1 has 4"):
+        read_conll(path)
+
+
+def test_tab_separated_words_keep_no_space(tmp_path):
+    path = tmp_path / "tabs.tsv"
+    path.write_text("He\tO\nvisited\tO \nParis\tB-LOC\n\n")
+    assert read_conll(path).sentences[0].words == ["He", "visited", "Paris"]
+    path.write_text("He\tO\nvisited\tO\nNew York\tB-LOC\n\n")
+    with pytest.raises(DataError, match=r"tabs\.tsv:3: the tab-separated field 'New York' holds a space"):
+        read_conll(path)
+
+
+@pytest.mark.parametrize("tag", ["ORG", "B-", "E-PER"])
+def test_a_training_tag_that_is_not_iob_names_its_line(tmp_path, tag):
+    path = tmp_path / "train.conll"
+    path.write_text(f"Rome B-LOC\nwins O\n\nAcme {tag}\n")
+    with pytest.raises(DataError, match=rf"train\.conll:4: tag '{tag}' on word 'Acme' is neither 'O'"):
+        build_label_list(read_conll(path))

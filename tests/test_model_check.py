@@ -254,3 +254,35 @@ def test_the_console_job_collects_once_per_chunk(monkeypatch):
         gc.callbacks.remove(record)
     assert gc.isenabled()
     assert generations == [1] * (startup.FULL_EVERY - 1) + [2]
+
+
+def test_a_model_without_tokenizer_files_is_refused_by_every_command(tiny_model_dir, docs, tmp_path):
+    """transformers makes a tokenizer of the special tokens alone there: every word would be [UNK]."""
+    model = tmp_path / "no-tokenizer"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model_dir / name, model / name)
+    for args, out in every_command(model, docs, tmp_path):
+        message = refused(args, out)
+        assert str(model) in message and "no tokenizer files" in message
+
+
+def test_a_truncated_weights_file_is_refused_by_every_command(tiny_model_dir, docs, tmp_path):
+    model = tmp_path / "truncated"
+    shutil.copytree(tiny_model_dir, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    for args, out in every_command(model, docs, tmp_path):
+        assert f"{model}: could not load its weights" in refused(args, out)
+
+
+def test_a_missing_model_path_is_not_taken_for_a_hub_id(docs, tmp_path):
+    for model in (str(tmp_path / "nowhere"), "./nowhere", "../nowhere"):
+        assert refused(["predict", model, "Angela Merkel"]) == f"Error: {model}: no such model directory"
+
+
+def test_a_window_longer_than_the_model_takes_is_refused(tiny_model_dir, docs, tmp_path):
+    """The tiny model has 128 positions: a longer --max-length would fail on the first long input."""
+    for args, out in every_command(tiny_model_dir, docs, tmp_path):
+        message = refused(args + ["--max-length", "200"], out)
+        assert "max length 200 is more than the 128 subwords this model takes" in message

@@ -263,4 +263,36 @@ def test_unreachable_model_is_a_one_line_error(tmp_path):
         ],
     )
     assert result.exit_code == 1
-    assert "could not load model" in result.output and "no-such-model" in result.output
+    assert f"{tmp_path / 'no-such-model'}: no such model directory" in result.output
+
+
+def test_a_fresh_run_needs_an_empty_output_dir_or_overwrite(tiny_model_dir, tmp_path):
+    """Two runs in one directory would mix their epochs, and --resume could take the other run's checkpoint."""
+    demo = Path(__file__).parents[1] / "nerbatch" / "demo_data"
+    out = tmp_path / "out"
+    (out / "epoch_2").mkdir(parents=True)  # what an earlier two-epoch run leaves
+    (out / "metrics.json").write_text("{}")
+
+    def args(directory: Path, *extra: str) -> list[str]:
+        return train_args(tiny_model_dir, (demo / "train.conll", demo / "valid.conll"), directory, *extra) + [
+            "--epochs",
+            "1",
+            "--max-train-samples",
+            "32",
+            "--max-eval-samples",
+            "16",
+        ]
+
+    refused = CliRunner().invoke(main, args(out))
+    assert refused.exit_code == 1 and f"output_dir {out} is not empty (epoch_2, metrics.json)" in refused.output
+    run(args(out, "--overwrite"))
+    assert sorted(p.name for p in out.glob("epoch_*")) == ["epoch_1"]
+    assert len(json.loads((out / "metrics.json").read_text())["epochs"]) == 1
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("not a training run")
+    refused = CliRunner().invoke(main, args(notes, "--overwrite"))
+    assert refused.exit_code == 1 and "holds files that `nerbatch train` did not write (todo.txt)" in refused.output
+    assert (notes / "todo.txt").exists()
+    refused = CliRunner().invoke(main, args(notes / "todo.txt"))
+    assert refused.exit_code == 1 and "is a file, not a directory" in refused.output
