@@ -311,7 +311,11 @@ def predict_cmd(model_dir, text, aggregation, segment, max_length, precision):
     "measured there.",
 )
 @click.option(
-    "--read-rows", type=int, default=Options.read_rows, show_default=True, help="Rows read and tokenized at a time."
+    "--read-rows",
+    type=click.IntRange(min=1),
+    default=Options.read_rows,
+    show_default=True,
+    help="Rows read and tokenized at a time.",
 )
 @click.option(
     "--keep-columns",
@@ -403,7 +407,7 @@ def stats_cmd(out_dir, as_json):
 
 @main.command("show")
 @click.argument("out_dir")
-@click.option("--sample", default=5, show_default=True, help="Documents to show.")
+@click.option("--sample", type=click.IntRange(min=1), default=5, show_default=True, help="Documents to show.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the sample (same seed, same documents).")
 @click.option(
     "--html",
@@ -416,6 +420,8 @@ def show_cmd(out_dir, sample, seed, html_path):
     from the run's inputs)."""
     from nerbatch.report import render_html, render_terminal, sample_documents
 
+    if html_path and not html_path.parent.is_dir():  # before reading the sample back
+        raise click.BadParameter(f"{html_path.parent} is not a directory", param_hint="--html")
     docs = sample_documents(out_dir, sample, seed)
     if html_path:
         html_path.write_text(render_html(docs, f"nerbatch: {out_dir}"), encoding="utf-8")

@@ -53,8 +53,7 @@ def load_config(name: str):
         return AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as exc:  # no hub access, a typo, a directory without config.json
         raise ModelError(
-            f"could not load model {name!r}: {str(exc).splitlines()[0]} Pass a local model "
-            "directory with --model when offline."
+            f"could not load model {name!r}: {str(exc).splitlines()[0]} Pass a local model directory when offline."
         ) from exc
 
 

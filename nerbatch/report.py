@@ -160,12 +160,24 @@ def output_files(out_dir: str | Path) -> list[Location]:
 
 def written_files(out_dir: str | Path) -> list[Location]:
     """The output files, then the pieces of done units whose output file is not assembled yet
-    (an incomplete run): together, every row written so far, each once."""
-    return output_files(out_dir) + (locate(out_dir) / META / "pieces").find(".parquet")
+    (an incomplete run): together, every row written so far, each once. A piece whose file is
+    already recorded is left out: a crash between recording a file and dropping its pieces leaves
+    such pieces behind (the next run drops them)."""
+    meta = locate(out_dir) / META
+    assembled = {
+        f"unit-{index:06d}.parquet"
+        for marker in (meta / "files").find(".json")
+        for index in marker.read_json()["units"]
+    }
+    return output_files(out_dir) + [p for p in (meta / "pieces").find(".parquet") if p.name not in assembled]
 
 
 def _batches(path: Location, columns: list[str]) -> Iterator[pa.RecordBatch]:
-    yield from open_parquet(path).iter_batches(batch_size=BATCH_ROWS, columns=columns, use_threads=False)
+    source = open_parquet(path)
+    missing = [c for c in columns if c not in source.schema_arrow.names]
+    if missing:  # a file someone put in OUT_DIR: say which, instead of a KeyError
+        raise ReportError(f"{path}: no column {missing[0]!r}; it is not a `nerbatch annotate` output file")
+    yield from source.iter_batches(batch_size=BATCH_ROWS, columns=columns, use_threads=False)
 
 
 # ---------------------------------------------------------------------------------------------- stats
@@ -403,22 +415,28 @@ def _attach_texts_by_row(docs: list[dict], text_column: str) -> None:
 
 
 def _attach_texts_by_id(docs: list[dict], inputs: list[str], id_column: str, text_column: str) -> None:
-    """Scan the inputs' id and text columns for the docs' ids, stopping once all are found.
+    """Scan the inputs' id and text columns for the docs' ids.
 
-    Ids are assumed unique; with duplicates the first row in input order wins (and `_check_text`
-    catches a text that does not fit the entities)."""
-    wanted = {doc["id"][id_column] for doc in docs}
+    An id may name several input rows (ids need not be unique for annotate): each doc takes the
+    first of its id's texts that its entities fit (`_check_text` then catches a text that fits none)."""
+    wanted = {_id_key(doc["id"][id_column], id_column) for doc in docs}
     texts: dict = {}
+
+    def found() -> bool:  # every doc has a text its entities fit: stop reading
+        return all(any(_fits(t, d["entities"]) for t in texts.get(d["id"][id_column], ())) for d in docs)
+
     for source in inputs:
-        if len(texts) == len(wanted):
+        if found():
             break
         _require_input(source)
         id_type = open_parquet(locate(source)).schema_arrow.field(id_column).type
-        value_set = pa.array([value for value in wanted if value not in texts], type=id_type)
+        if pa.types.is_dictionary(id_type):
+            id_type = id_type.value_type
+        value_set = pa.array(list(wanted), type=id_type)
         for batch in _batches(locate(source), [id_column, text_column]):
             for row in batch.filter(pc.is_in(batch.column(id_column), value_set=value_set)).to_pylist():
-                texts.setdefault(row[id_column], row[text_column])
-            if len(texts) == len(wanted):
+                texts.setdefault(row[id_column], []).append(row[text_column])
+            if found():
                 break
     missing = [value for value in wanted if value not in texts]
     if missing:
@@ -427,7 +445,26 @@ def _attach_texts_by_id(docs: list[dict], inputs: list[str], id_column: str, tex
             f"{META}/config.json (changed or moved since the run?)"
         )
     for doc in docs:
-        doc["text"] = texts[doc["id"][id_column]]
+        candidates = texts[doc["id"][id_column]]
+        doc["text"] = next((t for t in candidates if _fits(t, doc["entities"])), candidates[0])
+
+
+def _id_key(value, id_column: str):
+    """`value` as a dictionary key; ids that cannot be looked up (lists, structs, NaN) are an error."""
+    try:
+        hash(value)
+    except TypeError:
+        raise ReportError(
+            f"{id_column} holds {type(value).__name__} values: `show` finds texts by id, so it needs ids "
+            "of a plain type (string, integer, date...); read the output with DuckDB or pyarrow instead"
+        ) from None
+    if value != value:  # NaN: equal to nothing, itself included
+        raise ReportError(f"{id_column} NaN: a NaN id cannot be looked up in the inputs")
+    return value
+
+
+def _fits(text, entities: list[dict]) -> bool:
+    return isinstance(text, str) and all(text[e["start"] : e["end"]] == e["text"] for e in entities)
 
 
 def _require_input(source: str) -> None:
@@ -438,7 +475,7 @@ def _require_input(source: str) -> None:
 def _check_text(doc: dict, out_dir: str | Path) -> None:
     text = doc["text"] if isinstance(doc["text"], str) else ""
     for entity in doc["entities"]:
-        if text[entity["start"] : entity["end"]] != entity["text"]:
+        if not _fits(text, [entity]):
             raise ReportError(
                 f"{out_dir}: the input text of {_heading(doc)} does not match its entity {entity['text']!r} "
                 f"at {entity['start']}-{entity['end']} (the input changed since the run?)"

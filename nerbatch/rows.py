@@ -1,8 +1,8 @@
 """Input rows to model input and back: validating texts, reading a unit in tokenized chunks, and
 building the output columns of a chunk.
 
-No row is ever dropped: a text that cannot be annotated (null, empty, not a string, nothing the
-tokenizer keeps) gets an output row with the reason in `error` and no entities.
+No row is ever dropped: a text that cannot be annotated (null, empty, not a string, not valid UTF-8,
+nothing the tokenizer keeps) gets an output row with the reason in `error` and no entities.
 """
 
 from __future__ import annotations
@@ -34,8 +34,33 @@ class Chunk:
         return [d for d in self.docs if d is not None]
 
 
+@dataclass(frozen=True)
+class Undecodable:
+    """A string cell whose bytes are not UTF-8 (Parquet writers need not check, nor do its readers)."""
+
+    reason: str
+
+
+def text_values(column: pa.Array) -> list:
+    """The cells of a text column as Python values; a string cell that is not valid UTF-8 becomes
+    an `Undecodable` (flagged on its own row) instead of failing the whole unit."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        return [_cell(column, i) for i in range(len(column))]
+
+
+def _cell(column: pa.Array, i: int):
+    try:
+        return column[i].as_py()
+    except UnicodeDecodeError as exc:
+        return Undecodable(f"byte {exc.object[exc.start]:#04x} at byte offset {exc.start}")
+
+
 def text_error(value) -> str | None:
     """Why a text cell cannot be annotated, or None when it can."""
+    if isinstance(value, Undecodable):
+        return f"text is not valid UTF-8 ({value.reason})"
     if value is None:
         return "null text"
     if not isinstance(value, str):
@@ -57,7 +82,7 @@ def read_chunks(
     columns = [text_column] + [c for c in carried if c != text_column]
     row = unit.first_row
     for batch in iter_batches(unit.location, unit.row_group, columns, read_rows):
-        texts = batch.column(text_column).to_pylist()
+        texts = text_values(batch.column(text_column))
         ids = (
             {} if has_id else {"source_file": [unit.path] * len(texts), "row_index": list(range(row, row + len(texts)))}
         )

@@ -157,11 +157,18 @@ class RunDir:
         that nerbatch did not write, because mixing them would silently corrupt the output.
         """
         config_path = self.meta / "config.json"
+        foreign = self._foreign_children()
+        if foreign:
+            raise InputError(
+                f"{self.root} holds files that `nerbatch annotate` did not write ({', '.join(foreign[:4])}"
+                f"{', ...' if len(foreign) > 4 else ''}); choose an empty or new --output directory"
+                + (" (--overwrite only replaces an earlier nerbatch output)" if overwrite else "")
+            )
         if overwrite and self.root.exists():
             self._clear()
         elif config_path.exists():
             previous = config_path.read_json()
-            changed = _differences(previous, config)
+            changed = _differences(previous, as_recorded(config, previous))
             if changed:
                 details = "; ".join(f"{k}: was {_short(was)}, now {_short(now)}" for k, was, now in changed)
                 raise InputError(
@@ -170,15 +177,30 @@ class RunDir:
                     "to delete it and start again"
                 )
             return
-        elif self.root.children():
+        elif self.root.children():  # ours, without a run config: a crash while --overwrite cleared it
             raise InputError(
-                f"{self.root} is not empty and was not written by `nerbatch annotate`; choose an empty "
-                "or new --output directory, or pass --overwrite"
+                f"{self.root} holds part of an output whose run config is gone; pass --overwrite to "
+                "clear it, or choose another --output directory"
             )
         try:
             config_path.write_json(config)
         except Exception as exc:  # no such bucket, no write permission, read-only mount: before any work
             raise one_line(str(self.root), "write the output here", exc) from exc
+
+    def _foreign_children(self) -> list[str]:
+        """Names of what is in OUT_DIR besides output files, partition directories of output files
+        and hidden names. Writing beside other files would mix them into what readers of the
+        directory load, and --overwrite must never delete them."""
+        if not self.root.exists():
+            return []
+        foreign = []
+        for child in self.root.children():
+            if child.name.startswith((".", "_")) or _OUTPUT_FILE.fullmatch(child.name):
+                continue  # hidden names (`_nerbatch/`, `.DS_Store`, `_SUCCESS`) are skipped by every reader
+            if "=" in child.name and child.is_dir() and all(_OUTPUT_FILE.fullmatch(c.name) for c in child.children()):
+                continue
+            foreign.append(child.name)
+        return sorted(foreign)
 
     def _clear(self) -> None:
         """Delete what nerbatch wrote here: output files (partition directories too) and bookkeeping.
@@ -200,7 +222,7 @@ class RunDir:
     def check(self, config: dict) -> None:
         """Fail if OUT_DIR's config is not `config` (non-main ranks, after the main rank prepared it)."""
         previous = (self.meta / "config.json").read_json()
-        if previous != config:
+        if previous != as_recorded(config, previous):
             raise InputError(
                 f"{self.root}: config.json differs from this process's config; were all processes "
                 "started with the same command?"
@@ -233,7 +255,14 @@ def run_config(options, units: list[Unit], annotator) -> dict:
         "labels": annotator.labels,
         "options": recorded,
         "inputs": [[u.path, u.row_group, u.rows] for u in units],
+        "input_footers": {u.path: u.footer for u in units},
     }
+
+
+def as_recorded(config: dict, previous: dict) -> dict:
+    """`config` as an OUT_DIR written by `previous` records it: outputs of 0.3.5 and earlier have no
+    `input_footers`, and resume on the other keys alone, as they did."""
+    return config if "input_footers" in previous else {k: v for k, v in config.items() if k != "input_footers"}
 
 
 def model_fingerprint(model: str) -> str:
@@ -310,9 +339,24 @@ def _differences(previous: dict, config: dict) -> list[tuple[str, object, object
         if key == "options" and isinstance(was, dict) and isinstance(now, dict):
             options = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
             changed += [(f"option {k}", was.get(k), now.get(k)) for k in options]
+        elif key == "inputs" and isinstance(was, list) and isinstance(now, list):
+            changed.append(_first_input_difference(was, now))
+        elif key == "input_footers" and isinstance(was, dict) and isinstance(now, dict):
+            path = next(p for p in sorted(set(was) | set(now)) if was.get(p) != now.get(p))
+            changed.append((f"input {path} (its content: the Parquet footer)", was.get(path), now.get(path)))
         else:
             changed.append((key, was, now))
     return changed
+
+
+def _first_input_difference(was: list, now: list) -> tuple[str, object, object]:
+    """The first unit (file, row group, rows) that differs between two runs' inputs, named."""
+    for index in range(max(len(was), len(now))):
+        before = was[index] if index < len(was) else None
+        after = now[index] if index < len(now) else None
+        if before != after:
+            return f"inputs ({len(was)} units, now {len(now)}; unit {index} is the first to differ)", before, after
+    return "inputs", was, now
 
 
 def _short(value, limit: int = 120) -> str:

@@ -206,6 +206,11 @@ def account(todo: list[Unit], workers: list[Worker], out: RunDir) -> tuple[Tally
     return tally, failed
 
 
+# A worker whose model process died stops with this line: its unit is neither done nor failed, and
+# the rerun that the model process's own failure calls for redoes it.
+GONE = "nerbatch worker: the annotate process serving the model is gone"
+
+
 class ServerClient:
     """A worker's end of the model process: `Annotator.run_batch` sends batches here, and the
     worker asks it for units."""
@@ -216,7 +221,7 @@ class ServerClient:
         self.parent = os.getppid()
 
     def submit(self, ids: np.ndarray, mask: np.ndarray) -> RemoteBatch:
-        self.requests.send(("batch", ids, mask))
+        self.send(("batch", ids, mask))
         batch = RemoteBatch(self)
         self.waiting.append(batch)
         return batch
@@ -226,26 +231,32 @@ class ServerClient:
         waits for any more (their unit failed half way), so that the next reply is this one's."""
         while self.waiting:
             self.receive(self.waiting[-1])
-        self.requests.send(("next",))
+        self.send(("next",))
         return self.read()[1]
 
     def advance(self, docs: int, tokens: int) -> None:
         """The progress bar's `advance`, forwarded (the model process owns the bar)."""
-        self.requests.send(("progress", docs, tokens))
+        self.send(("progress", docs, tokens))
 
     def settled(self, tally: Tally | None, failure: tuple[Unit, str] | None) -> None:
         """Say that a unit is done (its tally) or failed (the unit and its error), as it happens:
         what a worker did is known even if it dies later."""
-        self.requests.send(("settled", vars(tally) if tally else None, failure))
+        self.send(("settled", vars(tally) if tally else None, failure))
 
     def finish(self) -> None:
         """No more work: say so, with this process's peak memory."""
-        self.requests.send(("finished", peak_rss_mb()))
+        self.send(("finished", peak_rss_mb()))
 
     def receive(self, batch: RemoteBatch) -> None:
         """Read replies until `batch` has its own; they come in the order the batches were sent."""
         while batch.reply is None:
             self.waiting.popleft().reply = self.read()
+
+    def send(self, message: tuple) -> None:
+        try:
+            self.requests.send(message)
+        except (BrokenPipeError, ConnectionResetError):
+            raise SystemExit(GONE) from None  # not an Exception: the unit is not recorded as failed
 
     def read(self) -> tuple:
         while True:
@@ -253,7 +264,7 @@ class ServerClient:
                 return self.replies.get(timeout=POLL_SECONDS)
             except queue.Empty:
                 if os.getppid() != self.parent:
-                    raise SystemExit("nerbatch worker: the annotate process serving the model is gone") from None
+                    raise SystemExit(GONE) from None
 
 
 class RemoteBatch:

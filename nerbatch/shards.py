@@ -22,6 +22,7 @@ class Unit:
     row_group: int | None  # None: the whole file
     first_row: int  # index in the file of the unit's first row
     rows: int
+    footer: str = ""  # a hash of the file's Parquet footer: a file rewritten under the same name differs
 
     @property
     def name(self) -> str:
@@ -90,15 +91,29 @@ def plan_units(files: list[Location], columns: list[str], same_type: list[str] =
                     f"{path}: column {column!r} is {schema.field(column).type}, but {kind} in {first}; "
                     "a copied column needs one type in every input file"
                 )
+        footer = footer_hash(meta)
         if meta.num_row_groups <= 1:
-            units.append(Unit(len(units), path.uri, None, 0, meta.num_rows))
+            units.append(Unit(len(units), path.uri, None, 0, meta.num_rows, footer))
             continue
         first_row = 0
         for group in range(meta.num_row_groups):
             rows = meta.row_group(group).num_rows
-            units.append(Unit(len(units), path.uri, group, first_row, rows))
+            units.append(Unit(len(units), path.uri, group, first_row, rows, footer))
             first_row += rows
     return units
+
+
+def footer_hash(meta) -> str:
+    """A hash of a Parquet file's footer (`FileMetaData`): its schema and every column chunk's
+    offset, size and statistics, so another content under the same name and row-group layout
+    differs, while the same table written again by the same writer does not (no timestamps)."""
+    import hashlib
+
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    meta.write_metadata_file(sink)
+    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()[:16]
 
 
 def group_units(units: list[Unit], file_rows: int) -> list[list[Unit]]:

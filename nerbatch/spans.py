@@ -16,6 +16,7 @@ spans start and end on word boundaries. A group's score is the mean of its membe
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -165,11 +166,15 @@ def _group_units(text: str, offsets, units, tags) -> list[Span]:
 
 def _trimmed_span(text: str, start: int, end: int, label: str, score: float) -> Span | None:
     """A span with leading/trailing whitespace removed (byte-level BPE offsets include the space
-    before a word); None when nothing but whitespace is left."""
+    before a word) and the combining marks that follow its last character added (a normalizer that
+    strips accents leaves a decomposed `José`'s U+0301 in no subword, so the offsets stop before it);
+    None when nothing but whitespace is left."""
     while start < end and text[start].isspace():
         start += 1
     while end > start and text[end - 1].isspace():
         end -= 1
     if start >= end:
         return None
+    while end < len(text) and unicodedata.combining(text[end]):
+        end += 1
     return Span(start, end, label, text[start:end], float(score))

@@ -228,3 +228,52 @@ def test_output_directory_inside_the_input_directory_is_not_read_back(tiny_model
         result = annotate(tiny_model_dir, tmp_path, "--output", out)
         assert result.exit_code == 0, result.output
     assert read_output(out).num_rows == 2
+
+
+def test_an_input_rewritten_under_the_same_name_is_refused_not_mixed(tiny_model_dir, tmp_path):
+    """Same path, same row groups and row counts, other rows: a resume would mix the two versions."""
+    source, out = tmp_path / "in.parquet", tmp_path / "out"
+    pq.write_table(pa.table({"text": ["Talks in Paris .", "Rome wins ."]}), source)
+    assert annotate(tiny_model_dir, source, "--output", out).exit_code == 0
+    pq.write_table(pa.table({"text": ["Oslo talks .", "Berlin wins ."]}), source)
+    refused = annotate(tiny_model_dir, source, "--output", out)
+    assert refused.exit_code != 0 and f"input {source} (its content: the Parquet footer)" in refused.output
+    pq.write_table(pa.table({"text": ["Talks in Paris .", "Rome wins ."]}), source)  # the same table again
+    assert annotate(tiny_model_dir, source, "--output", out).exit_code == 0
+
+
+def test_an_added_input_file_is_named_in_the_refusal(tiny_model_dir, tmp_path):
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    pq.write_table(pa.table({"text": ["Talks in Paris ."]}), inputs / "a.parquet")
+    assert annotate(tiny_model_dir, inputs, "--output", out).exit_code == 0
+    pq.write_table(pa.table({"text": ["Rome wins ."]}), inputs / "z.parquet")
+    refused = annotate(tiny_model_dir, inputs, "--output", out)
+    assert "inputs (1 units, now 2; unit 1 is the first to differ): was null, now [" in refused.output
+    assert "z.parquet" in refused.output
+
+
+def test_a_text_that_is_not_utf8_is_flagged_on_its_own_row(tiny_model_dir, tmp_path):
+    """Parquet writers need not check UTF-8: one bad cell must not fail the other rows of its unit."""
+    raw = pa.array([b"Talks in Paris .", b"Caf\xe9 in Rome", b"Rome wins ."], pa.binary())
+    source = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"text": pa.Array.from_buffers(pa.string(), 3, raw.buffers())}), source)
+    out = tmp_path / "out"
+    assert annotate(tiny_model_dir, source, "--output", out).exit_code == 0
+    table = read_output(out)
+    assert table["error"].to_pylist() == [None, "text is not valid UTF-8 (byte 0xe9 at byte offset 3)", None]
+    assert table["n_windows"].to_pylist() == [1, 0, 1]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_directory_holding_other_files_is_refused_and_left_alone(tiny_model_dir, corpus, tmp_path, overwrite):
+    out = tmp_path / "mine"
+    out.mkdir()
+    pq.write_table(pa.table({"x": [1]}), out / "data.parquet")
+    (out / ".DS_Store").write_text("hidden names are skipped by every reader")
+    result = annotate(tiny_model_dir, corpus / "b.parquet", "--output", out, *(["--overwrite"] if overwrite else []))
+    assert (
+        result.exit_code != 0 and "holds files that `nerbatch annotate` did not write (data.parquet)" in result.output
+    )
+    assert ("--overwrite only replaces" in result.output) == overwrite
+    assert sorted(p.name for p in out.iterdir()) == [".DS_Store", "data.parquet"]

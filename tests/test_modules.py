@@ -76,15 +76,20 @@ def test_run_dir_refuses_another_run_and_foreign_files(tmp_path):
     (tmp_path / "out" / "part-00000.parquet").write_bytes(b"x")
     (tmp_path / "out" / "lang=en").mkdir()
     (tmp_path / "out" / "lang=en" / "part-00000.parquet").write_bytes(b"x")
-    (tmp_path / "out" / "spark").mkdir()  # not ours: --overwrite leaves it
+    (tmp_path / "out" / "spark").mkdir()  # not ours: output files beside it would be read with it
     (tmp_path / "out" / "spark" / "part-00000-1f2e.snappy.parquet").write_bytes(b"x")
+    for overwrite in (False, True):
+        with pytest.raises(InputError, match=r"holds files that `nerbatch annotate` did not write \(spark\)"):
+            out.prepare({**config, "model": "other"}, overwrite=overwrite)
+    assert sorted(c.name for c in out.root.children()) == ["_nerbatch", "lang=en", "part-00000.parquet", "spark"]
+    (tmp_path / "out" / "spark" / "part-00000-1f2e.snappy.parquet").unlink()
+    (tmp_path / "out" / "spark").rmdir()
     out.prepare({**config, "model": "other"}, overwrite=True)  # --overwrite clears files and bookkeeping
-    assert sorted(c.name for c in out.root.children()) == ["_nerbatch", "spark"]
-    assert (tmp_path / "out" / "spark" / "part-00000-1f2e.snappy.parquet").exists()
+    assert sorted(c.name for c in out.root.children()) == ["_nerbatch"]
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(InputError, match="not written by `nerbatch annotate`"):
+    with pytest.raises(InputError, match="not write \\(notes.txt\\); choose an empty or new --output directory$"):
         RunDir(locate(foreign)).prepare(config, overwrite=False)
 
 

@@ -317,3 +317,46 @@ def test_stats_and_show_commands(plain_out, tmp_path):
     )
     result = CliRunner().invoke(main, ["stats", str(tmp_path)])
     assert result.exit_code == 1 and "Error:" in result.output and "Traceback" not in result.output
+
+
+def test_pieces_left_beside_their_assembled_file_are_not_counted_twice(plain_out, tmp_path):
+    """A crash between recording a file and dropping its pieces leaves them; the file holds their rows."""
+    out = tmp_path / "out"
+    shutil.copytree(plain_out, out)
+    assert json.loads((out / "_nerbatch" / "files" / "part-00000.json").read_text())["units"] == [0]
+    shutil.copy(out / "part-00000.parquet", out / "_nerbatch" / "pieces" / "unit-000000.parquet")
+    stats = collect_stats(out)
+    assert stats["rows"] == stats["input_rows"] == 30 and stats["pieces"] == 0 and stats["flagged"] == 4
+
+
+def test_show_finds_the_text_of_each_row_when_ids_repeat(tiny_model_dir, tmp_path):
+    """annotate does not need unique ids; show takes, among an id's texts, the one its entities fit."""
+    texts = ["Angela Merkel met Emmanuel Macron in Paris .", "Talks in Rome and Berlin resumed .", "Oslo wins ."]
+    source = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"doc_id": [7, 7, 7], "text": texts}), source)
+    out = tmp_path / "out"
+    assert annotate(tiny_model_dir, source, "--output", out, "--id-column", "doc_id").exit_code == 0
+    docs = sample_documents(out, 3, 0)
+    with_entities = [d for d in docs if d["entities"]]
+    assert len(with_entities) >= 2
+    for doc in with_entities:
+        assert all(doc["text"][e["start"] : e["end"]] == e["text"] for e in doc["entities"])
+    rows = output_rows(out)
+    assert sorted(d["text"] for d in with_entities) == sorted(t for t, r in zip(texts, rows) if r["entities"])
+
+
+def test_show_refuses_ids_it_cannot_look_up_in_one_line(tiny_model_dir, tmp_path):
+    source = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"doc_id": [{"x": 1}, {"x": 2}], "text": ["Talks in Paris .", "Rome wins ."]}), source)
+    out = tmp_path / "out"
+    assert annotate(tiny_model_dir, source, "--output", out, "--id-column", "doc_id").exit_code == 0
+    result = CliRunner().invoke(main, ["show", str(out), "--sample", "2"])
+    assert result.exit_code == 1 and "doc_id holds dict values" in result.output and "Traceback" not in result.output
+
+
+def test_stats_names_a_foreign_parquet_file_in_the_output(plain_out, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(plain_out, out)
+    pq.write_table(pa.table({"x": [1]}), out / "zz-notes.parquet")
+    result = CliRunner().invoke(main, ["stats", str(out)])
+    assert result.exit_code == 1 and "zz-notes.parquet: no column 'error'" in result.output

@@ -227,3 +227,16 @@ def test_a_worker_that_cannot_start_raises_its_own_error(tiny_model_dir, corpus,
     monkeypatch.setattr(Annotator, "__getstate__", unpicklable)
     with pytest.raises(TypeError, match="cannot pickle this annotator"):
         annotate_units(options)
+
+
+def test_a_worker_whose_model_process_is_gone_stops_without_failing_its_unit():
+    """A closed pipe is a SystemExit, which `settle_unit` (it catches Exception) does not record as
+    the unit's failure: the model process died, and its rerun redoes the unit."""
+    from nerbatch.serve import GONE, ServerClient
+
+    worker_end, model_end = multiprocessing.Pipe()
+    model_end.close()
+    client = ServerClient(worker_end, queue.Queue())
+    with pytest.raises(SystemExit) as stopped:
+        client.submit(np.zeros((1, 4), np.int64), np.ones((1, 4), np.int64))
+    assert not isinstance(stopped.value, Exception) and stopped.value.code == GONE

@@ -228,3 +228,13 @@ def test_visiting_only_entity_subwords_decodes_like_visiting_every_unit(
     scores = [probs[i][b] for i, b in enumerate(best)]
     expected = dense_reference(text, offsets, word_ids, best, scores, aggregation, probs, labels)
     assert decode_spans(text, offsets, word_ids, best, scores, labels, aggregation, probs) == expected
+
+
+def test_combining_marks_after_an_entity_belong_to_it():
+    """Decomposed text (NFD): an accent-stripping normalizer gives the U+0301 after `Jose` no
+    subword, so the offsets end before it; the span keeps it (and never starts on one)."""
+    text = "Jose\u0301 met Smith\u0301\u0308 ."
+    offsets = [(0, 4), (6, 9), (10, 15), (18, 19)]  # what BERT's uncased tokenizer reports
+    tags = [L["B-PER"], L["O"], L["B-PER"], L["O"]]
+    spans = decode_spans(text, offsets, [0, 1, 2, 3], tags, [0.9] * 4, LABELS, "first")
+    assert [(s.start, s.end, s.text) for s in spans] == [(0, 5, "Jose\u0301"), (10, 17, "Smith\u0301\u0308")]

@@ -442,6 +442,7 @@ def build_random_encoder(tokenizer_dir: Path, target: Path, shape: dict, sample:
     model = BertForTokenClassification(config).eval()
     calibrate_entity_share(model, tokenizer, sample, ENTITY_SHARE)
     model.save_pretrained(target)
+    tokenizer.model_max_length = config.max_position_embeddings  # this model's limit, not the source's
     tokenizer.save_pretrained(target)
     return target
 
