@@ -413,13 +413,14 @@ def restore_fp32(carried: Path, target: Path) -> None:
 
 
 def build_tuned_tiny_bert(target: Path, steps: int) -> None:
-    """The test suite's tiny BERT (WordPiece trained on the shared data), briefly fine-tuned on CoNLL."""
+    """The test suite's tiny BERT (WordPiece trained on the shared data), briefly fine-tuned on CoNLL,
+    with MiniLM's 512 positions (the annotate runs ask for 512-subword windows)."""
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import build_tiny_model
     from helpers import fine_tune
 
     with tempfile.TemporaryDirectory() as base:
-        fine_tune(build_tiny_model(Path(base)), target, steps)
+        fine_tune(build_tiny_model(Path(base), max_positions=512), target, steps)
 
 
 def build_random_encoder(tokenizer_dir: Path, target: Path, shape: dict, sample: list[str]) -> Path:
