@@ -187,7 +187,9 @@ def split_fields(line: str) -> list[str]:
     spaced = next((field for field in fields if " " in field), None)
     if spaced is not None:
         raise ValueError(f"the tab-separated field {spaced!r} holds a space; a CoNLL word cannot contain one")
-    return [field for field in fields if field]
+    while fields and not fields[-1]:  # trailing tabs; an empty middle column still counts as one
+        fields.pop()
+    return fields
 
 
 def read_tabular(path: Path, tokens_column: str, tags_column: str, document_column: str | None = None) -> Corpus:

@@ -193,11 +193,17 @@ class RunDir:
         directory load, and --overwrite must never delete them."""
         if not self.root.exists():
             return []
+
+        def ours(name: str) -> bool:
+            # hidden names (`_nerbatch/`, `.DS_Store`, `_SUCCESS`, `.crc`) are skipped by every reader;
+            # `$folder$` objects are Hadoop's directory markers on object stores
+            return not name or name.startswith((".", "_")) or "$folder$" in name or bool(_OUTPUT_FILE.fullmatch(name))
+
         foreign = []
         for child in self.root.children():
-            if child.name.startswith((".", "_")) or _OUTPUT_FILE.fullmatch(child.name):
-                continue  # hidden names (`_nerbatch/`, `.DS_Store`, `_SUCCESS`) are skipped by every reader
-            if "=" in child.name and child.is_dir() and all(_OUTPUT_FILE.fullmatch(c.name) for c in child.children()):
+            if ours(child.name):
+                continue
+            if "=" in child.name and child.is_dir() and all(ours(c.name) for c in child.children()):
                 continue
             foreign.append(child.name)
         return sorted(foreign)

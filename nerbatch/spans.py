@@ -161,6 +161,14 @@ def _group_units(text: str, offsets, units, tags) -> list[Span]:
             group_tag, group_start, group_end, scores = tag, start, max(start, end), [score]
         after = b
     close()
+    # a combining mark taken by one span may open the next (a byte-level BPE makes a lone mark a
+    # word of its own): the earlier span gives it back
+    for i in range(len(spans) - 1):
+        if spans[i].end > spans[i + 1].start:
+            first = spans[i]
+            spans[i] = Span(
+                first.start, spans[i + 1].start, first.label, text[first.start : spans[i + 1].start], first.score
+            )
     return spans
 
 

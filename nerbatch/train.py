@@ -164,14 +164,31 @@ def restore(accelerator: Accelerator, output_dir: Path, cfg: TrainConfig) -> dic
     return saved | {"config": cfg.to_dict()}
 
 
+# What `nerbatch train` writes into --output-dir: the best model and its tokenizer (save_pretrained),
+# metrics, epochs and checkpoints. --overwrite deletes these names and nothing else.
+TRAIN_OUTPUT_NAMES = (
+    "metrics.json", "checkpoints", "epoch_*", "config.json", "generation_config.json", "model*.safetensors",
+    "model.safetensors.index.json", "pytorch_model*.bin", "tokenizer*", "special_tokens_map.json", "vocab*",
+    "merges.txt", "added_tokens.json", "*.model", "chat_template*",
+)  # fmt: skip
+
+
 def is_training_output(directory: Path) -> bool:
-    """Whether `directory` holds what `nerbatch train` writes (metrics, checkpoints, epochs, a model)."""
-    return any((directory / name).exists() for name in ("metrics.json", "checkpoints", "config.json")) or any(
-        directory.glob("epoch_*")
+    """Whether `directory` holds what `nerbatch train` writes (metrics, checkpoints, epochs)."""
+    return (
+        (directory / "metrics.json").exists() or (directory / "checkpoints").exists() or any(directory.glob("epoch_*"))
     )
 
 
-def prepare_output_dir(accelerator: Accelerator, output_dir: Path, resume: bool, overwrite: bool) -> None:
+def _written_by_train(name: str) -> bool:
+    from fnmatch import fnmatch
+
+    return any(fnmatch(name, pattern) for pattern in TRAIN_OUTPUT_NAMES)
+
+
+def prepare_output_dir(
+    accelerator: Accelerator, output_dir: Path, resume: bool, overwrite: bool, model_dir: Path | None = None
+) -> None:
     """One run per directory: a fresh run needs a new or empty `output_dir`, or `overwrite` to clear
     an earlier run's (epochs and checkpoints of two runs side by side would be mixed up, and the
     newest checkpoint, which `--resume` takes, might be the other run's)."""
@@ -186,14 +203,19 @@ def prepare_output_dir(accelerator: Accelerator, output_dir: Path, resume: bool,
             f"output_dir {output_dir} is not empty ({listed}); pass --resume to continue the run in it, "
             "--overwrite to replace it, or another --output-dir"
         )
-    if not is_training_output(output_dir):
+    foreign = [name for name in contents if not _written_by_train(name)]
+    if not is_training_output(output_dir) or foreign:
         raise ConfigError(
-            f"output_dir {output_dir} holds files that `nerbatch train` did not write ({listed}); "
+            f"output_dir {output_dir} holds files that `nerbatch train` did not write "
+            f"({', '.join(foreign[:4]) or listed}); "
             "--overwrite only replaces an earlier training run: pick another --output-dir"
         )
-    accelerator.wait_for_everyone()  # every process has looked before the directory goes
+    if model_dir is not None and model_dir.resolve().is_relative_to(output_dir.resolve()):
+        raise ConfigError(f"--overwrite would delete the model to train from ({model_dir}): pick another --output-dir")
+    accelerator.wait_for_everyone()  # every process has looked before the files go
     if accelerator.is_main_process:
-        shutil.rmtree(output_dir)
+        for child in output_dir.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
     accelerator.wait_for_everyone()
 
 
@@ -210,7 +232,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     )
     set_seed(cfg.seed)
     output_dir = Path(cfg.output_dir)
-    prepare_output_dir(accelerator, output_dir, resume, overwrite)
+    model_dir = Path(cfg.model) if Path(cfg.model).exists() else None
+    prepare_output_dir(accelerator, output_dir, resume, overwrite, model_dir)
     tokenizer = load_tokenizer(cfg.model)  # a slow tokenizer fails here, before any work
 
     with accelerator.main_process_first():  # the main process fills the hub/dataset caches first

@@ -301,3 +301,14 @@ def test_a_checkpoint_from_before_a_config_key_existed_still_resumes(tmp_path):
     check_resumable(saved, cfg, tmp_path)  # 0.1.0 checkpoints lack the new keys: they ran with the defaults
     with pytest.raises(ConfigError, match="context: 'sentence' -> 'document'"):
         check_resumable(saved, TrainConfig(output_dir=str(tmp_path), context="document"), tmp_path)
+
+
+def test_hidden_files_and_hadoop_markers_in_partitions_are_not_foreign(tmp_path):
+    out = RunDir(locate(tmp_path / "out"))
+    config = {"model": "m", "options": {}, "inputs": [["a", None, 3]]}
+    out.prepare(config, overwrite=False)
+    (tmp_path / "out" / "lang=en").mkdir()
+    for name in ("part-00000.parquet", ".part-00000.parquet.crc", "_SUCCESS"):
+        (tmp_path / "out" / "lang=en" / name).write_bytes(b"x")
+    (tmp_path / "out" / "lang=en_$folder$").write_bytes(b"")
+    out.prepare(config, overwrite=False)  # resumes

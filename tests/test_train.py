@@ -296,3 +296,16 @@ def test_a_fresh_run_needs_an_empty_output_dir_or_overwrite(tiny_model_dir, tmp_
     assert (notes / "todo.txt").exists()
     refused = CliRunner().invoke(main, args(notes / "todo.txt"))
     assert refused.exit_code == 1 and "is a file, not a directory" in refused.output
+
+
+def test_overwrite_never_deletes_the_model_it_trains_from(tiny_model_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(tiny_model_dir, out / "epoch_1")  # continue from an earlier run's epoch
+    (out / "metrics.json").write_text("{}")
+    demo = Path(__file__).parents[1] / "nerbatch" / "demo_data"
+    args = train_args(out / "epoch_1", (demo / "train.conll", demo / "valid.conll"), out, "--overwrite")
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 1 and "--overwrite would delete the model to train from" in refused.output
+    assert (out / "epoch_1" / "model.safetensors").exists()
