@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +22,29 @@ SOURCE_FIELDS = [pa.field("source_file", pa.string()), pa.field("row_index", pa.
 
 class InputError(NerbatchError):
     """Input that cannot be annotated; the message names the file (and column)."""
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A string cell whose bytes are not UTF-8 (Parquet writers need not check, nor do its readers)."""
+
+    reason: str
+
+
+def text_values(column: pa.Array) -> list:
+    """The cells of a text column as Python values; a string cell that is not valid UTF-8 becomes
+    an `Undecodable` (flagged on its own row) instead of failing the whole unit."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        return [_cell(column, i) for i in range(len(column))]
+
+
+def _cell(column: pa.Array, i: int):
+    try:
+        return column[i].as_py()
+    except UnicodeDecodeError as exc:
+        return Undecodable(f"byte {exc.object[exc.start]:#04x} at byte offset {exc.start}")
 
 
 def open_parquet(location: Location) -> pq.ParquetFile:

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from nerbatch.errors import NerbatchError
-from nerbatch.parquet_io import open_parquet
+from nerbatch.parquet_io import Undecodable, open_parquet, text_values
 from nerbatch.rundir import META
 from nerbatch.storage import Location, locate
 
@@ -400,7 +400,14 @@ def _read_rows(path: Location, rows: list[int], columns: list[str]) -> list[dict
     for group in groups:
         offsets[group], read = read, read + starts[group + 1] - starts[group]
     table = source.read_row_groups(groups, columns=columns, use_threads=False)
-    return table.take([offsets[group_of[row]] + row - starts[group_of[row]] for row in rows]).to_pylist()
+    taken = table.take([offsets[group_of[row]] + row - starts[group_of[row]] for row in rows])
+    values = {name: _readable(taken.column(name)) for name in columns}
+    return [{name: values[name][i] for name in columns} for i in range(taken.num_rows)]
+
+
+def _readable(column) -> list:
+    """A column's values; a string cell that is not UTF-8 (annotate flagged its row) reads as None."""
+    return [None if isinstance(v, Undecodable) else v for v in text_values(column)]
 
 
 def _attach_texts_by_row(docs: list[dict], text_column: str) -> None:
@@ -434,8 +441,9 @@ def _attach_texts_by_id(docs: list[dict], inputs: list[str], id_column: str, tex
             id_type = id_type.value_type
         value_set = pa.array(list(wanted), type=id_type)
         for batch in _batches(locate(source), [id_column, text_column]):
-            for row in batch.filter(pc.is_in(batch.column(id_column), value_set=value_set)).to_pylist():
-                texts.setdefault(row[id_column], []).append(row[text_column])
+            matched = batch.filter(pc.is_in(batch.column(id_column), value_set=value_set))
+            for key, text in zip(matched.column(id_column).to_pylist(), _readable(matched.column(text_column))):
+                texts.setdefault(key, []).append(text)
             if found():
                 break
     missing = [value for value in wanted if value not in texts]
@@ -464,7 +472,8 @@ def _id_key(value, id_column: str):
 
 
 def _fits(text, entities: list[dict]) -> bool:
-    return isinstance(text, str) and all(text[e["start"] : e["end"]] == e["text"] for e in entities)
+    """Whether `entities` can be spans of `text` (any text fits none: a flagged row has no entities)."""
+    return not entities or (isinstance(text, str) and all(text[e["start"] : e["end"]] == e["text"] for e in entities))
 
 
 def _require_input(source: str) -> None:

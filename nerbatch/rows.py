@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from nerbatch.inference import Annotator, Document
-from nerbatch.parquet_io import iter_batches
+from nerbatch.parquet_io import Undecodable, iter_batches, text_values
 from nerbatch.rundir import Tally
 from nerbatch.shards import Unit
 
@@ -32,29 +32,6 @@ class Chunk:
     def documents(self) -> list[Document]:
         """The rows that go through the model."""
         return [d for d in self.docs if d is not None]
-
-
-@dataclass(frozen=True)
-class Undecodable:
-    """A string cell whose bytes are not UTF-8 (Parquet writers need not check, nor do its readers)."""
-
-    reason: str
-
-
-def text_values(column: pa.Array) -> list:
-    """The cells of a text column as Python values; a string cell that is not valid UTF-8 becomes
-    an `Undecodable` (flagged on its own row) instead of failing the whole unit."""
-    try:
-        return column.to_pylist()
-    except UnicodeDecodeError:
-        return [_cell(column, i) for i in range(len(column))]
-
-
-def _cell(column: pa.Array, i: int):
-    try:
-        return column[i].as_py()
-    except UnicodeDecodeError as exc:
-        return Undecodable(f"byte {exc.object[exc.start]:#04x} at byte offset {exc.start}")
 
 
 def text_error(value) -> str | None:

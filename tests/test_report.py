@@ -360,3 +360,17 @@ def test_stats_names_a_foreign_parquet_file_in_the_output(plain_out, tmp_path):
     pq.write_table(pa.table({"x": [1]}), out / "zz-notes.parquet")
     result = CliRunner().invoke(main, ["stats", str(out)])
     assert result.exit_code == 1 and "zz-notes.parquet: no column 'error'" in result.output
+
+
+@pytest.mark.parametrize("by_id", [False, True])
+def test_show_reads_back_a_text_that_is_not_utf8_as_missing(tiny_model_dir, tmp_path, by_id):
+    raw = pa.array([b"Talks in Paris .", b"Caf\xe9 in Rome", b"Rome wins ."], pa.binary())
+    table = pa.table({"doc_id": [1, 2, 3], "text": pa.Array.from_buffers(pa.string(), 3, raw.buffers())})
+    pq.write_table(table, tmp_path / "in.parquet")
+    out = tmp_path / "out"
+    args = ["--id-column", "doc_id"] if by_id else []
+    assert annotate(tiny_model_dir, tmp_path / "in.parquet", "--output", out, *args).exit_code == 0
+    docs = sample_documents(out, 3, 0)
+    flagged = [d for d in docs if d["error"]]
+    assert len(docs) == 3 and [d["text"] for d in flagged] == [None]
+    assert flagged[0]["error"].startswith("text is not valid UTF-8")
