@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` and `make test`. Each sets up .venv on first use.
-# `make lint` (ruff: lint, format, import order) and `make bench` are for development.
+# `make lint` (ruff: lint, format, import order), `make fuzz` and `make bench` are for development.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 DATA ?= ../shared/data
 BENCH_MODEL ?= runs/minilm-conll2003
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test fuzz lint format bench clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The property tests with new random examples on every run (`make test` repeats the same ones).
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q tests/test_spans.py tests/test_documents.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -146,7 +146,11 @@ def _group_units(text: str, offsets, units, tags) -> list[Span]:
 
     def close() -> None:
         if group_tag is not None:
-            span = _trimmed_span(text, group_start, group_end, group_tag, sum(scores) / len(scores))
+            # marks after the group are its own only up to where the next subword starts: a mark
+            # a subword covers belongs to that subword's word
+            limit = offsets[after][0] if after < len(offsets) else len(text)
+            score = sum(scores) / len(scores)
+            span = _trimmed_span(text, group_start, group_end, group_tag, score, max(limit, group_end))
             if span is not None:
                 spans.append(span)
 
@@ -161,28 +165,20 @@ def _group_units(text: str, offsets, units, tags) -> list[Span]:
             group_tag, group_start, group_end, scores = tag, start, max(start, end), [score]
         after = b
     close()
-    # a combining mark taken by one span may open the next (a byte-level BPE makes a lone mark a
-    # word of its own): the earlier span gives it back
-    for i in range(len(spans) - 1):
-        if spans[i].end > spans[i + 1].start:
-            first = spans[i]
-            spans[i] = Span(
-                first.start, spans[i + 1].start, first.label, text[first.start : spans[i + 1].start], first.score
-            )
     return spans
 
 
-def _trimmed_span(text: str, start: int, end: int, label: str, score: float) -> Span | None:
+def _trimmed_span(text: str, start: int, end: int, label: str, score: float, limit: int) -> Span | None:
     """A span with leading/trailing whitespace removed (byte-level BPE offsets include the space
-    before a word) and the combining marks that follow its last character added (a normalizer that
-    strips accents leaves a decomposed `José`'s U+0301 in no subword, so the offsets stop before it);
-    None when nothing but whitespace is left."""
+    before a word) and the combining marks that follow its last character, up to `limit`, added (a
+    normalizer that strips accents leaves a decomposed `José`'s U+0301 in no subword, so the offsets
+    stop before it); None when nothing but whitespace is left."""
     while start < end and text[start].isspace():
         start += 1
     while end > start and text[end - 1].isspace():
         end -= 1
     if start >= end:
         return None
-    while end < len(text) and unicodedata.combining(text[end]):
+    while end < limit and unicodedata.combining(text[end]):
         end += 1
     return Span(start, end, label, text[start:end], float(score))
