@@ -149,8 +149,12 @@ def _group_units(text: str, offsets, units, tags) -> list[Span]:
             # marks after the group are its own only up to where the next subword starts: a mark
             # a subword covers belongs to that subword's word
             limit = offsets[after][0] if after < len(offsets) else len(text)
+            # subwords can share a character (an uncased tokenizer splits a Hangul syllable into
+            # jamo, byte-level BPE splits a character's bytes) and, under `simple`, disagree on it:
+            # the character stays with the span that took it first
+            start = max(group_start, spans[-1].end) if spans else group_start
             score = sum(scores) / len(scores)
-            span = _trimmed_span(text, group_start, group_end, group_tag, score, max(limit, group_end))
+            span = _trimmed_span(text, start, group_end, group_tag, score, max(limit, group_end))
             if span is not None:
                 spans.append(span)
 
