@@ -8,6 +8,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from transformers import AutoModelForTokenClassification, BertConfig, BertForTokenClassification, pipeline
 
 from nerbatch.errors import OptionError
@@ -20,6 +22,26 @@ from conftest import CONLL_LABELS, REUTERS, need
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
     return AutoModelForTokenClassification.from_pretrained(tiny_model_dir).eval(), load_tokenizer(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module", params=["cased-wordpiece", "uncased-wordpiece"])
+def random_model(request, tiny_model_dir):
+    """A random tiny BERT (labels all over the place, so many spans) with the tiny cased tokenizer or
+    MiniLM's uncased one (lowercases and strips accents, splits Hangul into jamo)."""
+    if request.param == "cased-wordpiece":
+        return request.getfixturevalue("tiny")
+    tokenizer = load_tokenizer(str(request.getfixturevalue("minilm_dir")))
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        id2label=dict(enumerate(CONLL_LABELS)),
+        label2id={label: i for i, label in enumerate(CONLL_LABELS)},
+    )
+    return BertForTokenClassification(config).eval(), tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +188,39 @@ def test_offsets_round_trip_on_real_text(tiny, reuters_texts):
         for text, doc in zip(texts, docs):
             spans = annotator.decode(doc, text)
             assert all(text[s.start : s.end] == s.text and s.text.strip() == s.text for s in spans)
+
+
+# Words that have broken offset code somewhere: sentence ends, abbreviations, decomposed and
+# composed accents, CJK, Hangul, ZWJ emoji, zero-width and odd spaces, ligatures, line breaks.
+TRICKY_WORDS = ["Mr.", "U.S.", ".", "?!", "José", "Jose\u0301", "e\u0301", "東京", "한국", "👩‍👩‍👧", "\u200b", "\u00a0"]
+TRICKY_WORDS += ["ﬁ", "İstanbul", "\r\n", "\n\n", "\t", "Zürich", "São Paulo", "IBM", "(", ")", "\ufeff"]
+tricky_documents = st.lists(
+    st.lists(st.one_of(st.sampled_from(TRICKY_WORDS), st.text(max_size=4)), max_size=60).map(" ".join),
+    min_size=1,
+    max_size=4,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    texts=tricky_documents,
+    segment=st.sampled_from(["sentences", "none", "both"]),
+    aggregation=st.sampled_from(["first", "simple", "average", "max"]),
+    window=st.sampled_from([(16, 4), (24, 8), (None, None)]),
+)
+def test_every_span_of_a_whole_document_points_into_its_text(random_model, texts, segment, aggregation, window):
+    """The whole in-memory path (segmentation, windows, merging, decoding) on generated documents:
+    every entity is `text[start:end]`, trimmed, in order, never overlapping."""
+    model, tokenizer = random_model
+    max_length, stride = window
+    annotator = Annotator(model, tokenizer, aggregation, max_length=max_length, stride=stride, segment=segment)
+    results = annotator.annotate(texts)
+    assert len(results) == len(texts)
+    for text, spans in zip(texts, results):
+        for span in spans:
+            assert 0 <= span.start < span.end <= len(text) and text[span.start : span.end] == span.text
+            assert span.text == span.text.strip() and 0.0 <= span.score <= 1.0
+        assert all(a.end <= b.start for a, b in zip(spans, spans[1:]))
 
 
 def test_bad_stride_is_refused(tiny):
