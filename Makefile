@@ -33,7 +33,7 @@ test: $(STAMP)
 
 # The property tests with new random examples on every run (`make test` repeats the same ones).
 fuzz: $(STAMP)
-	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q tests/test_spans.py tests/test_documents.py
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q -m hypothesis tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
