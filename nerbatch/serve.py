@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import queue
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -44,7 +44,6 @@ from nerbatch.storage import locate
 # Batches launched on the GPU before the oldest one's probabilities are sent back: the GPU works
 # through the queued ones while this process reads the next request and replies.
 IN_FLIGHT = 3
-POLL_SECONDS = 1.0  # how often a worker waiting for a reply checks that this process is still there
 WAIT_SECONDS = 0.001  # how long this process waits for a request while the GPU finishes the oldest batch
 
 
@@ -218,7 +217,6 @@ class ServerClient:
     def __init__(self, requests: Connection, replies):
         self.requests, self.replies = requests, replies
         self.waiting: deque[RemoteBatch] = deque()  # sent, reply not read yet, in order
-        self.parent = os.getppid()
 
     def submit(self, ids: np.ndarray, mask: np.ndarray) -> RemoteBatch:
         self.send(("batch", ids, mask))
@@ -259,12 +257,8 @@ class ServerClient:
             raise SystemExit(GONE) from None  # not an Exception: the unit is not recorded as failed
 
     def read(self) -> tuple:
-        while True:
-            try:
-                return self.replies.get(timeout=POLL_SECONDS)
-            except queue.Empty:
-                if os.getppid() != self.parent:
-                    raise SystemExit(GONE) from None
+        # blocks without a timeout: if the model process dies, `watch_parent` ends this process
+        return self.replies.get()
 
 
 class RemoteBatch:
@@ -288,6 +282,7 @@ def work(annotator: Annotator, options: Options, schema, rank: int, requests: Co
 
     # Ctrl-C reaches every process of the terminal: the model process stops the workers itself
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    watch_parent()
     startup.begin()  # this process's collector as in the console command's (`nerbatch.startup`)
     startup.end()
     client = annotator.server = ServerClient(requests, replies)
@@ -296,6 +291,25 @@ def work(annotator: Annotator, options: Options, schema, rank: int, requests: Co
         while (unit := client.next_unit()) is not None:
             client.settled(*settle_unit(unit, annotator, options, out, schema, rank, client, collect))
     client.finish()
+
+
+def watch_parent() -> threading.Thread | None:
+    """End this process with `GONE` once the process that spawned it (the model process) is gone,
+    whatever it is blocked in. A read can block for ever: the model process killed half way through
+    a reply leaves part of a message in the queue's pipe, and this process's own copy of the pipe's
+    write end means the read never sees end of file. None outside a multiprocessing child."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return None
+
+    def watch() -> None:
+        parent.join()  # returns when the parent's end of its sentinel pipe closes: it has exited
+        print(GONE, file=sys.stderr, flush=True)
+        os._exit(1)  # the main thread may be inside a read that never returns: no clean-up
+
+    thread = threading.Thread(target=watch, name="nerbatch-watch-parent", daemon=True)
+    thread.start()
+    return thread
 
 
 def peak_rss_mb() -> float | None:

@@ -16,6 +16,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 from collections import deque
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from transformers import AutoModelForTokenClassification, AutoTokenizer
 from nerbatch.cli import main
 from nerbatch.inference import Annotator
 from nerbatch.modeling import ModelError
-from nerbatch.serve import ServerClient
+from nerbatch.serve import GONE, ServerClient
 
 from helpers import environment, good_and_corrupt_inputs, reuters_corpus
 
@@ -232,11 +233,52 @@ def test_a_worker_that_cannot_start_raises_its_own_error(tiny_model_dir, corpus,
 def test_a_worker_whose_model_process_is_gone_stops_without_failing_its_unit():
     """A closed pipe is a SystemExit, which `settle_unit` (it catches Exception) does not record as
     the unit's failure: the model process died, and its rerun redoes the unit."""
-    from nerbatch.serve import GONE, ServerClient
-
     worker_end, model_end = multiprocessing.Pipe()
     model_end.close()
     client = ServerClient(worker_end, queue.Queue())
     with pytest.raises(SystemExit) as stopped:
         client.submit(np.zeros((1, 4), np.int64), np.ones((1, 4), np.int64))
     assert not isinstance(stopped.value, Exception) and stopped.value.code == GONE
+
+
+PARENT_SCRIPT = """
+import multiprocessing, sys, time
+from nerbatch.serve import watch_parent
+
+def blocked_for_ever(reader, writer):  # holds the write end too, as a worker holds its reply queue's
+    watch_parent()
+    reader.recv()
+
+if __name__ == "__main__":
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    child = multiprocessing.get_context("spawn").Process(target=blocked_for_ever, args=(reader, writer))
+    child.start()
+    print(child.pid, flush=True)
+    time.sleep(600)
+"""
+
+
+def running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads process states from /proc")
+def test_a_worker_blocked_in_a_read_exits_when_its_model_process_is_killed(tmp_path):
+    """SIGKILL of the model process half way through a reply left workers blocked in a read for
+    ever (found by a chaos run): `watch_parent` ends them within a second or two."""
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT_SCRIPT)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    assert running(child)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 15
+    while running(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not running(child)
+    assert GONE in parent.stderr.read()
