@@ -169,7 +169,11 @@ def written_files(out_dir: str | Path) -> list[Location]:
         for marker in (meta / "files").find(".json")
         for index in marker.read_json()["units"]
     }
-    return output_files(out_dir) + [p for p in (meta / "pieces").find(".parquet") if p.name not in assembled]
+    # a piece published by a process killed before it marked its unit done is not counted: the
+    # unit is missing, and the rerun that redoes it publishes the piece again
+    done = {marker.name.removesuffix(".json") + ".parquet" for marker in (meta / "done").find(".json")}
+    pieces = (meta / "pieces").find(".parquet")
+    return output_files(out_dir) + [p for p in pieces if p.name in done and p.name not in assembled]
 
 
 def _batches(path: Location, columns: list[str]) -> Iterator[pa.RecordBatch]:

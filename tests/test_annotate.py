@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from nerbatch import __version__
 from nerbatch.cli import main
+from nerbatch.report import collect_stats
 from nerbatch.rundir import RunDir
 
 from conftest import REUTERS, need
@@ -155,6 +156,9 @@ def test_a_crash_before_marking_or_during_assembly_is_repaired_by_a_rerun(
     monkeypatch.setattr(RunDir, "mark_done", killed_at_unit_2)
     assert annotate(tiny_model_dir, corpus, *args).exit_code == 1
     assert (out / "_nerbatch" / "pieces" / "unit-000002.parquet").exists() and not list(out.glob("*.parquet"))
+    stats = collect_stats(out)  # the piece of unit 2, not marked done, is not counted
+    done_rows = sum(json.loads(m.read_text())["rows"] for m in (out / "_nerbatch" / "done").iterdir())
+    assert stats["units"]["done"] == 2 and stats["pieces"] == 2 and stats["rows"] == done_rows > 0
     monkeypatch.setattr(RunDir, "mark_done", mark_done)
     monkeypatch.setattr(RunDir, "mark_assembled", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     (out / "_nerbatch" / "tmp" / "unit-000003.rank0.parquet").write_bytes(b"half a piece")
