@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
 
 import torch
 
@@ -40,6 +42,7 @@ def make_accelerator(**kwargs):
 
     accelerator = Accelerator(cpu=use_cpu(), **kwargs)
     check_world(accelerator.num_processes)
+    stop_with_launcher()
     return accelerator
 
 
@@ -62,7 +65,35 @@ def process_state(backend: str | None = None):
     launched = int(os.environ.get("LOCAL_RANK", "-1")) != -1
     state = PartialState(cpu=use_cpu(), backend=backend if launched else None)
     check_world(state.num_processes)
+    stop_with_launcher()
     return state
+
+
+LAUNCHER_POLL_SECONDS = 1.0
+_watching = False
+
+
+def stop_with_launcher() -> threading.Thread | None:
+    """Under torchrun (what `accelerate launch --multi_gpu` runs), end this process once the
+    launcher, its parent, is gone. torchrun starts each rank in a session of its own, so killing the
+    launcher's process group does not reach the ranks: they would go on writing beside the rerun
+    (a chaos run saw a rerun's units fail on the old ranks' temporary files). Ending abruptly is what
+    preemption does; the rerun redoes the unfinished units (annotate) or resumes (train)."""
+    global _watching
+    if "TORCHELASTIC_RUN_ID" not in os.environ or _watching:
+        return None
+    _watching = True
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(LAUNCHER_POLL_SECONDS)
+        print(f"nerbatch: the launcher (pid {parent}) is gone; this rank stops", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="nerbatch-watch-launcher", daemon=True)
+    thread.start()
+    return thread
 
 
 def barrier(state) -> None:
