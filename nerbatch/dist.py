@@ -88,8 +88,10 @@ def stop_with_launcher() -> threading.Thread | None:
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(LAUNCHER_POLL_SECONDS)
-        print(f"nerbatch: the launcher (pid {parent}) is gone; this rank stops", file=sys.stderr, flush=True)
-        os._exit(1)
+        try:  # stderr may be a pipe whose reader died with the launcher (`| tee log`)
+            print(f"nerbatch: the launcher (pid {parent}) is gone; this rank stops", file=sys.stderr, flush=True)
+        finally:
+            os._exit(1)
 
     thread = threading.Thread(target=watch, name="nerbatch-watch-launcher", daemon=True)
     thread.start()

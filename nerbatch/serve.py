@@ -304,8 +304,10 @@ def watch_parent() -> threading.Thread | None:
 
     def watch() -> None:
         parent.join()  # returns when the parent's end of its sentinel pipe closes: it has exited
-        print(GONE, file=sys.stderr, flush=True)
-        os._exit(1)  # the main thread may be inside a read that never returns: no clean-up
+        try:  # stderr may be a pipe whose reader died with the parent (`| tee log`)
+            print(GONE, file=sys.stderr, flush=True)
+        finally:
+            os._exit(1)  # the main thread may be inside a read that never returns: no clean-up
 
     thread = threading.Thread(target=watch, name="nerbatch-watch-parent", daemon=True)
     thread.start()

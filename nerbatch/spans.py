@@ -146,15 +146,13 @@ def _group_units(text: str, offsets, units, tags) -> list[Span]:
 
     def close() -> None:
         if group_tag is not None:
-            # marks after the group are its own only up to where the next subword starts: a mark
-            # a subword covers belongs to that subword's word
-            limit = offsets[after][0] if after < len(offsets) else len(text)
-            # subwords can share a character (an uncased tokenizer splits a Hangul syllable into
-            # jamo, byte-level BPE splits a character's bytes) and, under `simple`, disagree on it:
-            # the character stays with the span that took it first
+            # a span never starts before the previous one ends: subwords can share a character (an
+            # uncased tokenizer splits a Hangul syllable into jamo, byte-level BPE splits a
+            # character's bytes) and, under `simple`, disagree on it; and the previous span took the
+            # combining marks after its last letter even where the tokenizer put them in this word.
+            # Either way the character stays with the span that took it first.
             start = max(group_start, spans[-1].end) if spans else group_start
-            score = sum(scores) / len(scores)
-            span = _trimmed_span(text, start, group_end, group_tag, score, max(limit, group_end))
+            span = _trimmed_span(text, start, group_end, group_tag, sum(scores) / len(scores))
             if span is not None:
                 spans.append(span)
 
@@ -172,17 +170,18 @@ def _group_units(text: str, offsets, units, tags) -> list[Span]:
     return spans
 
 
-def _trimmed_span(text: str, start: int, end: int, label: str, score: float, limit: int) -> Span | None:
+def _trimmed_span(text: str, start: int, end: int, label: str, score: float) -> Span | None:
     """A span with leading/trailing whitespace removed (byte-level BPE offsets include the space
-    before a word) and the combining marks that follow its last character, up to `limit`, added (a
-    normalizer that strips accents leaves a decomposed `José`'s U+0301 in no subword, so the offsets
-    stop before it); None when nothing but whitespace is left."""
+    before a word) and the combining marks that follow its last character added, so that no letter
+    is split from its accent: an accent-stripping normalizer leaves a decomposed `José`'s U+0301 in
+    no subword, byte-level BPE makes it a word of its own, a cased WordPiece can put it at the start
+    of the next word. None when nothing but whitespace is left."""
     while start < end and text[start].isspace():
         start += 1
     while end > start and text[end - 1].isspace():
         end -= 1
     if start >= end:
         return None
-    while end < limit and unicodedata.combining(text[end]):
+    while end < len(text) and unicodedata.combining(text[end]):
         end += 1
     return Span(start, end, label, text[start:end], float(score))

@@ -267,18 +267,27 @@ def running(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads process states from /proc")
-def test_a_worker_blocked_in_a_read_exits_when_its_model_process_is_killed(tmp_path):
+@pytest.mark.parametrize("stderr_reader", ["alive", "killed too"])
+def test_a_worker_blocked_in_a_read_exits_when_its_model_process_is_killed(tmp_path, stderr_reader):
     """SIGKILL of the model process half way through a reply left workers blocked in a read for
-    ever (found by a chaos run): `watch_parent` ends them within a second or two."""
+    ever (found by a chaos run): `watch_parent` ends them within a second or two, also when the
+    reader of their stderr died with the parent (`... | tee log`: printing the reason fails)."""
     script = tmp_path / "parent.py"
     script.write_text(PARENT_SCRIPT)
-    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reader, writer = os.pipe()
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=writer, text=True)
+    os.close(writer)
     child = int(parent.stdout.readline())
-    assert running(child)
+    time.sleep(1.5)
+    assert running(child)  # the watcher leaves it alone while its parent lives
+    if stderr_reader == "killed too":
+        os.close(reader)
     parent.kill()
     parent.wait()
     deadline = time.monotonic() + 15
     while running(child) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not running(child)
-    assert GONE in parent.stderr.read()
+    if stderr_reader == "alive":
+        with os.fdopen(reader) as stderr:
+            assert GONE in stderr.read()
