@@ -7,6 +7,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -85,15 +86,26 @@ def stop_with_launcher() -> threading.Thread | None:
     _watching = True
     parent = os.getppid()
 
-    def watch() -> None:
+    def launcher_gone() -> None:
         while os.getppid() == parent:
             time.sleep(LAUNCHER_POLL_SECONDS)
-        try:  # stderr may be a pipe whose reader died with the launcher (`| tee log`)
-            print(f"nerbatch: the launcher (pid {parent}) is gone; this rank stops", file=sys.stderr, flush=True)
+
+    return exit_after(launcher_gone, f"nerbatch: the launcher (pid {parent}) is gone; this rank stops")
+
+
+def exit_after(wait_for_death: Callable[[], None], message: str) -> threading.Thread:
+    """Start a daemon thread that calls `wait_for_death` (it returns when the process this one
+    depends on is gone), prints `message` and ends this process at once, whatever the main thread
+    is blocked in (a read, a collective): no clean-up, as preemption would end it."""
+
+    def watch() -> None:
+        wait_for_death()
+        try:  # stderr may be a pipe whose reader died with that process (`| tee log`)
+            print(message, file=sys.stderr, flush=True)
         finally:
             os._exit(1)
 
-    thread = threading.Thread(target=watch, name="nerbatch-watch-launcher", daemon=True)
+    thread = threading.Thread(target=watch, name="nerbatch-watch", daemon=True)
     thread.start()
     return thread
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from nerbatch import startup
+from nerbatch.dist import exit_after
 from nerbatch.inference import Annotator, LocalBatch
 from nerbatch.modeling import ModelError
 from nerbatch.options import Options
@@ -301,17 +302,8 @@ def watch_parent() -> threading.Thread | None:
     parent = multiprocessing.parent_process()
     if parent is None:
         return None
-
-    def watch() -> None:
-        parent.join()  # returns when the parent's end of its sentinel pipe closes: it has exited
-        try:  # stderr may be a pipe whose reader died with the parent (`| tee log`)
-            print(GONE, file=sys.stderr, flush=True)
-        finally:
-            os._exit(1)  # the main thread may be inside a read that never returns: no clean-up
-
-    thread = threading.Thread(target=watch, name="nerbatch-watch-parent", daemon=True)
-    thread.start()
-    return thread
+    # `join` returns when the parent's end of its sentinel pipe closes: it has exited
+    return exit_after(parent.join, GONE)
 
 
 def peak_rss_mb() -> float | None:
