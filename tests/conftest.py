@@ -54,9 +54,8 @@ def _training_text() -> list[str]:
 
 def build_tiny_model(directory: Path, labels: list[str] = CONLL_LABELS, max_positions: int = 128) -> Path:
     """Save a randomly initialised 2-layer BERT token classifier and a cased WordPiece tokenizer."""
-    import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertConfig, BertForTokenClassification, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
@@ -80,9 +79,19 @@ def build_tiny_model(directory: Path, labels: list[str] = CONLL_LABELS, max_posi
         mask_token="[MASK]",
         model_max_length=max_positions,
     )
+    tiny_bert(tok.get_vocab_size(), labels, max_positions).save_pretrained(directory)
+    fast.save_pretrained(directory)
+    return directory
+
+
+def tiny_bert(vocab_size: int, labels: list[str] = CONLL_LABELS, max_positions: int = 128):
+    """A randomly initialised (seed 0) 2-layer, 32-wide BERT token classifier."""
+    import torch
+    from transformers import BertConfig, BertForTokenClassification
+
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=tok.get_vocab_size(),
+        vocab_size=vocab_size,
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
@@ -91,10 +100,7 @@ def build_tiny_model(directory: Path, labels: list[str] = CONLL_LABELS, max_posi
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},
     )
-    model = BertForTokenClassification(config)
-    model.save_pretrained(directory)
-    fast.save_pretrained(directory)
-    return directory
+    return BertForTokenClassification(config)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from nerbatch.dist import launch_command
@@ -144,3 +145,35 @@ def reuters_corpus(directory: Path, start: int) -> Path:
     pq.write_table(table.slice(0, 150), directory / "a.parquet", row_group_size=30)
     pq.write_table(table.slice(150), directory / "b.parquet")
     return directory
+
+
+def _stat_fields(stat: Path) -> list[str] | None:
+    """The fields of a /proc/PID/stat file after the command name (state first), None once gone."""
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:  # the process exited meanwhile
+        return None
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and has not exited (a zombie has), from /proc."""
+    fields = _stat_fields(Path("/proc") / str(pid) / "stat")
+    return fields is not None and fields[0] != "Z"
+
+
+def children(pid: int) -> list[int]:
+    """The running processes whose parent is `pid`, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        fields = _stat_fields(stat)
+        if fields is not None and fields[0] != "Z" and int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def all_gone(pids: list[int], seconds: float) -> bool:
+    """Wait up to `seconds` for every process of `pids` to exit; whether they all did."""
+    deadline = time.monotonic() + seconds
+    while any(running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not any(running(pid) for pid in pids)

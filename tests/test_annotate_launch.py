@@ -19,7 +19,7 @@ import pytest
 
 from nerbatch.dist import launch_command
 
-from helpers import environment, free_port, reuters_corpus
+from helpers import all_gone, children, environment, free_port, reuters_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -126,26 +126,6 @@ def test_sigkill_mid_unit_then_rerun_equals_an_uninterrupted_run(tiny_model_dir,
     assert (out / "_nerbatch" / "stats.json").exists()
 
 
-def children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (from /proc)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # exited meanwhile
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
-
-
-def running(pid: int) -> bool:
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the ranks through /proc")
 def test_ranks_stop_when_the_launcher_is_killed_and_a_rerun_completes(tiny_model_dir, corpus, uninterrupted, tmp_path):
     """torchrun starts each rank in a session of its own: SIGKILL of the launcher alone left both
@@ -164,10 +144,7 @@ def test_ranks_stop_when_the_launcher_is_killed_and_a_rerun_completes(tiny_model
     assert len(ranks) == 2
     launcher.kill()
     launcher.wait()
-    deadline = time.monotonic() + 20
-    while any(running(rank) for rank in ranks) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(running(rank) for rank in ranks)
+    assert all_gone(ranks, 20)
     assert "the launcher" in launcher.stderr.read() and not (out / "_nerbatch" / "stats.json").exists()
     rerun = [*launch_command(2, free_port()), *command(tiny_model_dir, corpus, out)]
     done = subprocess.run(rerun, env=environment(), capture_output=True, text=True, timeout=300)

@@ -16,7 +16,7 @@ from nerbatch.errors import OptionError
 from nerbatch.inference import Annotator, annotate_texts, plan_windows
 from nerbatch.modeling import load_tokenizer
 
-from conftest import CONLL_LABELS, REUTERS, need
+from conftest import CONLL_LABELS, REUTERS, need, tiny_bert
 
 
 @pytest.fixture(scope="module")
@@ -31,17 +31,7 @@ def random_model(request, tiny_model_dir):
     if request.param == "cased-wordpiece":
         return request.getfixturevalue("tiny")
     tokenizer = load_tokenizer(str(request.getfixturevalue("minilm_dir")))
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        id2label=dict(enumerate(CONLL_LABELS)),
-        label2id={label: i for i, label in enumerate(CONLL_LABELS)},
-    )
-    return BertForTokenClassification(config).eval(), tokenizer
+    return tiny_bert(tokenizer.vocab_size, max_positions=512).eval(), tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from nerbatch.inference import Annotator
 from nerbatch.modeling import ModelError
 from nerbatch.serve import GONE, ServerClient
 
-from helpers import environment, good_and_corrupt_inputs, reuters_corpus
+from helpers import all_gone, environment, good_and_corrupt_inputs, reuters_corpus, running
 
 OPTIONS = ["--max-length", "64", "--read-rows", "8", "--id-column", "doc_id", "--no-progress"]
 
@@ -258,14 +258,6 @@ if __name__ == "__main__":
 """
 
 
-def running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
-    except FileNotFoundError:
-        return False
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads process states from /proc")
 @pytest.mark.parametrize("stderr_reader", ["alive", "killed too"])
 def test_a_worker_blocked_in_a_read_exits_when_its_model_process_is_killed(tmp_path, stderr_reader):
@@ -284,10 +276,7 @@ def test_a_worker_blocked_in_a_read_exits_when_its_model_process_is_killed(tmp_p
         os.close(reader)
     parent.kill()
     parent.wait()
-    deadline = time.monotonic() + 15
-    while running(child) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not running(child)
+    assert all_gone([child], 15)
     if stderr_reader == "alive":
         with os.fdopen(reader) as stderr:
             assert GONE in stderr.read()
