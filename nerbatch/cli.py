@@ -440,7 +440,7 @@ def show_cmd(out_dir, sample, seed, html_path):
 def demo_cmd(model, dataset, output_dir, epochs, lr, show):
     """Fine-tune, evaluate, annotate with 2 processes and summarise, on shipped sample data.
 
-    With hub access, `nerbatch demo --model bert-base-cased --dataset conll2003 --epochs 3 --lr 2e-5`
+    With hub access, `nerbatch demo --model bert-base-cased --dataset lhoestq/conll2003 --epochs 3 --lr 2e-5`
     runs the reference recipe instead of the offline sample.
     """
     from nerbatch.demo import run_demo

@@ -31,8 +31,8 @@ class TrainConfig:
     """Everything a training run depends on. Defaults are the reference recipe."""
 
     model: str = "bert-base-cased"
-    train: str = "conll2003"  # hub dataset name (split "train") or a local file
-    validation: str = "conll2003"  # hub dataset name (split "validation") or a local file
+    train: str = "lhoestq/conll2003"  # a hub dataset (split "train") or a local file (nerbatch.data)
+    validation: str = "lhoestq/conll2003"  # a hub dataset (split "validation") or a local file
     output_dir: str = "runs/bert-base-cased-conll2003"
     epochs: int = 3
     batch_size: int = 8  # per process

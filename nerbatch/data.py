@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +17,13 @@ from nerbatch.errors import NerbatchError
 
 DOCSTART = "-DOCSTART-"
 TABULAR_SUFFIXES = {".parquet", ".jsonl", ".json"}
+
+# CoNLL-2003 on the hub as Parquet files (the canonical `conll2003` is a loading script, which
+# datasets >= 4 refuses to run). docs/training.md says why this copy.
+CONLL2003_HUB = "lhoestq/conll2003"
+CONLL2003_LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
+CONLL2003_SENTENCES = {"train": 14041, "validation": 3250, "test": 3453}  # without -DOCSTART- lines
+_CONLL2003_NAME = re.compile(r"conll[-_ ]?(2003|03)", re.IGNORECASE)
 
 
 class DataError(NerbatchError):
@@ -44,15 +53,16 @@ class Corpus:
     documents: int = 0
     name: str = ""
     has_documents: bool = False  # True when every sentence knows its document (`Sentence.document`)
+    warnings: list[str] = field(default_factory=list)  # for the user: how this copy differs from the expected
 
     def __len__(self) -> int:
         return len(self.sentences)
 
     def no_documents_reason(self) -> str:
         """Why this corpus cannot be scored or trained document by document (for error messages)."""
-        if self.name.endswith("]"):  # a hub dataset: conll2003 and most copies drop -DOCSTART- lines
+        if self.name.endswith("]"):  # a hub dataset: the CoNLL-2003 copies drop -DOCSTART- lines
             return (
-                f"{self.name} keeps no document boundaries (the hub's conll2003 drops the -DOCSTART- lines); "
+                f"{self.name} keeps no document boundaries (CoNLL-2003 on the hub drops the -DOCSTART- lines); "
                 "pass the original CoNLL files, or Parquet/JSON Lines with a document-id column"
             )
         if Path(self.name).suffix in TABULAR_SUFFIXES:
@@ -78,16 +88,22 @@ def load_corpus(
     tags_column: str = "ner_tags",
     document_column: str | None = None,
 ) -> Corpus:
-    """Load a labelled corpus from a local path (CoNLL, Parquet, JSON Lines) or a hub dataset name.
+    """Load a labelled corpus from a local file (CoNLL, Parquet, JSON Lines) or a hub dataset.
 
-    `spec` is a path when it exists on disk; otherwise it is a hub dataset name, optionally written
-    `name:split` to pick a split other than `split`. Documents come from `-DOCSTART-` lines (CoNLL),
-    `-DOCSTART-` rows (tabular and hub data that keep them) or `document_column` (tabular data).
+    `spec` is a file when one exists at that path; otherwise it is a dataset for `datasets.load_dataset`:
+    a hub id or a local copy of a hub dataset (a directory of Parquet files), written
+    `name[@revision][:split]` (e.g. `lhoestq/conll2003:test`, `eriktks/conll2003@refs/convert/parquet`).
+    Documents come from `-DOCSTART-` lines (CoNLL), `-DOCSTART-` rows (tabular and hub data that keep
+    them) or `document_column` (tabular data). A corpus that names itself CoNLL-2003 is checked
+    against the published split sizes and labels (`Corpus.warnings`).
     """
     path = Path(spec)
-    if path.is_dir():
-        raise DataError(f"{spec}: is a directory; pass one CoNLL, Parquet or JSON Lines file")
-    if path.exists():
+    if path.is_dir() and not any(p.suffix in TABULAR_SUFFIXES for p in path.rglob("*")):
+        raise DataError(
+            f"{spec}: is a directory without Parquet or JSON Lines files; pass one CoNLL, Parquet or JSON "
+            "Lines file, or a directory holding a downloaded copy of a hub dataset"
+        )
+    if path.is_file():
         if path.suffix in TABULAR_SUFFIXES:
             corpus = read_tabular(path, tokens_column, tags_column, document_column)
         else:
@@ -95,13 +111,52 @@ def load_corpus(
     elif path.suffix in TABULAR_SUFFIXES | {".txt", ".conll"}:
         raise DataError(f"{spec}: no such file")
     else:
-        name, _, explicit_split = spec.partition(":")
+        name, revision, explicit_split = parse_dataset_spec(spec)
         if document_column:
             raise DataError(f"{spec}: --document-column applies to Parquet/JSON Lines files, not hub datasets")
-        corpus = read_hub(name, explicit_split or split, tokens_column, tags_column)
+        split = explicit_split or split
+        corpus = read_hub(name, split, tokens_column, tags_column, revision)
     if not corpus.sentences:  # found only after a whole epoch otherwise, or as a model with a random head
         raise DataError(f"{corpus.name}: no sentences (an empty file, or only {DOCSTART} lines)")
+    if looks_like_conll2003(spec):
+        corpus.warnings += conll2003_differences(corpus, split if not path.is_file() else None)
     return corpus
+
+
+def parse_dataset_spec(spec: str) -> tuple[str, str | None, str | None]:
+    """Split `name[@revision][:split]` into its parts (None where absent)."""
+    rest, _, split = spec.partition(":")
+    name, _, revision = rest.partition("@")
+    return name, revision or None, split or None
+
+
+def looks_like_conll2003(spec: str) -> bool:
+    """Whether a corpus spec names CoNLL-2003: a dataset (hub id or directory) named after it, or a
+    file in a directory named after it (`conll2003/valid.txt`) or named so itself."""
+    path = Path(spec)
+    parts = path.parts[-2:] if path.is_file() else [Path(parse_dataset_spec(spec)[0]).name]
+    return any(_CONLL2003_NAME.search(part) for part in parts)
+
+
+def conll2003_differences(corpus: Corpus, split: str | None) -> list[str]:
+    """How a corpus that names itself CoNLL-2003 differs from the published dataset: its sentence
+    count for `split` (any split's count when None: a local file's role is not its split), and its
+    label names (their order too, when the source declares ids). Empty when it matches."""
+    found = []
+    expected = [CONLL2003_SENTENCES[split]] if split in CONLL2003_SENTENCES else list(CONLL2003_SENTENCES.values())
+    if len(corpus) not in expected:
+        sizes = " / ".join(f"{n:,} ({s})" for s, n in CONLL2003_SENTENCES.items())
+        found.append(f"{len(corpus):,} sentences where CoNLL-2003 has {sizes}")
+    if corpus.label_names is not None and list(corpus.label_names) != CONLL2003_LABELS:
+        found.append(
+            f"labels {list(corpus.label_names)} where CoNLL-2003 has {CONLL2003_LABELS} (a model trained on it "
+            "has other label ids than one trained on the canonical copies)"
+        )
+    elif corpus.label_names is None:  # tags as strings: compare the entity types seen
+        types = {t[2:] for s in corpus.sentences for t in s.tags if t != "O"}
+        if types != {"PER", "ORG", "LOC", "MISC"}:
+            found.append(f"entity types {sorted(types)} where CoNLL-2003 has ['LOC', 'MISC', 'ORG', 'PER']")
+    return [f"{corpus.name}: {text}; check that this is the copy you mean" for text in found]
 
 
 def read_conll(path: str | Path) -> Corpus:
@@ -256,26 +311,49 @@ def read_json_lines(path: Path) -> list:
     return rows
 
 
-def read_hub(name: str, split: str, tokens_column: str, tags_column: str) -> Corpus:
-    """Read one split of a hub dataset (e.g. `conll2003`) through `datasets.load_dataset`."""
+def read_hub(name: str, split: str, tokens_column: str, tags_column: str, revision: str | None = None) -> Corpus:
+    """Read one split of a dataset through `datasets.load_dataset`: a hub id at an optional revision
+    (branch, tag or commit), or a local directory laid out like a hub dataset (Parquet files)."""
     import datasets
 
+    where = f"{name}@{revision}" if revision else name
     try:
-        ds = datasets.load_dataset(name, split=split)
+        ds = datasets.load_dataset(name, split=split, revision=revision)
     except Exception as exc:  # the hub raises many types; the user needs one clear message
-        raise DataError(
-            f"could not load dataset {name!r} split {split!r} from the hub ({exc}); "
-            "pass a local CoNLL/Parquet/JSONL path instead when offline"
-        ) from exc
+        raise DataError(hub_error_message(where, split, exc)) from exc
     feature = ds.features.get(tags_column)
     label_names = getattr(getattr(feature, "feature", None), "names", None)
+    for column in (tokens_column, tags_column):
+        if column not in ds.column_names:
+            raise DataError(f"{where}[{split}]: no column {column!r} (columns: {ds.column_names})")
     sentences = []
     for i, row in enumerate(ds):
         tags = row[tags_column]
         if label_names is not None:
-            tags = names_of(tags, label_names, f"{name}[{split}]: row {i}")
-        sentences.append(_checked_sentence(row[tokens_column], tags, f"{name}[{split}]", i))
-    return _split_at_docstart_rows(Corpus(sentences, label_names, 1, f"{name}[{split}]"))
+            tags = names_of(tags, label_names, f"{where}[{split}]: row {i}")
+        sentences.append(_checked_sentence(row[tokens_column], tags, f"{where}[{split}]", i))
+    return _split_at_docstart_rows(Corpus(sentences, label_names, 1, f"{where}[{split}]"))
+
+
+def hub_error_message(where: str, split: str, exc: Exception) -> str:
+    """One line for a failed `load_dataset`: what went wrong and what to pass instead."""
+    detail = " ".join(str(exc).split())
+    if "Dataset scripts are no longer supported" in detail:
+        return (
+            f"{where} is a dataset loading script, which datasets >= 4 no longer runs; pass a copy stored as "
+            f"data files instead: its Parquet conversion ({where.partition('@')[0]}@refs/convert/parquet) if the "
+            f"hub made one, for CoNLL-2003 {CONLL2003_HUB}, or local CoNLL/Parquet/JSON Lines files"
+        )
+    offline = any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
+    if offline or isinstance(exc, ConnectionError) or "connect" in detail.lower():
+        return (
+            f"could not load dataset {where!r} split {split!r}: the hub is not reachable "
+            f"{'(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set)' if offline else f'({detail})'}; "
+            "pass local CoNLL/Parquet/JSON Lines files or a downloaded copy of the dataset (a directory)"
+        )
+    return f"could not load dataset {where!r} split {split!r}: {detail}"
 
 
 def _split_at_docstart_rows(corpus: Corpus) -> Corpus:

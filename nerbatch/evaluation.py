@@ -13,6 +13,8 @@ segmentation, windows and decoding), and the predicted spans are mapped back ont
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 from seqeval.metrics import accuracy_score, classification_report
@@ -158,6 +160,9 @@ def evaluate_dir(
     model, tokenizer = load_token_classifier(model_dir)
     with accelerator.main_process_first():
         corpus = load_corpus(data, split, tokens_column, tags_column, document_column)
+    if accelerator.is_main_process:
+        for warning in corpus.warnings:
+            print(f"nerbatch evaluate: warning: {warning}", file=sys.stderr)
     label2id = {label: int(i) for label, i in model.config.label2id.items()}
     check_labels(corpus, label2id)
     if documents:

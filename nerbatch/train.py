@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -238,6 +239,9 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
 
     with accelerator.main_process_first():  # the main process fills the hub/dataset caches first
         train_corpus, val_corpus = load_splits(cfg)
+    if accelerator.is_main_process:
+        for warning in train_corpus.warnings + val_corpus.warnings:
+            print(f"nerbatch train: warning: {warning}", file=sys.stderr)
     model, labels = load_model(cfg.model, build_label_list(train_corpus))
     label2id = {label: i for i, label in enumerate(labels)}
     check_labels(val_corpus, label2id)

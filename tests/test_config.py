@@ -19,7 +19,8 @@ def test_every_job_file_is_valid_and_says_how_to_run_it(job):
 
 def test_reference_job_is_the_reference_recipe():
     cfg = load_config(Path(__file__).parents[1] / "jobs" / "conll2003-bert-base-cased.toml", {})
-    assert (cfg.model, cfg.train, cfg.epochs, cfg.batch_size, cfg.lr) == ("bert-base-cased", "conll2003", 3, 8, 2e-5)
+    recipe = ("bert-base-cased", "lhoestq/conll2003", 3, 8, 2e-5)
+    assert (cfg.model, cfg.train, cfg.epochs, cfg.batch_size, cfg.lr) == recipe
 
 
 def test_command_line_overrides_file(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 
 from nerbatch.data import DataError, build_label_list, check_labels, corpus_stats, load_corpus, read_conll, to_iob2
 
-from conftest import CONLL, CONLL_LABELS, need
+from conftest import CONLL, CONLL_LABELS, REPO, need
 
 
 @pytest.mark.parametrize(
@@ -173,3 +173,136 @@ def test_a_training_tag_that_is_not_iob_names_its_line(tmp_path, tag):
     path.write_text(f"Rome B-LOC\nwins O\n\nAcme {tag}\n")
     with pytest.raises(DataError, match=rf"train\.conll:4: tag '{tag}' on word 'Acme' is neither 'O'"):
         build_label_list(read_conll(path))
+
+
+# --- hub datasets, without the hub: a local directory laid out like a Parquet dataset repository
+
+
+def write_hub_copy(root, splits, labels=CONLL_LABELS):
+    """A dataset repository as the hub stores one: `data/<split>-00000-of-00001.parquet`, written by
+    `datasets` (so the ClassLabel names travel in the Parquet schema metadata)."""
+    import datasets
+
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "tokens": datasets.Sequence(datasets.Value("string")),
+            "ner_tags": datasets.Sequence(datasets.ClassLabel(names=labels)),
+        }
+    )
+    for split, rows in splits.items():
+        columns = {
+            "id": [str(i) for i in range(len(rows))],
+            "tokens": [w for w, _ in rows],
+            "ner_tags": [t for _, t in rows],
+        }
+        (root / "data").mkdir(parents=True, exist_ok=True)
+        datasets.Dataset.from_dict(columns, features=features).to_parquet(
+            root / "data" / f"{split}-00000-of-00001.parquet"
+        )
+    return root
+
+
+HUB_ROWS = {
+    "train": [(["EU", "rejects", "German", "call"], [3, 0, 7, 0]), (["Peter", "Blackburn"], [1, 2])],
+    "validation": [(["BRUSSELS", "1996-08-22"], [5, 0])],
+    "test": [(["Japan", "wins"], [5, 0]), (["Nadim", "Ladki"], [1, 2]), (["AL-AIN"], [5])],
+}
+
+
+def test_a_local_copy_of_a_hub_dataset_reads_through_load_dataset(tmp_path):
+    root = write_hub_copy(tmp_path / "lhoestq" / "conll2003", HUB_ROWS)
+    train = load_corpus(str(root), "train")
+    assert [s.words for s in train.sentences] == [["EU", "rejects", "German", "call"], ["Peter", "Blackburn"]]
+    assert train.sentences[0].tags == ["B-ORG", "O", "B-MISC", "O"] and train.label_names == CONLL_LABELS
+    assert train.name == f"{root}[train]" and not train.has_documents
+    test = load_corpus(f"{root}:test", "validation")  # an explicit split wins
+    assert [s.tags for s in test.sentences] == [["B-LOC", "O"], ["B-PER", "I-PER"], ["B-LOC"]]
+    # named after CoNLL-2003 but far smaller: the user is told how it differs
+    assert train.warnings == [
+        f"{root}[train]: 2 sentences where CoNLL-2003 has 14,041 (train) / 3,250 (validation) / 3,453 (test); "
+        "check that this is the copy you mean"
+    ]
+
+
+def test_the_reference_job_file_names_a_parquet_copy_that_loads(tmp_path, monkeypatch):
+    """The job file's exact spec goes through the same `load_dataset` call, served from a local copy."""
+    import datasets
+
+    from nerbatch.config import load_config
+    from nerbatch.data import CONLL2003_HUB
+
+    cfg = load_config(REPO / "jobs" / "conll2003-bert-base-cased.toml", {})
+    assert cfg.train == cfg.validation == CONLL2003_HUB
+    copy = write_hub_copy(tmp_path / "hub", HUB_ROWS)
+    real = datasets.load_dataset
+    calls = []
+
+    def from_local_copy(name, **kwargs):
+        calls.append((name, kwargs))
+        return real(str(copy), **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", from_local_copy)
+    corpus = load_corpus(cfg.validation, "validation")
+    assert calls == [(CONLL2003_HUB, {"split": "validation", "revision": None})]
+    assert corpus.sentences[0].tags == ["B-LOC", "O"] and corpus.label_names == CONLL_LABELS
+    load_corpus("eriktks/conll2003@refs/convert/parquet:test", "train")
+    assert calls[-1] == ("eriktks/conll2003", {"split": "test", "revision": "refs/convert/parquet"})
+
+
+def test_a_script_dataset_is_named_as_such_not_as_offline(monkeypatch):
+    import datasets
+
+    def script_repository(name, **kwargs):
+        raise RuntimeError("Dataset scripts are no longer supported, but found conll2003.py")
+
+    monkeypatch.setattr(datasets, "load_dataset", script_repository)
+    with pytest.raises(DataError) as raised:
+        load_corpus("conll2003", "train")
+    message = str(raised.value)
+    assert "\n" not in message and "offline" not in message
+    assert message.startswith("conll2003 is a dataset loading script, which datasets >= 4 no longer runs")
+    assert "conll2003@refs/convert/parquet" in message and "lhoestq/conll2003" in message
+
+
+def test_an_unreachable_hub_says_so_and_what_to_pass(monkeypatch):
+    import datasets
+
+    def offline(name, **kwargs):
+        raise ConnectionError("Couldn't reach 'lhoestq/conll2003' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError, match=r"'lhoestq/conll2003' split 'train': the hub is not reachable \(HF_HUB_OFF"):
+        load_corpus("lhoestq/conll2003", "train")
+
+
+def test_conll2003_by_any_name_is_checked_for_sizes_and_label_order(tmp_path):
+    from nerbatch.data import conll2003_differences
+
+    shuffled = ["O", "B-ORG", "B-MISC", "B-PER", "I-PER", "B-LOC", "I-ORG", "I-MISC", "I-LOC"]  # tner's order
+    root = write_hub_copy(tmp_path / "tner" / "conll2003", {"validation": HUB_ROWS["validation"]}, shuffled)
+    warnings = load_corpus(str(root), "validation").warnings
+    assert len(warnings) == 2
+    assert "1 sentences where CoNLL-2003 has" in warnings[0]
+    assert f"labels {shuffled} where CoNLL-2003 has {CONLL_LABELS}" in warnings[1]
+    # a file that does not name itself CoNLL-2003 is the user's own data: not checked
+    own = write_hub_copy(tmp_path / "my-ner", {"validation": HUB_ROWS["validation"]}, shuffled)
+    assert load_corpus(str(own), "validation").warnings == []
+    # string tags: the entity types are compared
+    corpus = load_corpus(str(write_conll(tmp_path / "conll2003" / "valid.txt")))
+    assert conll2003_differences(corpus, None)[-1].endswith(
+        "entity types ['CITY', 'PER'] where CoNLL-2003 has ['LOC', 'MISC', 'ORG', 'PER']; "
+        "check that this is the copy you mean"
+    )
+
+
+def write_conll(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("-DOCSTART- -X- -X- O\n\nAda NNP B-NP B-PER\nin IN B-PP O\nOslo NNP B-NP B-CITY\n")
+    return path
+
+
+def test_the_published_conll2003_files_pass_the_check():
+    for name, split in (("train.txt", "train"), ("valid.txt", "validation")):
+        assert load_corpus(str(need(CONLL / name)), split).warnings == []
