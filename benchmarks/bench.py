@@ -10,8 +10,7 @@
    script (benchmarks/pipeline_job.py, each batch size) vs `nerbatch annotate` at fp32 and at int8;
 3. precision: validation F1 at sentence and document level, fp32 vs int8;
 4. training: a faithful copy of the reference loop vs `nerbatch train`, one epoch each;
-5. memory: peak RSS of `nerbatch annotate` on a corpus and on ten copies of it, fp32 and int8 (and
-   with worker processes: `--memory-variants fp32,int8,workers1`).
+5. memory: peak RSS of `nerbatch annotate` on a corpus and on ten copies of it, fp32 and int8.
 
 Every figure printed comes from this run; the JSON file keeps them with the settings used.
 """
@@ -395,21 +394,12 @@ def peak_rss_mb(cmd: list[str]) -> float:
     return int(done.stdout.split("MAXRSS_KB")[-1]) / 1024
 
 
-def memory_options(variant: str) -> list[str]:
-    """The annotate options of a memory variant: a precision, or `workersN` (fp32, N workers)."""
-    if variant.startswith("workers"):
-        return ["--precision", "fp32", "--workers", variant.removeprefix("workers")]
-    return ["--precision", variant]
-
-
 def run_memory(model_dir: str, corpus: Path, docs: int, repeats: int, variants: list[str]) -> dict:
     """Section 5: peak RSS on `docs` documents, then on ten files of them, per variant.
 
     Peak RSS of identical runs varies (on the AMD EPYC machine by about 50 MiB, and one run in ten or
     so peaks 100 MiB higher, at either size), so each size runs `repeats` times, interleaved, and the
-    ratio compares medians; every sample is kept in the report. The wrapper sees the largest process;
-    with workers, each process's own peak comes from the run's server stats (the model process and
-    each worker)."""
+    ratio compares medians; every sample is kept in the report."""
     import statistics
 
     import pyarrow.parquet as pq
@@ -424,7 +414,7 @@ def run_memory(model_dir: str, corpus: Path, docs: int, repeats: int, variants: 
         for k in range(10):
             pq.write_table(table, ten / f"part-{k}.parquet", row_group_size=500)
         for variant in variants:
-            samples, processes = {"1x": [], "10x": []}, {"1x": [], "10x": []}
+            samples = {"1x": [], "10x": []}
             for _ in range(repeats):
                 for name, source in (("1x", one), ("10x", ten)):
                     out = Path(tmp) / f"out-{variant}-{name}"
@@ -432,19 +422,15 @@ def run_memory(model_dir: str, corpus: Path, docs: int, repeats: int, variants: 
                         peak_rss_mb(
                             [sys.executable, "-m", "nerbatch", "annotate", model_dir, str(source)]
                             + ["--output", str(out), "--id-column", "doc_id"]
-                            + [*memory_options(variant), "--no-progress", "--overwrite"]
+                            + ["--precision", variant, "--no-progress", "--overwrite"]
                         )
                     )
-                    for served in (out / "_nerbatch" / "stats").glob("server-*.json"):
-                        record = json.loads(served.read_text())
-                        processes[name].append([record["peak_rss_mb"], *record["worker_peak_rss_mb"]])
             median = {name: statistics.median(values) for name, values in samples.items()}
             report[variant] = {
                 "peak_rss_mb_1x": median["1x"],
                 "peak_rss_mb_10x": median["10x"],
                 "ratio": median["10x"] / median["1x"],
                 "samples_mb": samples,
-                **({"model_and_worker_peaks_mb": processes} if processes["1x"] else {}),
             }
     return report
 
@@ -529,7 +515,7 @@ def print_table(report: dict) -> None:
     "--memory-variants",
     default="fp32,int8",
     show_default=True,
-    help="What the memory check runs: precisions, and workersN (fp32 with N worker processes).",
+    help="The precisions the memory check runs.",
 )
 @click.option("--process-docs", default=800, show_default=True, help="Documents for the whole-process comparison.")
 @click.option("--sections", default="annotation,processes,precision,training,memory", show_default=True)

@@ -5,17 +5,16 @@ reading, tokenizing, planning windows, building batches, decoding spans, writing
 On a GPU that rest is what stands between annotate and the forward-only ceiling (README, GPU): one
 process's CPU side has to keep up with the GPU. This measures it on any machine, and compares
 checkouts side by side (`--other DIR`: another nerbatch source tree, e.g. a `git worktree` of an
-older commit), or this checkout with worker processes (`--workers N`: this process only runs the
-model, `nerbatch.serve`), in interleaved rounds.
+older commit), in interleaved rounds.
 
     .venv/bin/python benchmarks/cpu_side.py --model runs/minilm-conll2003-document \\
-        --reuters ../shared/data/reuters21578/reuters21578.parquet [--other /tmp/nerbatch-old] [--workers 2]
+        --reuters ../shared/data/reuters21578/reuters21578.parquet [--other /tmp/nerbatch-old]
 
 The model directory only lends its tokenizer and labels. The no-layer model's head is calibrated,
 as the GPU benchmark's random model is, to tag about 5% of the subwords, so decoding costs what it
 costs with a trained model. Documents: the first `--docs` Reuters bodies that fit one 512-subword
 window, `--copies` times over, one annotate unit per copy; `steady` is the units after the
-first, in one process; `work` is from the first unit's start to the last one's end (with workers too).
+first, in one process; `work` is from the first unit's start to the last one's end.
 """
 
 from __future__ import annotations
@@ -71,25 +70,16 @@ def time_process(source: Path, encoder: Path, corpus: Path, output: Path, option
     process = time.perf_counter() - began
     stats = json.loads((output / "_nerbatch" / "stats.json").read_text())
     units = [json.loads(p.read_text()) for p in (output / "_nerbatch" / "done").glob("*.json")]
-    # from the first unit's start to the last unit's end: the work, without start-up, also when
-    # worker processes annotate units side by side (a marker holds its unit's end and duration)
+    # from the first unit's start to the last unit's end: the work, without start-up (a marker
+    # holds its unit's end and duration)
     work = max(u["at"] for u in units) - min(u["at"] - u["seconds"] for u in units)
     # units after the first, their own durations added up (in one process, where they run in turn)
     later = sorted(units, key=lambda u: u["unit"]["index"])[1:]
     steady = sum(u["seconds"] for u in later)
-    served = [json.loads(p.read_text()) for p in (output / "_nerbatch" / "stats").glob("server-*.json")]
     return {
         "docs": stats["docs"],
-        **({"server_cpu_us_per_doc": 1e6 * served[0]["cpu_seconds"] / stats["docs"]} if served else {}),
-        # with workers the units overlap: their durations say nothing about the rate
-        **(
-            {}
-            if served
-            else {
-                "steady_docs_per_s": sum(u["docs"] for u in later) / steady,
-                "steady_us_per_doc": 1e6 * steady / sum(u["docs"] for u in later),
-            }
-        ),
+        "steady_docs_per_s": sum(u["docs"] for u in later) / steady,
+        "steady_us_per_doc": 1e6 * steady / sum(u["docs"] for u in later),
         "work_docs_per_s": stats["docs"] / work,
         "work_us_per_doc": 1e6 * work / stats["docs"],
         "process_seconds": process,
@@ -104,7 +94,6 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--other", type=Path, help="Another nerbatch source tree, timed in the same rounds.")
-    parser.add_argument("--workers", type=int, nargs="*", default=[], help="Also run this checkout with N workers.")
     parser.add_argument(
         "--gpu-batches", action="store_true", help="The GPU's batch caps (1024 windows, 32768 subwords)."
     )
@@ -117,7 +106,6 @@ def main() -> None:
     variants = {"this": (HERE.parent, options)}
     if args.other:
         variants["other"] = (args.other.resolve(), options)
-    variants |= {f"workers{n}": (HERE.parent, [*options, "--workers", str(n)]) for n in args.workers}
     with tempfile.TemporaryDirectory(prefix="nerbatch-cpu-side-") as tmp:
         encoder, corpus = build_inputs(args.model, args.reuters, args.docs, args.copies, Path(tmp))
         runs: dict[str, list[dict]] = {name: [] for name in variants}
@@ -138,11 +126,6 @@ def main() -> None:
         print(
             f"  {name:8s} {figures['work_docs_per_s']:8,.0f} docs/s at work ({figures['work_us_per_doc']:.0f} us a "
             f"document), {figures['process_seconds']:.1f} s process"
-            + (
-                f", model process {figures['server_cpu_us_per_doc']:.0f} us CPU a document"
-                if "server_cpu_us_per_doc" in figures
-                else ""
-            )
         )
     if args.json_out:
         args.json_out.write_text(json.dumps(report, indent=1) + "\n")

@@ -97,14 +97,10 @@ def annotate_units(
 def annotate_all(
     todo: list[Unit], annotator: Annotator, options: Options, out: RunDir, schema, rank: int
 ) -> tuple[Tally, list[tuple[Unit, str]]]:
-    """Annotate the units `todo` in turn (or with worker processes: `nerbatch.serve`); returns the
-    tally and the units that raised, with their errors (the others are complete)."""
+    """Annotate the units `todo` in turn; returns the tally and the units that raised, with their
+    errors (the others are complete)."""
     bar = Progress(sum(u.rows for u in todo), options.progress and rank == 0)
     try:
-        if options.workers:
-            from nerbatch.serve import annotate_with_workers
-
-            return annotate_with_workers(todo, annotator, options, out, schema, rank, bar)
         tally, failed = Tally(), []
         with startup.collections_per_chunk() as collect:
             for unit in todo:
@@ -152,8 +148,6 @@ def check_options(options: Options) -> None:
         )
     if options.partition_by == options.text_column or options.text_column in options.keep_columns:
         raise OptionError(f"--keep-columns/--partition-by: {options.text_column!r} is the text column")
-    if options.workers < 0:
-        raise OptionError(f"--workers must be 0 or more (got {options.workers})")
     for name, value in (("--row-group-rows", options.row_group_rows), ("--file-rows", options.file_rows)):
         if value < 1:
             raise OptionError(f"{name} must be at least 1 (got {value})")

@@ -302,15 +302,6 @@ def predict_cmd(model_dir, text, aggregation, segment, max_length, precision):
     help="Most padded subwords per forward pass [default: 1024 on CPU, 32768 on GPU].",
 )
 @click.option(
-    "--workers",
-    type=click.IntRange(min=0),
-    default=Options.workers,
-    show_default=True,
-    help="Worker processes that read, tokenize, decode and write while this process only runs the model "
-    "(0: all in this process). Meant for GPUs, as an alternative to several processes sharing one; not yet "
-    "measured there.",
-)
-@click.option(
     "--read-rows",
     type=click.IntRange(min=1),
     default=Options.read_rows,

@@ -211,7 +211,6 @@ class Annotator:
             self.model = model = quantize_int8(model, tokenizer)
         self.autocast_dtype = autocast_dtype(self.precision)
         self.fp32_batches = 0  # batches whose autocast outputs were not finite, run again in fp32
-        self.server = None  # a `nerbatch.serve` client in a worker process: batches run there
 
     def settings(self) -> dict:
         """The options that determine the output (for run configs and Parquet metadata)."""
@@ -317,12 +316,7 @@ class Annotator:
     @torch.inference_mode()
     def run_batch(self, ids: torch.Tensor, mask: torch.Tensor) -> Pending:
         """Start the model on one padded batch (CPU tensors). On a GPU the copy back of the softmax
-        probabilities is only started; with a model server attached (`nerbatch.serve`), the batch
-        is sent to the process that holds the model."""
-        if self.server is not None:
-            return self.server.submit(ids.numpy(), mask.numpy())
-        if self.model is None:
-            raise ModelError("this Annotator was unpickled without its model: attach a model server (nerbatch.serve)")
+        probabilities is only started."""
         if self.device.type != "cuda":
             return LocalBatch(self, ids, mask, torch.softmax(self._logits(ids, mask).float(), dim=-1), None)
         on_device = (t.pin_memory().to(self.device, non_blocking=True) for t in (ids, mask))
@@ -352,11 +346,6 @@ class Annotator:
                 "its weights may hold NaN or inf"
             )
         return probs
-
-    def __getstate__(self) -> dict:
-        """Everything but the model: worker processes (`nerbatch.serve`) tokenize, plan and decode
-        with a copy, and send their batches to the process that holds the model."""
-        return {**self.__dict__, "model": None, "server": None}
 
     def decode(self, doc: Document, text: str) -> list[Span]:
         """The entity spans of one document whose probabilities `forward` has filled."""

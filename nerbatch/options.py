@@ -35,7 +35,6 @@ class Options:
     batch_size: int | None = None  # None: inference.CPU_BATCH_WINDOWS or GPU_BATCH_WINDOWS
     max_batch_tokens: int | None = None  # None: inference.CPU_BATCH_TOKENS or GPU_BATCH_TOKENS
     read_rows: int = 512
-    workers: int = 0  # worker processes that prepare and decode documents for this one (nerbatch.serve)
     keep_columns: list[str] = field(default_factory=list)  # input columns copied to the output, types kept
     partition_by: str | None = None  # an input column: Hive-style COLUMN=value/ directories
     row_group_rows: int = 100_000  # rows per output row group (each file's last may be smaller)

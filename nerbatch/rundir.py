@@ -10,7 +10,7 @@ OUT_DIR layout::
     _nerbatch/failed/unit-*.json   units that raised, with the error
     _nerbatch/files/part-*.json    output files assembled, with the paths written
     _nerbatch/tmp/                 pieces and files being written
-    _nerbatch/stats/rank-*.json    what each rank did in its last run (server-rank-*: with --workers)
+    _nerbatch/stats/rank-*.json    what each rank did in its last run
     _nerbatch/alive/rank-*.json    when each rank last said it was working (ranks wait for each other)
     _nerbatch/stats.json           totals, written once every unit is done and every file assembled
 
@@ -125,8 +125,8 @@ class RunDir:
         return max(times, default=0.0)
 
     def mark_done(self, unit: Unit, stats: dict, rank: int = 0) -> None:
-        """Record completion (after the piece is published), by which rank and process (a rank's
-        `--workers` are processes of their own) and when; clears an earlier failure."""
+        """Record completion (after the piece is published), by which rank and process and when;
+        clears an earlier failure."""
         record = {"unit": asdict(unit), **stats, "rank": rank, "pid": os.getpid(), "at": time.time()}
         self.marker(unit).write_json(record)
         self.failure(unit).remove()

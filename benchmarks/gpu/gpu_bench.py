@@ -107,16 +107,13 @@ GPU_SIZES = Sizes(
         "bert_base_random": (
             "like_pipeline",
             "like_pipeline_4proc",
-            "like_pipeline_4workers",
-            "like_pipeline_8workers",
             "defaults",
-            "defaults_4workers",
+            "defaults_4proc",
         ),
         "minilm_tuned": ("like_pipeline",),
     },
     train_probes=(("bf16", 32, "bf16"),),
-    # the H100 runs profiled one process; with `--workers` its main thread no longer decides (set
-    # `--set 'annotate_profile=["bert_base_random"]'` to profile it again)
+    # the H100 runs profiled one process (set `--set 'annotate_profile=["bert_base_random"]'` to profile again)
     annotate_profile=(),
 )
 DRY_SIZES = Sizes(
@@ -133,7 +130,7 @@ DRY_SIZES = Sizes(
     budget_s=240,
     tune_steps=100,
     annotate_runs={
-        "bert_base_random": ("like_pipeline", "like_pipeline_2proc", "like_pipeline_2workers", "defaults"),
+        "bert_base_random": ("like_pipeline", "like_pipeline_2proc", "defaults"),
         "minilm_tuned": ("like_pipeline",),
     },
     train_probes=(("bf16", 32, "bf16"),),
@@ -150,30 +147,18 @@ DRY_SIZES = Sizes(
 # each with its own share of the units: N Python processes do the CPU side (tokenizing, planning,
 # decoding, writing) that one process does alone, under one GIL, in the other runs; but each holds a
 # CUDA context, and contexts take turns on the GPU (H100: 4 processes 892k, 8 processes 903k
-# subwords/s). `_Nworkers` runs are one process with `--workers N` (`nerbatch.serve`): N worker
-# processes do the CPU side, the one process (one context) runs the model for all of them.
+# subwords/s).
 LIKE_PIPELINE = ["--segment", "none", "--max-length", "512", "--aggregation", "simple"]
 ANNOTATE_RUNS = {
     "like_pipeline": (LIKE_PIPELINE, {}),
     "like_pipeline_2proc": (LIKE_PIPELINE, {}),
     "like_pipeline_4proc": (LIKE_PIPELINE, {}),
     "like_pipeline_8proc": (LIKE_PIPELINE, {}),
-    "like_pipeline_2workers": ([*LIKE_PIPELINE, "--workers", "2"], {}),
-    "like_pipeline_4workers": ([*LIKE_PIPELINE, "--workers", "4"], {}),
-    "like_pipeline_8workers": ([*LIKE_PIPELINE, "--workers", "8"], {}),
-    # a worker batches one chunk (--read-rows, 512 rows) at a time, so every chunk ends with a
-    # part-filled batch; 2,048 rows make fewer of them (defined for a `--set` rerun)
-    "like_pipeline_chunks2048_8workers": ([*LIKE_PIPELINE, "--read-rows", "2048", "--workers", "8"], {}),
-    "like_pipeline_serial_tokenizer_8workers": (
-        [*LIKE_PIPELINE, "--workers", "8"],
-        {"TOKENIZERS_PARALLELISM": "false"},
-    ),
     "big_batches": ([*LIKE_PIPELINE, "--batch-size", "512"], {}),
     "serial_tokenizer": (LIKE_PIPELINE, {"TOKENIZERS_PARALLELISM": "false"}),
     "bf16": ([*LIKE_PIPELINE, "--precision", "bf16"], {}),
     "defaults": ([], {}),
     "defaults_4proc": ([], {}),
-    "defaults_4workers": (["--workers", "4"], {}),
     # one window per sentence: 64 windows of ~25 subwords made ~2k-token batches on a GPU (0.3.3's
     # default cap; 0.3.4's GPU default is 1024 windows)
     "defaults_big_batches": (["--batch-size", "1024"], {}),
@@ -188,13 +173,6 @@ TRAIN_PRECISION = "no"
 def run_processes(run: str) -> int:
     """How many annotate processes share the GPU in `run` (its `_Nproc` suffix; 1 without)."""
     found = re.search(r"_(\d+)proc$", run)
-    return int(found.group(1)) if found else 1
-
-
-def run_scale(run: str) -> int:
-    """How many processes do `run`'s CPU side (`_Nproc` or `_Nworkers`; 1 without): its corpus is
-    that many times the one-process corpus (`corpus_for`)."""
-    found = re.search(r"_(\d+)(proc|workers)$", run)
     return int(found.group(1)) if found else 1
 
 
@@ -695,10 +673,10 @@ def write_corpus(path: Path, texts: list[str], copies: int, parts: int = 1) -> P
 
 
 def corpus_for(ctx: Context, corpus: Path, pool: list[str], run: str, written: dict) -> Path:
-    """The corpus `run` annotates: `corpus` for one process; for N sharing the GPU (or N workers),
+    """The corpus `run` annotates: `corpus` for one process; for N sharing the GPU,
     N times as many copies of the pool in twice as many units, so each process gets as much work as
     one alone (written once per N, kept in `written`)."""
-    processes = run_scale(run)
+    processes = run_processes(run)
     if processes == 1:
         return corpus
     if processes not in written:
@@ -724,8 +702,6 @@ def time_annotate(ctx: Context, name: str, model_dir: str, corpus: Path, run: st
     process = run_logged(cmd, ctx.out / "logs" / f"annotate-{name}-{run}.log", ctx.remaining(), **env)
     stats = json.loads((output / "_nerbatch" / "stats.json").read_text())
     markers = [json.loads(p.read_text()) for p in (output / "_nerbatch" / "done").glob("*.json")]
-    # with --workers: how busy serving the model kept the one process (CPU seconds per second)
-    served = [json.loads(p.read_text()) for p in (output / "_nerbatch" / "stats").glob("server-*.json")]
     shutil.rmtree(output)
     busiest = max(sum(m["seconds"] for m in markers if m["rank"] == r) for r in {m["rank"] for m in markers})
     return {
@@ -736,15 +712,10 @@ def time_annotate(ctx: Context, name: str, model_dir: str, corpus: Path, run: st
         "entities": stats["entities"],
         "windows": stats["windows"],
         **rate(stats["docs"], stats["tokens"], busiest),
-        "steady": steady_rate(markers) if len(markers) > run_scale(run) else {"error": "one unit per process"},
+        "steady": steady_rate(markers) if len(markers) > run_processes(run) else {"error": "one unit per process"},
         "process_seconds": process,
         "process_docs_per_s": stats["docs"] / process,
         "process_subwords_per_s": stats["tokens"] / process,
-        **(
-            {"server": served[0] | {"cpu_share": served[0]["cpu_seconds"] / served[0]["wall_seconds"]}}
-            if served
-            else {}
-        ),
     }
 
 

@@ -143,26 +143,6 @@ def test_several_processes_share_one_device(setup, texts, tmp_path):
     assert part_options(tmp_path / "out")["precision"] == default_precision(setup.device)
 
 
-def test_workers_feed_the_one_process_that_holds_the_model(setup, texts, tmp_path):
-    """`--workers 2` (nerbatch.serve): the model process runs the batches on the device for two
-    spawned workers, and the rows are those of a run without workers (same batches, same device)."""
-    corpus = tmp_path / "four-units.parquet"
-    pq.write_table(pa.table({"doc_id": list(range(len(texts))), "text": texts}), corpus, row_group_size=len(texts) // 4)
-    outputs = {}
-    for workers in ("0", "2"):
-        outputs[workers] = tmp_path / f"out-{workers}"
-        done = annotate_process(setup, corpus, outputs[workers], "--workers", workers)
-        assert done.returncode == 0, done.stderr[-3000:]
-    served = json.loads((outputs["2"] / "_nerbatch" / "stats" / "server-rank-00000.json").read_text())
-    assert served["workers"] == 2 and served["batches"] > 0
-    markers = [json.loads(p.read_text()) for p in (outputs["2"] / "_nerbatch" / "done").glob("*.json")]
-    assert len(markers) == pq.ParquetFile(corpus).num_row_groups  # every unit, each by a worker:
-    assert served["pid"] not in {m["pid"] for m in markers}  # none by the model process
-    one, two = (pq.read_table(out).sort_by("doc_id").to_pylist() for out in outputs.values())
-    assert len(two) == len(texts) and two == one
-    assert part_options(outputs["2"])["precision"] == default_precision(setup.device)
-
-
 def test_the_default_precision_keeps_the_fp32_spans(setup, loaded, texts):
     from nerbatch.inference import annotate_texts
 
