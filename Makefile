@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 DATA ?= ../shared/data
 BENCH_MODEL ?= runs/minilm-conll2003
 
-.PHONY: setup demo test fuzz lint format bench clean
+.PHONY: setup demo test test-fast fuzz lint format bench clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The fast tests only: none starts a process, loads the real encoder or reads ../shared
+# (tests/conftest.py enforces it; the others are marked slow).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
 # The property tests with new random examples on every run (`make test` repeats the same ones).
 fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q -m hypothesis tests
@@ -46,7 +51,7 @@ format: $(STAMP)
 
 # Side-by-side benchmark on the shared data with a trained model (see README, Benchmarks).
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench.py --model $(BENCH_MODEL) --data $(DATA)
+	$(BIN)/python -m benchmarks.bench --model $(BENCH_MODEL) --data $(DATA)
 
 clean:
 	rm -rf $(VENV) runs

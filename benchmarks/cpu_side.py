@@ -7,7 +7,7 @@ process's CPU side has to keep up with the GPU. This measures it on any machine,
 checkouts side by side (`--other DIR`: another nerbatch source tree, e.g. a `git worktree` of an
 older commit), in interleaved rounds.
 
-    .venv/bin/python benchmarks/cpu_side.py --model runs/minilm-conll2003-document \\
+    .venv/bin/python -m benchmarks.cpu_side --model runs/minilm-conll2003-document \\
         --reuters ../shared/data/reuters21578/reuters21578.parquet [--other /tmp/nerbatch-old]
 
 The model directory only lends its tokenizer and labels. The no-layer model's head is calibrated,
@@ -29,10 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE / "gpu"))
+from benchmarks.gpu.gpu_bench import build_random_encoder, reuters_texts, write_corpus
 
-from gpu_bench import build_random_encoder, reuters_texts, write_corpus  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 NO_LAYERS = {"hidden_size": 32, "num_hidden_layers": 0, "num_attention_heads": 2, "intermediate_size": 64}
 LIKE_PIPELINE = ["--segment", "none", "--max-length", "512", "--aggregation", "simple"]

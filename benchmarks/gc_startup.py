@@ -9,7 +9,8 @@ For each: seconds from process start to a frozen model (mean and best), the coll
 seconds, how many objects were frozen, and how many of them were garbage (found by unfreezing and
 collecting afterwards).
 
-    python benchmarks/gc_startup.py runs/minilm-sentence --rounds 6 --json-out benchmarks/cpu-gc-startup.json
+    python -m benchmarks.gc_startup runs/minilm-sentence --rounds 6 \\
+        --json-out benchmarks/results/gc-startup-settings-epyc.json
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ from pathlib import Path
 
 import click
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import machine  # noqa: E402  (a sibling script, not a package)
+from benchmarks.common import machine
 
 # Runs in the child process; prints one JSON line. The model load goes through nerbatch's own
 # `startup.collection_paused` as in `annotate`; `startup.end` is replaced by the setting under test.
@@ -37,7 +37,7 @@ if setting == "young":
     startup.begin()
 else:
     gc.disable()
-import nerbatch.annotate
+import nerbatch.job
 from nerbatch import modeling
 startup.end = lambda: None
 modeling.load_token_classifier(model)

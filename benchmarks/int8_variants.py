@@ -1,6 +1,6 @@
 """The int8 design choices, measured: validation F1 of one model under variants of `quantize_int8`.
 
-    python benchmarks/int8_variants.py MODEL_DIR ../shared/data/conll2003/valid.txt pc-keep1-full pt-keep1-7bit ...
+    python -m benchmarks.int8_variants MODEL_DIR ../shared/data/conll2003/valid.txt pc-keep1-full pt-keep1-7bit ...
 
 A variant is `{pt|pc}-{keepN|splitK}-{7bit|full}`: per-tensor or per-channel weight scales; the
 classifier kept in fp32 and with it either the first N feed-forward down-projections (`keepN`), or
@@ -75,16 +75,16 @@ def forward_seconds(model_dir: str, data: str, precision: str, repeats: int = 3)
     (the model's default windows), in this process: the speed side of a variant."""
     from nerbatch.data import read_conll
     from nerbatch.documents import build_documents
-    from nerbatch.inference import Annotator
+    from nerbatch.inference import Tagger
     from nerbatch.modeling import load_token_classifier
 
     model, tokenizer = load_token_classifier(model_dir)
-    annotator = Annotator(model, tokenizer, precision=precision)
-    docs = annotator.encode([d.text for d in build_documents(read_conll(data))])
+    tagger = Tagger(model, tokenizer, precision=precision)
+    docs = tagger.encode([d.text for d in build_documents(read_conll(data))])
     best = math.inf
     for _ in range(repeats):
         started = time.perf_counter()
-        annotator.forward(docs)
+        tagger.forward(docs)
         best = min(best, time.perf_counter() - started)
     return round(best, 3)
 

@@ -1,6 +1,6 @@
 """The output layout as analysts and operators meet it, measured side by side in one run.
 
-    python benchmarks/output_layout.py --model MODEL_DIR --data ../shared/data --json-out layout.json
+    python -m benchmarks.output_layout --model MODEL_DIR --data ../shared/data --json-out layout.json
 
 1. scan: a DuckDB count of entities by label over the same synthetic output rows written in the
    0.2 layout (one file per input row group, `--scan-unit-rows` rows, row groups of 512) and in today's
@@ -27,8 +27,7 @@ import click
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import machine, peak_rss_mb  # noqa: E402  (a sibling script, not a package)
+from benchmarks.common import machine, peak_rss_mb
 
 LABELS = ["PER", "ORG", "LOC", "MISC"]
 QUERY = (

@@ -1,6 +1,6 @@
 """The job a user writes without nerbatch: the transformers pipeline over a Parquet file, spans to Parquet.
 
-    python benchmarks/pipeline_job.py MODEL_DIR INPUT.parquet OUTPUT.parquet --batch-size 8
+    python -m benchmarks.pipeline_job MODEL_DIR INPUT.parquet OUTPUT.parquet --batch-size 8
 
 The benchmark times it as a whole process against `nerbatch annotate` (see bench.py, section
 `processes`). It reads the whole text column and keeps every result in memory, as such scripts do.

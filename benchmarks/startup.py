@@ -7,8 +7,8 @@
 at each `--precision`, interleaved rounds, best round each, with the seconds inside the job (from
 the run's stats.json) so that start-up and exit are the rest.
 
-    python benchmarks/startup.py MODEL_DIR ../shared/data/reuters21578/reuters21578.parquet --docs 800 \
-        --repeats 3 --json-out benchmarks/cpu-startup.json
+    python -m benchmarks.startup MODEL_DIR ../shared/data/reuters21578/reuters21578.parquet --docs 800 \
+        --repeats 3 --json-out benchmarks/results/startup-epyc.json
 
 The documents are bench.py's (the first DOCS non-empty texts that fit one window).
 """
@@ -22,8 +22,7 @@ from pathlib import Path
 
 import click
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import best_times, machine, window_documents, write_documents  # noqa: E402  (a sibling script, not a package)
+from benchmarks.common import best_times, machine, window_documents, write_documents
 
 VARIANTS = {
     "shipped": ["-m", "nerbatch"],

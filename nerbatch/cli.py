@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from nerbatch import __version__, startup
+from nerbatch import __version__, gc_tuning
 from nerbatch.errors import NerbatchError
 from nerbatch.options import AGGREGATIONS, PRECISIONS, SEGMENTS, Options
 
@@ -29,6 +29,16 @@ class Commands(click.Group):
             return super().invoke(ctx)
         except NerbatchError as exc:
             raise click.ClickException(str(exc)) from exc
+
+
+def choice_option(name: str, choices, default, help: str, show_default: bool = True):
+    """An option taking one of `choices`."""
+    return click.option(name, type=click.Choice(choices), default=default, show_default=show_default, help=help)
+
+
+def count_option(name: str, default, help: str, show_default: bool = False):
+    """An option taking a whole number of at least 1."""
+    return click.option(name, type=click.IntRange(min=1), default=default, show_default=show_default, help=help)
 
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
@@ -66,11 +76,13 @@ def main() -> None:
     help="Label continuation subwords with I- (reference) or ignore them.",
 )
 @click.option("--group-by-length/--no-group-by-length", default=None, help="Batch sentences of similar length.")
-@click.option(
+@choice_option(
     "--context",
-    type=click.Choice(["sentence", "document"]),
-    help="Train on single sentences, or also "
+    ["sentence", "document"],
+    None,
+    "Train on single sentences, or also "
     "on windows of neighbouring sentences of each document (the way annotate shows running text).",
+    show_default=False,
 )
 @click.option(
     "--context-window",
@@ -78,10 +90,12 @@ def main() -> None:
     help="With --context document: the longest window, special tokens "
     "included; annotate's default window for the model.",
 )
-@click.option(
+@choice_option(
     "--select-by",
-    type=click.Choice(["auto", "document", "sentence"]),
-    help="Validation score that picks the best epoch (auto: document level when the validation data has documents).",
+    ["auto", "document", "sentence"],
+    None,
+    "Validation score that picks the best epoch (auto: document level when the validation data has documents).",
+    show_default=False,
 )
 @click.option("--document-column", help="Parquet/JSON Lines data: the column naming each row's document.")
 @click.option("--checkpoint-every", type=int, help="Optimizer steps between mid-epoch checkpoints.")
@@ -102,17 +116,11 @@ def train_cmd(config_path, resume, overwrite, train_data, **options):
 @click.argument("model_dir")
 @click.argument("data")
 @click.option("--split", default="validation", show_default=True, help="Split name for hub datasets.")
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=32,
-    show_default=True,
-    help="Sentences per batch (sentence level).",
-)
-@click.option(
+@count_option("--batch-size", 32, "Sentences per batch (sentence level).", show_default=True)
+@count_option(
     "--max-length",
-    type=click.IntRange(min=1),
-    help="Subwords per input, special tokens included [default: the model's "
+    None,
+    "Subwords per input, special tokens included [default: the model's "
     "limit; with --documents, the window the model was trained on, as annotate].",
 )
 @click.option(
@@ -122,22 +130,10 @@ def train_cmd(config_path, resume, overwrite, train_data, **options):
     "segmentation, windows and decoding) instead of one sentence per input.",
 )
 @click.option("--document-column", help="Parquet/JSON Lines: the column naming each row's document.")
-@click.option(
-    "--aggregation",
-    type=click.Choice(AGGREGATIONS),
-    default=Options.aggregation,
-    show_default=True,
-    help="With --documents: as annotate's --aggregation.",
-)
+@choice_option("--aggregation", AGGREGATIONS, Options.aggregation, "With --documents: as annotate's --aggregation.")
 @click.option("--stride", type=int, help="With --documents: as annotate's --stride.")
 @click.option("--segment", type=click.Choice(SEGMENTS), help="With --documents: as annotate's --segment.")
-@click.option(
-    "--precision",
-    type=click.Choice(PRECISIONS),
-    default=Options.precision,
-    show_default=True,
-    help="As annotate's --precision (both levels).",
-)
+@choice_option("--precision", PRECISIONS, Options.precision, "As annotate's --precision (both levels).")
 def evaluate_cmd(
     model_dir, data, split, batch_size, max_length, documents, document_column, aggregation, stride, segment, precision
 ):
@@ -200,24 +196,18 @@ def print_table(metrics: dict) -> None:
     "--segment", type=click.Choice(SEGMENTS), help="As annotate's --segment [default: as the model was trained]."
 )
 @click.option("--max-length", type=click.IntRange(min=1), help="As annotate's --max-length.")
-@click.option(
-    "--precision",
-    type=click.Choice(PRECISIONS),
-    default=Options.precision,
-    show_default=True,
-    help="As annotate's --precision.",
-)
+@choice_option("--precision", PRECISIONS, Options.precision, "As annotate's --precision.")
 def predict_cmd(model_dir, text, aggregation, segment, max_length, precision):
     """Print the entities of TEXT as JSON lines (entity type, word, score, start, end)."""
     import torch
 
-    from nerbatch.inference import annotate_texts
+    from nerbatch.inference import tag_texts
     from nerbatch.modeling import load_token_classifier
 
     model, tokenizer = load_token_classifier(model_dir)
     if torch.cuda.is_available():  # as annotate: the GPU when there is one
         model.to("cuda")
-    for span in annotate_texts(
+    for span in tag_texts(
         [text], model, tokenizer, aggregation=aggregation, max_length=max_length, segment=segment, precision=precision
     )[0]:
         click.echo(
@@ -251,27 +241,26 @@ def predict_cmd(model_dir, text, aggregation, segment, max_length, precision):
     default=Options.id_column,
     help="Column copied to the output to identify each row (default: source_file and row_index).",
 )
-@click.option(
+@choice_option(
     "--aggregation",
-    type=click.Choice(AGGREGATIONS),
-    default=Options.aggregation,
-    show_default=True,
-    help="How subword predictions become spans, as in the transformers pipeline; first/average/max "
+    AGGREGATIONS,
+    Options.aggregation,
+    "How subword predictions become spans, as in the transformers pipeline; first/average/max "
     "keep spans on word boundaries.",
 )
-@click.option(
+@choice_option(
     "--segment",
-    type=click.Choice(SEGMENTS),
-    default=Options.segment,
-    help="What a window holds: one sentence (`sentences`), running text (`none`), or both views averaged "
+    SEGMENTS,
+    Options.segment,
+    "What a window holds: one sentence (`sentences`), running text (`none`), or both views averaged "
     "(`both`, twice the compute) [default: what `nerbatch train` recorded as best for the model; "
     "`sentences` for other models].",
+    show_default=False,
 )
-@click.option(
+@count_option(
     "--max-length",
-    type=click.IntRange(min=1),
-    default=Options.max_length,
-    help="Subwords per window, special tokens included [default: the window a document-context model was "
+    Options.max_length,
+    "Subwords per window, special tokens included [default: the window a document-context model was "
     "trained on; 128 for the running-text view of --segment both; else the model's limit].",
 )
 @click.option(
@@ -280,34 +269,21 @@ def predict_cmd(model_dir, text, aggregation, segment, max_length, precision):
     default=Options.stride,
     help="Overlap between consecutive windows, in subwords, at most half a window [default: a quarter of a window].",
 )
-@click.option(
+@choice_option(
     "--precision",
-    type=click.Choice(PRECISIONS),
-    default=Options.precision,
-    show_default=True,
-    help="Numeric precision: auto = fp16 on a GPU (a batch that overflows runs again in fp32), fp32 on CPU; "
-    "int8 = int8 weights and activations on CPU (about 2.5x faster, -0.001 F1 measured). Recorded in the "
-    "output metadata.",
+    PRECISIONS,
+    Options.precision,
+    "Numeric precision: auto = fp16 on a GPU (a batch that overflows runs again in fp32), fp32 on CPU; "
+    "int8 = int8 weights and activations on CPU (faster, at a small F1 cost: see docs/annotate.md). Recorded "
+    "in the output metadata.",
 )
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=Options.batch_size,
-    help="Most windows per forward pass [default: 64 on CPU, 1024 on GPU].",
-)
-@click.option(
+@count_option("--batch-size", Options.batch_size, "Most windows per forward pass [default: 64 on CPU, 1024 on GPU].")
+@count_option(
     "--max-batch-tokens",
-    type=click.IntRange(min=1),
-    default=Options.max_batch_tokens,
-    help="Most padded subwords per forward pass [default: 1024 on CPU, 32768 on GPU].",
+    Options.max_batch_tokens,
+    "Most padded subwords per forward pass [default: 1024 on CPU, 32768 on GPU].",
 )
-@click.option(
-    "--read-rows",
-    type=click.IntRange(min=1),
-    default=Options.read_rows,
-    show_default=True,
-    help="Rows read and tokenized at a time.",
-)
+@count_option("--read-rows", Options.read_rows, "Rows read and tokenized at a time.", show_default=True)
 @click.option(
     "--keep-columns",
     default="",
@@ -319,19 +295,11 @@ def predict_cmd(model_dir, text, aggregation, segment, max_length, precision):
     help="An input column: output files go to Hive-style COLUMN=value/ directories that DuckDB, Polars "
     "and Spark prune on (values must be safe directory names; checked before any work).",
 )
-@click.option(
-    "--row-group-rows",
-    type=int,
-    default=Options.row_group_rows,
-    show_default=True,
-    help="Rows per output row group (each file's last may be smaller).",
+@count_option(
+    "--row-group-rows", Options.row_group_rows, "Rows per output row group (each file's last may be smaller).", True
 )
-@click.option(
-    "--file-rows",
-    type=int,
-    default=Options.file_rows,
-    show_default=True,
-    help="About this many rows per output file (files hold whole input row groups).",
+@count_option(
+    "--file-rows", Options.file_rows, "About this many rows per output file (files hold whole input row groups).", True
 )
 @click.option("--overwrite", is_flag=True, help="Delete OUT_DIR's earlier output instead of refusing a different run.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
@@ -348,8 +316,8 @@ def annotate_cmd(model_dir, inputs, output, no_progress, keep_columns, **options
     the work over processes and machines. Rerun the same command after a crash or preemption: done
     units are skipped, unfinished ones redone.
     """
-    from nerbatch.annotate import annotate_units
     from nerbatch.dist import barrier, process_state, shares_gpus, shut_down
+    from nerbatch.job import annotate_units
 
     # Two processes both believing they are rank 0 would collide: checked here. The job's one
     # collective is a barrier: processes sharing a GPU form a gloo group (NCCL refuses two ranks on
@@ -390,7 +358,7 @@ def _exit_on_sigterm(signum, frame) -> None:
 def stats_cmd(out_dir, as_json):
     """Summarise an annotate OUT_DIR: units done/failed/missing, rows, flagged rows by reason,
     entities by label, throughput per rank."""
-    from nerbatch.report import collect_stats, format_stats
+    from nerbatch.stats import collect_stats, format_stats
 
     stats = collect_stats(out_dir)
     click.echo(json.dumps(stats, sort_keys=True) if as_json else format_stats(stats))
@@ -409,7 +377,7 @@ def stats_cmd(out_dir, as_json):
 def show_cmd(out_dir, sample, seed, html_path):
     """Show a sample of annotated documents with their entities highlighted (texts are read back
     from the run's inputs)."""
-    from nerbatch.report import render_html, render_terminal, sample_documents
+    from nerbatch.show import render_html, render_terminal, sample_documents
 
     if html_path and not html_path.parent.is_dir():  # before reading the sample back
         raise click.BadParameter(f"{html_path.parent} is not a directory", param_hint="--html")
@@ -423,7 +391,9 @@ def show_cmd(out_dir, sample, seed, html_path):
 
 @main.command("demo")
 @click.option("--model", default=None, help="Encoder to fine-tune (default: the MiniLM package's directory).")
-@click.option("--dataset", default=None, help="Hub dataset to train on instead of the shipped sample (e.g. conll2003).")
+@click.option(
+    "--dataset", default=None, help="Hub dataset to train on instead of the shipped sample (e.g. lhoestq/conll2003)."
+)
 @click.option("--output-dir", default="runs/demo", show_default=True, type=click.Path(path_type=Path))
 @click.option("--epochs", default=8, show_default=True)
 @click.option("--lr", default=2e-4, show_default=True)
@@ -441,10 +411,10 @@ def demo_cmd(model, dataset, output_dir, epochs, lr, show):
 
 def run() -> None:
     """The console entry point (`nerbatch`, `python -m nerbatch`): the CLI, with the garbage
-    collector set for a process that starts big and exits at once (`nerbatch.startup`). In-process
+    collector set for a process that starts big and exits at once (`nerbatch.gc_tuning`). In-process
     callers, such as tests, call `main` and keep the default collector."""
-    startup.begin()
+    gc_tuning.begin()
     try:
         main()
     finally:
-        startup.freeze_for_exit()
+        gc_tuning.freeze_for_exit()

@@ -7,7 +7,7 @@ evaluation counts. (Scoring every subword, as the reference loop does, counts a 
 three chances to be right and skews entity F1.)
 
 Document level (`evaluate_documents`): the accuracy `annotate` delivers. Documents are rebuilt as
-running text (`nerbatch.documents`), run through the very `Annotator` that `annotate` uses (same
+running text (`nerbatch.documents`), run through the very `Tagger` that `annotate` uses (same
 segmentation, windows and decoding), and the predicted spans are mapped back onto the gold words.
 """
 
@@ -108,7 +108,7 @@ def evaluate_features(
 DOCUMENTS_PER_CALL = 256  # documents tokenized and run together: bounded memory on large splits
 
 
-def evaluate_documents(annotator, corpus, documents, process_index: int = 0, num_processes: int = 1) -> dict:
+def evaluate_documents(tagger, corpus, documents, process_index: int = 0, num_processes: int = 1) -> dict:
     """Annotate `documents` (from `build_documents(corpus)`) as `annotate` would and score the words.
 
     Each process annotates every `num_processes`-th document; the word tags are gathered to every
@@ -120,7 +120,7 @@ def evaluate_documents(annotator, corpus, documents, process_index: int = 0, num
     tagged: list[tuple[int, list[str]]] = []
     for k in range(0, len(mine), DOCUMENTS_PER_CALL):
         chunk = mine[k : k + DOCUMENTS_PER_CALL]
-        spans = annotator.annotate([documents[d].text for d in chunk])
+        spans = tagger.annotate([documents[d].text for d in chunk])
         tagged += [(d, spans_to_word_tags(s, documents[d].words)) for d, s in zip(chunk, spans)]
     if num_processes > 1:
         from accelerate.utils import gather_object
@@ -148,7 +148,7 @@ def evaluate_dir(
     """Evaluate a saved model on a labelled corpus; runs on any number of processes.
 
     With `documents`, scores the annotate path on the corpus's rebuilt documents; `annotate_options`
-    (`aggregation`, `max_length`, `stride`, `segment`, ...) are the `Annotator`'s keyword arguments.
+    (`aggregation`, `max_length`, `stride`, `segment`, ...) are the `Tagger`'s keyword arguments.
     """
     from transformers import DataCollatorForTokenClassification
 
@@ -167,11 +167,11 @@ def evaluate_dir(
     check_labels(corpus, label2id)
     if documents:
         from nerbatch.documents import build_documents
-        from nerbatch.inference import Annotator
+        from nerbatch.inference import Tagger
 
         rebuilt = build_documents(corpus)
-        annotator = Annotator(model.to(accelerator.device), tokenizer, **(annotate_options or {}))
-        return evaluate_documents(annotator, corpus, rebuilt, accelerator.process_index, accelerator.num_processes)
+        tagger = Tagger(model.to(accelerator.device), tokenizer, **(annotate_options or {}))
+        return evaluate_documents(tagger, corpus, rebuilt, accelerator.process_index, accelerator.num_processes)
     from nerbatch.precision import AutocastWithFallback, autocast_dtype, quantize_int8, resolve_precision
 
     precision = resolve_precision((annotate_options or {}).get("precision") or "auto", accelerator.device)

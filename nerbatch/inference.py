@@ -31,18 +31,18 @@ from nerbatch.spans import AGGREGATIONS, Span, decode_spans
 CPU_BATCH_TOKENS = 1024  # padded tokens per forward on CPU: bigger batches don't run faster there
 GPU_BATCH_TOKENS = 32768
 CPU_BATCH_WINDOWS = 64
-# Sentence windows are short (~30 subwords): 64 of them made ~2k-token batches and a GPU bound by
-# launching kernels (bert-base on an H100: 162k subwords/s against 375k with this cap).
+# Sentence windows are short (~30 subwords): 64 of them make ~2k-token batches, and a GPU running
+# batches that small is bound by launching kernels, not by arithmetic.
 GPU_BATCH_WINDOWS = 1024
-# `--segment both` on a model trained on single sentences: the running-text view's window. Measured
-# on the CoNLL-2003 validation documents (README, Document-level accuracy): short context windows
-# complement the sentence view best for such models.
+# `--segment both` on a model trained on single sentences: the running-text view's window. Short
+# context windows complement the sentence view best for such models (chosen on the CoNLL-2003
+# validation documents).
 BOTH_CONTEXT_WINDOW = 128
 
 
 @dataclass
 class Document:
-    """One tokenized text: content subwords, their windows, and (after `Annotator.forward`) probabilities."""
+    """One tokenized text: content subwords, their windows, and (after `Tagger.forward`) probabilities."""
 
     offsets: list[tuple[int, int]]
     word_ids: list[int | None]
@@ -59,7 +59,7 @@ class Document:
 
 @dataclass
 class InFlight:
-    """Batches launched by `Annotator.launch`, each with its pending probabilities."""
+    """Batches launched by `Tagger.launch`, each with its pending probabilities."""
 
     docs: list[Document]
     batches: list[list[tuple[int, int]]]
@@ -80,7 +80,7 @@ class LocalBatch:
     """A batch launched on this process's model: probabilities in a CPU tensor (on a GPU, still being
     copied back into pinned memory until `copied` fires; None on a CPU)."""
 
-    annotator: Annotator
+    tagger: Tagger
     ids: torch.Tensor
     mask: torch.Tensor
     probs: torch.Tensor
@@ -96,8 +96,8 @@ class LocalBatch:
         if self.copied is not None:
             self.copied.synchronize()  # this batch's copy back is complete (later ones may still run)
         probs = self.probs.numpy()
-        if self.annotator.autocast_dtype is not None and not np.isfinite(probs).all():
-            return self.annotator.fp32_probabilities(self.ids, self.mask), True
+        if self.tagger.autocast_dtype is not None and not np.isfinite(probs).all():
+            return self.tagger.fp32_probabilities(self.ids, self.mask), True
         return probs, False
 
 
@@ -149,8 +149,9 @@ def special_tokens_around(backend) -> tuple[list[int], list[int]]:
     raise ModelError("cannot locate the content between the tokenizer's special tokens")
 
 
-class Annotator:
-    """Holds a model, its fast tokenizer and the windowing/batching/decoding settings."""
+class Tagger:
+    """Tags documents with entity spans: a model, its fast tokenizer and the windowing, batching and
+    decoding settings (the annotate job, `evaluate --documents` and `predict` all run one)."""
 
     def __init__(
         self,
@@ -275,7 +276,7 @@ class Annotator:
         """Start the model on every window of `docs`; `collect` waits for the results.
 
         On a GPU every batch is queued before any result is read back, and the caller may decode
-        the previous chunk while these run (`nerbatch.annotate` does): the GPU never waits for the
+        the previous chunk while these run (`nerbatch.job` does): the GPU never waits for the
         CPU's span decoding. On a CPU the passes simply run here, in turn."""
         batches = self.batches(docs)
         return InFlight(docs, batches, [self.run_batch(*self._tensors(docs, batch)) for batch in batches])
@@ -369,24 +370,17 @@ def _width(window: tuple[int, int]) -> int:
     return window[1] - window[0]
 
 
-def annotate_texts(
-    texts: list[str],
-    model,
-    tokenizer,
-    aggregation: str = "first",
-    max_length: int | None = None,
-    stride: int | None = None,
-    batch_size: int | None = None,
-    segment: str | None = None,
-    precision: str = "auto",
-) -> list[list[Span]]:
+def tag_texts(texts: list[str], model, tokenizer, **options) -> list[list[Span]]:
     """Entity spans for each of `texts`, of any length, with a token-classification model.
 
-    `segment` and `max_length` default to how the model was trained (see the module docstring);
-    `stride` (overlap between windows, in subwords) defaults to a quarter of a window. Offsets are
-    Python string indices into each text.
+    `options` are the `Tagger`'s (aggregation, max_length, stride, batch_size, segment, precision);
+    `segment` and `max_length` default to how the model was trained (see the module docstring),
+    `stride` (overlap between windows, in subwords) to a quarter of a window. Offsets are Python
+    string indices into each text.
     """
-    annotator = Annotator(
-        model, tokenizer, aggregation, max_length, stride, batch_size, segment=segment, precision=precision
-    )
-    return annotator.annotate(list(texts))
+    return Tagger(model, tokenizer, **options).annotate(list(texts))
+
+
+# The names of nerbatch 0.3, for callers that imported them.
+Annotator = Tagger
+annotate_texts = tag_texts

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokenizer
 
-from nerbatch import startup
+from nerbatch import gc_tuning
 from nerbatch.errors import NerbatchError, OptionError
 
 # Byte-level BPE tokenizers need a leading space on every word for `is_split_into_words=True`.
@@ -162,7 +162,7 @@ def load_token_classifier(name: str):
     that scrolls past, and a whole night of annotation would be garbage.
     """
     name = resolve_model(name)
-    with startup.collection_paused():
+    with gc_tuning.collection_paused():
         config = load_config(name)
         check_classifier_config(name, config)
         tokenizer = load_tokenizer(name)
@@ -175,7 +175,7 @@ def load_token_classifier(name: str):
             "checkpoint and would be initialised at random (no trained token-classification head: "
             "the base encoder, not a fine-tuned output?); pass the directory `nerbatch train` wrote"
         )
-    startup.end()
+    gc_tuning.end()
     return model.eval(), tokenizer
 
 
@@ -247,9 +247,9 @@ def load_model(name: str, labels: list[str]):
     if existing is not None:
         labels = sorted(existing, key=existing.get)
     id2label = dict(enumerate(labels))
-    with startup.collection_paused():
+    with gc_tuning.collection_paused():
         model = _from_pretrained(  # fp32 master weights, as load_token_classifier
             name, num_labels=len(labels), id2label=id2label, label2id={v: k for k, v in id2label.items()}
         )
-    startup.end()
+    gc_tuning.end()
     return model, labels

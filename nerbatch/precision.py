@@ -1,9 +1,9 @@
 """Numeric precision of inference: fp32, bf16/fp16 autocast, or int8 weights on CPU.
 
 `auto` is fp16 autocast on a GPU and fp32 on CPU. fp16 rather than bf16: the two run at the same
-speed on the GPU, and fp16's three extra mantissa bits keep the fp32 spans on 299 of 300 documents
-where bf16 keeps them on 288 (README, GPU). fp16's range ends at 65,504, so a batch whose outputs
-are not all finite is run again in fp32 (`AutocastWithFallback`, `Annotator.collect`). `int8` quantizes the
+speed on a GPU, and fp16's three extra mantissa bits keep more documents' spans identical to fp32's
+(benchmarks/README.md). fp16's range ends at 65,504, so a batch whose outputs
+are not all finite is run again in fp32 (`AutocastWithFallback`, `Tagger.collect`). `int8` quantizes the
 Linear layers' weights to int8, one scale per output channel, with dynamic int8 activations over
 their full 8-bit range (`torch.ao.quantization.quantize_dynamic`, fbgemm kernels on x86: the
 quantization path that ships inside torch, needs no extra dependency and no data from the user).
@@ -11,7 +11,7 @@ Two places carry most of the error and are treated apart: the classifier stays i
 first feed-forward down-projection, whose input (a GELU output) has a few channels with several
 times the range of the rest, computes those channels in fp32 and the others in int8. The channels
 are found once, by running the shipped demo sentences through the first layer. The measurements
-behind each choice are in the README (Precision).
+behind each choice are in benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class AutocastWithFallback(torch.nn.Module):
     """`model` under `dtype` autocast; a batch whose logits are not all finite (fp16 overflows past
     65,504) runs again in fp32, so an overflow never becomes silently wrong labels. `fallbacks`
     counts those batches. The check waits for each batch: for evaluation loops, which wait anyway
-    (the annotate job checks its batches after their copy back instead, `Annotator.collect`)."""
+    (the annotate job checks its batches after their copy back instead, `Tagger.collect`)."""
 
     def __init__(self, model, dtype: torch.dtype):
         super().__init__()
@@ -81,7 +81,7 @@ class AutocastWithFallback(torch.nn.Module):
 # Calibration text for int8: our own sentences, shipped with the package (nerbatch/demo_data).
 CALIBRATION_TEXT = resources.files("nerbatch") / "demo_data" / "train.conll"
 CALIBRATION_SENTENCES = 128
-OUTLIER_CHANNELS = 8  # of 1,536 in MiniLM's down-projection; measured: one channel has 4x the range
+OUTLIER_CHANNELS = 8  # input channels of the down-projection kept in fp32: the few with outlying ranges
 # The scheme, as named by benchmarks/int8_variants.py; recorded in run configs and output metadata.
 INT8_SCHEME = f"pc-split{OUTLIER_CHANNELS}-full"
 
@@ -170,8 +170,8 @@ class OutlierSplitLinear(torch.nn.Module):
     through an int8 Linear (the decomposition of LLM.int8(), with the channels fixed by calibration).
 
     Dynamic quantization gives all channels of an activation one scale, set by the widest: a single
-    channel with 4x the range of the rest (measured in MiniLM's first down-projection) costs the
-    others two bits. Zeroing the outliers before quantizing gives them back."""
+    channel with several times the range of the rest (as in MiniLM's first down-projection) costs
+    the others bits. Zeroing the outliers before quantizing gives them back."""
 
     def __init__(self, linear: torch.nn.Linear, ranges: torch.Tensor, k: int):
         super().__init__()

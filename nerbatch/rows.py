@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from nerbatch.inference import Annotator, Document
+from nerbatch.inference import Document, Tagger
 from nerbatch.parquet_io import Undecodable, iter_batches, text_values
 from nerbatch.rundir import Tally
 from nerbatch.shards import Unit
@@ -50,7 +50,7 @@ def text_error(value) -> str | None:
 
 
 def read_chunks(
-    unit: Unit, annotator: Annotator, text_column: str, carried: list[str], read_rows: int, has_id: bool
+    unit: Unit, tagger: Tagger, text_column: str, carried: list[str], read_rows: int, has_id: bool
 ) -> Iterator[Chunk]:
     """Read, validate and tokenize the unit's record batches (runs in the prefetch thread).
 
@@ -67,7 +67,7 @@ def read_chunks(
         row += len(texts)
         errors = [text_error(t) for t in texts]
         good = [t for t, e in zip(texts, errors) if e is None]
-        encoded = iter(annotator.encode(good))
+        encoded = iter(tagger.encode(good))
         docs = [next(encoded) if e is None else None for e in errors]
         # e.g. only control or zero-width characters: nothing reaches the model, so say so
         errors = [NO_TOKENS if d is not None and d.n_tokens == 0 else e for d, e in zip(docs, errors)]
@@ -75,7 +75,7 @@ def read_chunks(
         yield Chunk(ids, texts, errors, docs)
 
 
-def output_columns(chunk: Chunk, annotator: Annotator, tally: Tally) -> dict[str, list]:
+def output_columns(chunk: Chunk, tagger: Tagger, tally: Tally) -> dict[str, list]:
     """Decode a chunk whose documents went through the model into output columns; count into `tally`."""
     entities, windows = [], []
     for text, doc in zip(chunk.texts, chunk.docs):
@@ -83,7 +83,7 @@ def output_columns(chunk: Chunk, annotator: Annotator, tally: Tally) -> dict[str
             entities.append([])
             windows.append(0)
             continue
-        spans = annotator.decode(doc, text)
+        spans = tagger.decode(doc, text)
         entities.append([s.as_dict() for s in spans])
         windows.append(len(doc.windows))
         tally.tokens += doc.n_tokens

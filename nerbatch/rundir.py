@@ -20,21 +20,25 @@ Completion is per unit, never per rank, so a rerun may use any number of process
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from nerbatch import __version__
+from nerbatch.errors import NerbatchError
 from nerbatch.parquet_io import InputError
-from nerbatch.shards import Unit
-from nerbatch.storage import Location, one_line
+from nerbatch.runconfig import as_recorded, changes
+from nerbatch.shards import Unit, unit_name
+from nerbatch.storage import Location, locate, one_line
 
 META = "_nerbatch"
 _OUTPUT_FILE = re.compile(r"part-\d{5}\.parquet")
+
+
+class ReportError(NerbatchError):
+    """An OUT_DIR that cannot be read back (not an annotate output, or changed since); the message
+    names the path."""
 
 
 @dataclass
@@ -55,12 +59,38 @@ class Tally:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
-class RunDir:
-    """Paths and state of one OUT_DIR (a local directory or a URI)."""
+@dataclass
+class UnitState:
+    """One unit of a run (an input file or row group) and what the bookkeeping says of it."""
 
-    def __init__(self, root: Location):
-        self.root = root
-        self.meta = root / META
+    name: str
+    path: str
+    row_group: int | None
+    rows: int
+    state: str  # "done", "failed" or "missing"
+    error: str | None = None
+
+    def describe(self) -> str:
+        return self.path if self.row_group is None else f"{self.path} row group {self.row_group}"
+
+
+@dataclass
+class Run:
+    """What `_nerbatch/` records: the run's config, every unit's state, each rank's last figures."""
+
+    config: dict
+    units: list[UnitState]
+    ranks: list[dict]
+
+
+class RunDir:
+    """Paths and state of one OUT_DIR (a local directory or a URI): the only code that knows the
+    layout of `_nerbatch/`."""
+
+    def __init__(self, root: Location | str | Path):
+        self.root = root if isinstance(root, Location) else locate(root)
+        self.meta = self.root / META
+        self.totals = self.meta / "stats.json"
         self._last_beat = 0.0
 
     def piece(self, unit: Unit) -> Location:
@@ -150,6 +180,75 @@ class RunDir:
     def file_record(self, name: str) -> dict:
         return self.file_marker(name).read_json()
 
+    def write_rank_stats(self, rank: int, world: int, figures: dict) -> None:
+        """Record what `rank` of `world` did in this run (`nerbatch stats` shows each rank's last)."""
+        (self.meta / "stats" / f"rank-{rank:05d}-of-{world:05d}.json").write_json(figures)
+
+    def is_complete(self) -> bool:
+        """The run totals are written: every unit is done and every output file assembled."""
+        return self.totals.is_file()
+
+    # --- reading a run back (`nerbatch stats`, `nerbatch show`); nothing here writes
+
+    def read_run(self) -> Run:
+        """The bookkeeping; a `ReportError` when OUT_DIR is not an annotate output.
+
+        Units are the config's "inputs" in order. A done or failed marker is matched to its unit by the
+        input path and row group it records, not by its file name, so renaming the markers is harmless.
+        """
+        config = self._read_config()
+        done = {_unit_key(marker) for marker in _read_markers(self.meta / "done")}
+        failed = {_unit_key(marker): marker.get("error", "") for marker in _read_markers(self.meta / "failed")}
+        units = []
+        for index, (path, row_group, rows) in enumerate(config["inputs"]):
+            key = (path, row_group)
+            state = "done" if key in done else "failed" if key in failed else "missing"
+            error = failed[key] if state == "failed" else None
+            units.append(UnitState(unit_name(index), path, row_group, rows, state, error))
+        ranks = [_rank_figures(path) for path in _json_files(self.meta / "stats") if path.name.startswith("rank-")]
+        return Run(config, units, ranks)
+
+    def _read_config(self) -> dict:
+        path = self.meta / "config.json"
+        if not self.root.is_dir():
+            raise ReportError(f"{self.root}: no such directory")
+        if not path.is_file():
+            raise ReportError(f"{self.root}: not a `nerbatch annotate` output directory (no {META}/config.json)")
+        try:
+            config = path.read_json()
+        except (OSError, ValueError) as exc:
+            raise ReportError(f"{path}: unreadable ({exc})") from exc
+        if not isinstance(config, dict) or not {"inputs", "options"} <= config.keys():
+            raise ReportError(f"{path}: not the config of a `nerbatch annotate` run (no inputs or options)")
+        return config
+
+    def output_files(self) -> list[Location]:
+        """Every `*.parquet` under OUT_DIR, sorted, except under a path component starting with `_` or
+        `.` (what Spark and Hive read), in the root or in `key=value` subdirectories."""
+        return [
+            path
+            for path in self.root.find(".parquet")
+            if not any(part.startswith(("_", ".")) for part in path.relative_to(self.root).split("/"))
+        ]
+
+    def written_files(self) -> list[Location]:
+        """The output files, then the pieces of done units whose output file is not assembled yet
+        (an incomplete run): together, every row written so far, each once. A piece whose file is
+        already recorded is left out: a crash between recording a file and dropping its pieces leaves
+        such pieces behind (the next run drops them)."""
+        assembled = {
+            unit_name(index) + ".parquet"
+            for marker in (self.meta / "files").find(".json")
+            for index in marker.read_json()["units"]
+        }
+        # a piece published by a process killed before it marked its unit done is not counted: the
+        # unit is missing, and the rerun that redoes it publishes the piece again
+        done = {marker.name.removesuffix(".json") + ".parquet" for marker in (self.meta / "done").find(".json")}
+        pieces = (self.meta / "pieces").find(".parquet")
+        return self.output_files() + [p for p in pieces if p.name in done and p.name not in assembled]
+
+    # --- writing
+
     def prepare(self, config: dict, overwrite: bool) -> None:
         """Check OUT_DIR against this run's config (resume), or claim it; `overwrite` clears it first.
 
@@ -167,10 +266,8 @@ class RunDir:
         if overwrite and self.root.exists():
             self._clear()
         elif config_path.exists():
-            previous = config_path.read_json()
-            changed = _differences(previous, as_recorded(config, previous))
-            if changed:
-                details = "; ".join(f"{k}: was {_short(was)}, now {_short(now)}" for k, was, now in changed)
+            details = changes(config_path.read_json(), config)
+            if details:
                 raise InputError(
                     f"{self.root} holds output of a different run ({details}). Rerun with the same "
                     "model, options and inputs to resume, choose another --output, or pass --overwrite "
@@ -235,67 +332,6 @@ class RunDir:
             )
 
 
-def run_config(options, units: list[Unit], annotator) -> dict:
-    """The facts that determine the output; a rerun into the same OUT_DIR must have the same ones."""
-    from nerbatch.modeling import resolve_model
-
-    model = resolve_model(options.model)
-    recorded = {
-        "text_column": options.text_column,
-        "id_column": options.id_column,
-        "keep_columns": options.keep_columns,
-        "partition_by": options.partition_by,
-        "row_group_rows": options.row_group_rows,
-        "file_rows": options.file_rows,
-        **annotator.settings(),
-    }
-    if annotator.precision == "int8":  # its spans depend on which windows share a batch (README, Precision)
-        recorded |= {
-            "batch_size": annotator.batch_size,
-            "max_batch_tokens": annotator.max_batch_tokens,
-            "read_rows": options.read_rows,
-        }
-    return {
-        "model": str(Path(model).resolve()) if Path(model).exists() else model,
-        "model_fingerprint": model_fingerprint(model),
-        "labels": annotator.labels,
-        "options": recorded,
-        "inputs": [[u.path, u.row_group, u.rows] for u in units],
-        "input_footers": {u.path: u.footer for u in units},
-    }
-
-
-def as_recorded(config: dict, previous: dict) -> dict:
-    """`config` as an OUT_DIR written by `previous` records it: outputs of 0.3.5 and earlier have no
-    `input_footers`, and resume on the other keys alone, as they did."""
-    return config if "input_footers" in previous else {k: v for k, v in config.items() if k != "input_footers"}
-
-
-def model_fingerprint(model: str) -> str:
-    """A hash of a local model dir: config, tokenizer and every byte of the weights files (a
-    sequential read, about a second per GB; two checkpoints of one size can differ anywhere)."""
-    root = Path(model)
-    if not root.is_dir():
-        return model
-    digest = hashlib.sha256()
-    for path in sorted(root.iterdir()):
-        if path.name in {"config.json", "tokenizer.json", "tokenizer_config.json"} or path.suffix in {
-            ".safetensors",
-            ".bin",
-            ".pt",
-        }:
-            digest.update(path.name.encode())
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 24):
-                    digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
-def output_metadata(config: dict) -> dict:
-    """The key-value metadata of every part file: model, labels, options, nerbatch version."""
-    return {"model": config["model"], "labels": config["labels"], "options": config["options"], "version": __version__}
-
-
 def write_totals_if_complete(out: RunDir, units: list[Unit], files: list[str], config: dict) -> None:
     """Whoever finds every unit done and every file assembled writes the run totals (several may:
     same content, atomic write)."""
@@ -304,8 +340,8 @@ def write_totals_if_complete(out: RunDir, units: list[Unit], files: list[str], c
     total = Tally()
     for unit in units:
         stats = out.unit_stats(unit)
-        total.add(Tally(**{k: stats.get(k, 0) for k in vars(Tally())}))  # units done by 0.3.2 lack fp32_batches
-    (out.meta / "stats.json").write_json(
+        total.add(Tally(**{k: stats.get(k, 0) for k in vars(Tally())}))  # older markers lack fp32_batches
+    out.totals.write_json(
         {
             "complete": True,
             "units": len(units),
@@ -335,36 +371,31 @@ def wait_for_other_ranks(
     return True
 
 
-def _differences(previous: dict, config: dict) -> list[tuple[str, object, object]]:
-    """(key, was, now) for each key whose value differs; within `options`, each option by name."""
-    changed = []
-    for key in sorted(set(previous) | set(config)):
-        was, now = previous.get(key), config.get(key)
-        if was == now:
-            continue
-        if key == "options" and isinstance(was, dict) and isinstance(now, dict):
-            options = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
-            changed += [(f"option {k}", was.get(k), now.get(k)) for k in options]
-        elif key == "inputs" and isinstance(was, list) and isinstance(now, list):
-            changed.append(_first_input_difference(was, now))
-        elif key == "input_footers" and isinstance(was, dict) and isinstance(now, dict):
-            path = next(p for p in sorted(set(was) | set(now)) if was.get(p) != now.get(p))
-            changed.append((f"input {path} (its content: the Parquet footer)", was.get(path), now.get(path)))
-        else:
-            changed.append((key, was, now))
-    return changed
+def _json_files(directory: Location) -> list[Location]:
+    return [path for path in directory.children() if path.name.endswith(".json")]
 
 
-def _first_input_difference(was: list, now: list) -> tuple[str, object, object]:
-    """The first unit (file, row group, rows) that differs between two runs' inputs, named."""
-    for index in range(max(len(was), len(now))):
-        before = was[index] if index < len(was) else None
-        after = now[index] if index < len(now) else None
-        if before != after:
-            return f"inputs ({len(was)} units, now {len(now)}; unit {index} is the first to differ)", before, after
-    return "inputs", was, now
+def _read_markers(directory: Location):
+    for path in _json_files(directory):
+        yield path.read_json()
 
 
-def _short(value, limit: int = 120) -> str:
-    text = json.dumps(value, sort_keys=True)
-    return text if len(text) <= limit else text[:limit] + "..."
+def _unit_key(marker: dict) -> tuple[str, int | None]:
+    return marker["unit"]["path"], marker["unit"]["row_group"]
+
+
+def _rank_figures(path: Location) -> dict:
+    rank, world = map(int, re.findall(r"\d+", path.name)[:2])
+    figures = path.read_json()
+    seconds = figures["wall_seconds"]
+    return {
+        "rank": rank,
+        "world": world,
+        "units": figures["units"],
+        "rows": figures["rows"],
+        "tokens": figures["tokens"],
+        "wall_seconds": seconds,
+        "docs_per_second": figures["rows"] / seconds if seconds else 0.0,
+        "tokens_per_second": figures["tokens"] / seconds if seconds else 0.0,
+        "failed": len(figures["failed"]),
+    }

@@ -26,7 +26,7 @@ class Unit:
 
     @property
     def name(self) -> str:
-        return f"unit-{self.index:06d}"
+        return unit_name(self.index)
 
     @property
     def location(self) -> Location:
@@ -35,6 +35,11 @@ class Unit:
     def describe(self) -> str:
         where = "" if self.row_group is None else f" row group {self.row_group}"
         return f"{self.path}{where}"
+
+
+def unit_name(index: int) -> str:
+    """The name of unit `index` in OUT_DIR's bookkeeping (markers, pieces)."""
+    return f"unit-{index:06d}"
 
 
 def discover_inputs(inputs: list[str], exclude: Location | None = None) -> list[Location]:

@@ -28,7 +28,7 @@ from nerbatch.data import Corpus, build_label_list, check_labels, load_corpus
 from nerbatch.dist import describe, make_accelerator
 from nerbatch.documents import build_documents
 from nerbatch.evaluation import eval_loader, evaluate_documents, evaluate_features
-from nerbatch.inference import Annotator, special_tokens_around
+from nerbatch.inference import Tagger, special_tokens_around
 from nerbatch.modeling import load_model, load_tokenizer, window_length
 
 # Keys that may change between a checkpoint and its resumption without changing the run.
@@ -82,9 +82,9 @@ def score_documents(accelerator, model, tokenizer, cfg: TrainConfig, corpus: Cor
     segments = ["none", "sentences"] if cfg.context == "document" else ["sentences"]
     results = {}
     for segment in segments:
-        annotator = Annotator(unwrapped, tokenizer, segment=segment)
+        tagger = Tagger(unwrapped, tokenizer, segment=segment)
         results[segment] = evaluate_documents(
-            annotator, corpus, documents, accelerator.process_index, accelerator.num_processes
+            tagger, corpus, documents, accelerator.process_index, accelerator.num_processes
         )
     best = max(segments, key=lambda s: results[s]["overall_f1"])  # a tie keeps the first
     return best, results[best], {s: r["overall_f1"] for s, r in results.items()}

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 
 from nerbatch.dist import launch_command
 
-from conftest import CONLL, REPO, need
+from conftest import REPO, need
 
 
 def free_port() -> int:
@@ -63,60 +62,6 @@ def write_conll(sentences, path: Path, documents: bool = False) -> Path:
         lines.append("".join(f"{w} {t}\n" for w, t in zip(s.words, s.tags)) + "\n")
     path.write_text("".join(lines))
     return path
-
-
-TUNE_STEPS = 700
-TUNE_BATCH = 16
-PACK_WORDS = 90
-
-
-def packed(sentences: list, words: int) -> list:
-    """Join consecutive sentences up to `words` words, so every position embedding up to the model's
-    length gets trained (CoNLL sentences alone rarely pass position 50; windows use all 128)."""
-    from nerbatch.data import Sentence
-
-    out: list = []
-    for s in sentences:
-        if out and len(out[-1].words) + len(s.words) <= words:
-            out[-1] = Sentence(out[-1].words + s.words, out[-1].tags + s.tags, s.source, line=out[-1].line)
-        else:
-            out.append(s)
-    return out
-
-
-def fine_tune(base: Path, out: Path, steps: int = TUNE_STEPS) -> Path:
-    """Copy the model in `base` to `out` and train it for `steps` steps on the CoNLL train split."""
-    import torch
-    from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification
-
-    from nerbatch.align import encode
-    from nerbatch.data import read_conll
-    from nerbatch.modeling import load_tokenizer
-
-    shutil.copytree(base, out, dirs_exist_ok=True)
-    tokenizer = load_tokenizer(str(out))
-    model = AutoModelForTokenClassification.from_pretrained(out)
-    sentences = packed(read_conll(need(CONLL / "train.txt")).sentences, PACK_WORDS)
-    features = encode(tokenizer, sentences, model.config.label2id, 128).features
-    collate = DataCollatorForTokenClassification(tokenizer)
-    generator = torch.Generator().manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # deterministic and faster for a model this small
-    try:
-        model.train()
-        for _ in range(steps):
-            pick = torch.randint(len(features), (TUNE_BATCH,), generator=generator).tolist()
-            batch = collate([features[i].to_model_input() for i in pick])
-            loss = model(**batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-    finally:
-        torch.set_num_threads(threads)
-    model.eval()
-    model.save_pretrained(out)
-    return out
 
 
 def good_and_corrupt_inputs(table, directory: Path) -> Path:
@@ -177,3 +122,29 @@ def all_gone(pids: list[int], seconds: float) -> bool:
     while any(running(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     return not any(running(pid) for pid in pids)
+
+
+# Rows the annotate job flags, and a text whose markup the HTML page must escape (the `corpus` fixture).
+EXTRA = {
+    "extra-empty": "",
+    "extra-blank": " \t\n ",
+    "extra-markup": "<script>alert('x')</script> Talks between Paris & Rome resumed on Monday.",
+    "extra-short": "Angela Merkel met Emmanuel Macron in Paris.",
+}
+
+
+def annotate_in_process(model: Path, *args) -> object:
+    """`nerbatch annotate` in this process (click's CliRunner); exceptions propagate."""
+    from click.testing import CliRunner
+
+    from nerbatch.cli import main
+
+    return CliRunner().invoke(main, ["annotate", str(model), *map(str, args), "--no-progress"], catch_exceptions=False)
+
+
+def output_rows(out: Path) -> list[dict]:
+    """Every row of OUT_DIR's output files, in file order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pa.concat_tables(pq.read_table(p) for p in sorted(out.glob("part-*.parquet"))).to_pylist()

@@ -5,17 +5,21 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, REUTERS, SHARED_DATA, need
 from helpers import environment
+
+# whole benchmark scripts as processes, on the shared data
+pytestmark = pytest.mark.slow
 
 
 def test_bench_annotation_section_compares_like_with_like(tiny_model_dir, tmp_path):
     need(REUTERS)
     out = tmp_path / "bench.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "bench.py"),
+    done = run_benchmark(
+        "bench",
+        *[
             "--model",
             str(tiny_model_dir),
             "--data",
@@ -29,10 +33,6 @@ def test_bench_annotation_section_compares_like_with_like(tiny_model_dir, tmp_pa
             "--json-out",
             str(out),
         ],
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())["annotation"]
@@ -48,13 +48,7 @@ def test_bench_processes_section_times_whole_processes(tiny_model_dir, tmp_path)
     out = tmp_path / "bench.json"
     args = ["--model", str(tiny_model_dir), "--data", str(SHARED_DATA), "--sections", "processes"]
     args += ["--process-docs", "12", "--batch-sizes", "1,4", "--repeats", "1", "--json-out", str(out)]
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench.py"), *args],
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = run_benchmark("bench", *args)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())["processes"]
     assert report["docs"] == 12 and set(report["seconds"]) == {
@@ -82,10 +76,9 @@ def test_output_layout_benchmark_runs_its_checks(tiny_model_dir, tmp_path):
     """The layout script at small sizes: same DuckDB counts in both layouts, kill + rerun equality."""
     need(REUTERS)
     out = tmp_path / "layout.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "output_layout.py"),
+    done = run_benchmark(
+        "output_layout",
+        *[
             "--model",
             str(tiny_model_dir),
             "--data",
@@ -101,10 +94,7 @@ def test_output_layout_benchmark_runs_its_checks(tiny_model_dir, tmp_path):
             "--json-out",
             str(out),
         ],
-        env=environment(NERBATCH_TEST_SLOW_BATCH_S="0.05"),  # so the kill lands mid-run
-        capture_output=True,
-        text=True,
-        timeout=600,
+        NERBATCH_TEST_SLOW_BATCH_S="0.05",  # so the kill lands mid-run
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -117,10 +107,11 @@ def test_output_layout_benchmark_runs_its_checks(tiny_model_dir, tmp_path):
     assert run["kept_types_equal_input"] and run["peak_rss_mb"]["assembled"] > 0
 
 
-def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
-    """benchmarks/SCRIPT with `args` as a process, offline; its output captured."""
-    command = [sys.executable, str(REPO / "benchmarks" / script), *map(str, args)]
-    return subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=600)
+def run_benchmark(module: str, *args, **env: str) -> subprocess.CompletedProcess:
+    """`python -m benchmarks.MODULE` with `args` as a process from the repository root, offline; its
+    output captured."""
+    command = [sys.executable, "-m", f"benchmarks.{module}", *map(str, args)]
+    return subprocess.run(command, env=environment(**env), cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
 def test_cpu_side_times_two_source_trees_with_a_model_without_layers(tiny_model_dir, tmp_path):
@@ -133,7 +124,7 @@ def test_cpu_side_times_two_source_trees_with_a_model_without_layers(tiny_model_
     shutil.copytree(REPO / "nerbatch", other / "nerbatch")
     out = tmp_path / "side.json"
     done = run_benchmark(
-        "cpu_side.py", "--model", tiny_model_dir, "--reuters", REUTERS, "--docs", 40, "--copies", 2,
+        "cpu_side", "--model", tiny_model_dir, "--reuters", REUTERS, "--docs", 40, "--copies", 2,
         "--rounds", 1, "--other", other, "--json-out", out,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

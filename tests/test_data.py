@@ -16,6 +16,7 @@ from conftest import CONLL, CONLL_LABELS, REPO, need
         ("valid.txt", (3250, 216, 51362, {"PER": 1842, "ORG": 1341, "LOC": 1837, "MISC": 922})),
     ],
 )
+@pytest.mark.slow
 def test_conll_reader_matches_published_counts(name, counts):
     corpus = read_conll(need(CONLL / name))
     stats = corpus_stats(corpus)
@@ -303,6 +304,7 @@ def write_conll(path):
     return path
 
 
+@pytest.mark.slow
 def test_the_published_conll2003_files_pass_the_check():
     for name, split in (("train.txt", "train"), ("valid.txt", "validation")):
         assert load_corpus(str(need(CONLL / name)), split).warnings == []

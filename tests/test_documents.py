@@ -249,7 +249,7 @@ def test_one_sentence_documents_score_like_sentence_evaluation(tuned_model_dir, 
 def test_document_context_training_records_how_to_annotate(tiny_model_dir, valid_docs, tmp_path):
     from transformers import AutoModelForTokenClassification
 
-    from nerbatch.inference import Annotator
+    from nerbatch.inference import Tagger
     from nerbatch.modeling import load_tokenizer
 
     out = tmp_path / "run"
@@ -269,9 +269,9 @@ def test_document_context_training_records_how_to_annotate(tiny_model_dir, valid
     assert set(scores) == {"none", "sentences"} and epoch["document"]["overall_f1"] == max(scores.values())
     record = json.loads((out / "config.json").read_text())["nerbatch"]
     assert record == {"context": "document", "window": 96, "segment": max(scores, key=scores.get)}
-    annotator = Annotator(AutoModelForTokenClassification.from_pretrained(out), load_tokenizer(str(out)))
-    assert (annotator.segment, annotator.max_length) == (record["segment"], 96)
-    assert Annotator(annotator.model, load_tokenizer(str(out)), segment="none").max_length == 96
+    tagger = Tagger(AutoModelForTokenClassification.from_pretrained(out), load_tokenizer(str(out)))
+    assert (tagger.segment, tagger.max_length) == (record["segment"], 96)
+    assert Tagger(tagger.model, load_tokenizer(str(out)), segment="none").max_length == 96
     # training data without documents cannot give document context: refused before any work
     refused = CliRunner().invoke(main, job_args + ["--train", str(train), "--output-dir", str(tmp_path / "x")])
     assert refused.exit_code != 0 and "context = document needs documents" in refused.output

@@ -132,8 +132,7 @@ def marker(rank: int, at: float, seconds: float, tokens: int, pid: int = 1) -> d
 
 
 def test_the_steady_window_counts_only_the_time_every_rank_was_past_its_first_unit():
-    sys.path.insert(0, str(REPO / "benchmarks" / "gpu"))
-    from gpu_bench import steady_rate
+    from benchmarks.gpu.gpu_bench import steady_rate
 
     # rank 0: units done at 10 (first), 14, 18; rank 1 started late: 12 (first), 16, 20.
     # The window is [12, 18]: rank 0's unit 10-14 counts half, 14-18 whole; rank 1's 12-16 whole,
@@ -159,11 +158,12 @@ def test_the_steady_window_counts_only_the_time_every_rank_was_past_its_first_un
 
 
 def test_set_overrides_a_size_and_refuses_what_it_cannot_mean():
-    sys.path.insert(0, str(REPO / "benchmarks" / "gpu"))
-    from gpu_bench import chosen_sizes, parse_args
+    from benchmarks.gpu.gpu_bench import BENCHMARK
+    from benchmarks.gpu.runner import chosen_sizes, parse_args
 
     def sizes(*settings):
-        return chosen_sizes(parse_args(["--out", "/tmp/unused", *(a for s in settings for a in ("--set", s))]))
+        argv = ["--out", "/tmp/unused", *(a for s in settings for a in ("--set", s))]
+        return chosen_sizes(BENCHMARK, parse_args(BENCHMARK, argv))
 
     chosen = sizes('steps=["annotation"]', 'tests="share_one_device"', "train_profile=false", "budget_s=300")
     assert (chosen.steps, chosen.tests, chosen.train_profile, chosen.budget_s) == (

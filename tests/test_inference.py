@@ -13,10 +13,11 @@ from hypothesis import strategies as st
 from transformers import AutoModelForTokenClassification, BertConfig, BertForTokenClassification, pipeline
 
 from nerbatch.errors import OptionError
-from nerbatch.inference import Annotator, annotate_texts, plan_windows
+from nerbatch.inference import Tagger, plan_windows, tag_texts
 from nerbatch.modeling import load_tokenizer
 
-from conftest import CONLL_LABELS, REUTERS, need, tiny_bert
+from conftest import CONLL_LABELS, REUTERS, need
+from models import tiny_bert
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +46,14 @@ def reuters_texts() -> list[str]:
     return [t for t in texts[:3000] if t]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("aggregation", "docs"), [("simple", 210), ("first", 60), ("average", 60), ("max", 60)])
 def test_matches_the_transformers_pipeline_on_reuters(tuned, reuters_texts, aggregation, docs):
     model, tokenizer = tuned
     lengths = [len(ids) for ids in tokenizer(reuters_texts[:800])["input_ids"]]
     fitting = [t for t, n in zip(reuters_texts, lengths) if n <= tokenizer.model_max_length][:docs]
     assert len(fitting) == docs
-    ours = annotate_texts(fitting, model, tokenizer, aggregation=aggregation, segment="none")  # one window each
+    ours = tag_texts(fitting, model, tokenizer, aggregation=aggregation, segment="none")  # one window each
     pipe = pipeline("token-classification", model=model, tokenizer=tokenizer, aggregation_strategy=aggregation)
     entities = 0
     for text, mine in zip(fitting, ours):
@@ -98,6 +100,7 @@ def context_free_model(vocab_size: int) -> BertForTokenClassification:
     return model.eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("segment", ["none", "sentences", "both"])
 @pytest.mark.parametrize("aggregation", ["first", "simple"])
 def test_windows_merge_exactly_when_predictions_do_not_depend_on_context(tiny, reuters_texts, aggregation, segment):
@@ -108,12 +111,18 @@ def test_windows_merge_exactly_when_predictions_do_not_depend_on_context(tiny, r
     tokenizer.model_max_length = 8192
     try:
         texts = [" ".join(reuters_texts[:30]), reuters_texts[3]]
-        whole = annotate_texts(texts, model, tokenizer, aggregation, max_length=8192, segment="none")
+        whole = tag_texts(texts, model, tokenizer, aggregation=aggregation, max_length=8192, segment="none")
         assert sum(map(len, whole)) > 200
         for max_length, stride in [(16, 0), (16, 7), (64, 16), (130, 64)]:
             assert (
-                annotate_texts(
-                    texts, model, tokenizer, aggregation, max_length=max_length, stride=stride, segment=segment
+                tag_texts(
+                    texts,
+                    model,
+                    tokenizer,
+                    aggregation=aggregation,
+                    max_length=max_length,
+                    stride=stride,
+                    segment=segment,
                 )
                 == whole
             )
@@ -121,21 +130,22 @@ def test_windows_merge_exactly_when_predictions_do_not_depend_on_context(tiny, r
         tokenizer.model_max_length = 128
 
 
+@pytest.mark.slow
 def test_joined_articles_give_the_entities_of_each_article_alone(tuned, reuters_texts):
     """Forty real articles joined into one document of many windows are labelled like each article
     alone. The tiny tuned model is context-sensitive (any new neighbour nudges its logits), so this
     compares entity types per subword with a tolerance; the exact no-loss/no-duplicate guarantee is
     `test_windows_merge_exactly_when_predictions_do_not_depend_on_context`."""
     model, tokenizer = tuned
-    annotator = Annotator(model, tokenizer, "first", segment="none")
+    tagger = Tagger(model, tokenizer, "first", segment="none")
     short = [t for t in reuters_texts if 200 < len(t) < 400][:40]
-    alone = annotator.encode(short)
-    annotator.forward(alone)
+    alone = tagger.encode(short)
+    tagger.forward(alone)
     assert all(len(doc.windows) == 1 for doc in alone)
     joined = "\n\n".join(short)
-    doc = annotator.encode([joined])[0]
+    doc = tagger.encode([joined])[0]
     assert len(doc.windows) >= 20 and doc.n_tokens == sum(d.n_tokens for d in alone)
-    annotator.forward([doc])
+    tagger.forward([doc])
     kind = np.array([CONLL_LABELS.index(x) and 1 + (CONLL_LABELS.index(x) - 1) // 2 for x in CONLL_LABELS])
     separate = kind[np.concatenate([d.probs.argmax(1) for d in alone])]
     together = kind[doc.probs.argmax(1)]
@@ -146,20 +156,21 @@ def test_joined_articles_give_the_entities_of_each_article_alone(tuned, reuters_
     near = np.min(np.abs(position[:, None] - np.concatenate([joins, cuts])[None, :]), axis=1) <= 8
     assert (separate == together)[~near].mean() >= 0.9
     assert (separate == together).mean() >= 0.88
-    spans = annotator.decode(doc, joined)
+    spans = tagger.decode(doc, joined)
     assert len(spans) > 150 and all(joined[s.start : s.end] == s.text for s in spans)
     assert all(a.end <= b.start for a, b in zip(spans, spans[1:]))  # nothing emitted twice
 
 
+@pytest.mark.slow
 def test_a_million_character_document(tiny, reuters_texts):
     model, tokenizer = tiny
     base = "\n".join(reuters_texts[:40])
     text = (base * (1_000_000 // len(base) + 1))[:1_000_000]
     began = time.perf_counter()
-    annotator = Annotator(model, tokenizer, "first", batch_size=256, max_batch_tokens=8192)
-    doc = annotator.encode([text])[0]
-    annotator.forward([doc])
-    spans = annotator.decode(doc, text)
+    tagger = Tagger(model, tokenizer, "first", batch_size=256, max_batch_tokens=8192)
+    doc = tagger.encode([text])[0]
+    tagger.forward([doc])
+    spans = tagger.decode(doc, text)
     assert time.perf_counter() - began < 120
     assert len(doc.windows) > 2000 and doc.keeps[-1][1] == doc.n_tokens
     assert doc.offsets[-1][1] >= len(text) - 1  # the end of the text was seen
@@ -167,16 +178,17 @@ def test_a_million_character_document(tiny, reuters_texts):
     assert all(a.end <= b.start for a, b in zip(spans, spans[1:]))
 
 
+@pytest.mark.slow
 def test_offsets_round_trip_on_real_text(tiny, reuters_texts):
     model, tokenizer = tiny
     texts = reuters_texts[:100] + ["東京 São Paulo\r\n\tZürich 👩‍👩‍👧 e\u0301te\u0301 zero\u200bwidth"]
-    annotator = Annotator(model, tokenizer, max_length=32, stride=8)
-    docs = annotator.encode(texts)
-    annotator.forward(docs)
+    tagger = Tagger(model, tokenizer, max_length=32, stride=8)
+    docs = tagger.encode(texts)
+    tagger.forward(docs)
     for aggregation in ["first", "simple", "average", "max"]:
-        annotator.aggregation = aggregation
+        tagger.aggregation = aggregation
         for text, doc in zip(texts, docs):
-            spans = annotator.decode(doc, text)
+            spans = tagger.decode(doc, text)
             assert all(text[s.start : s.end] == s.text and s.text.strip() == s.text for s in spans)
 
 
@@ -198,13 +210,14 @@ tricky_documents = st.lists(
     aggregation=st.sampled_from(["first", "simple", "average", "max"]),
     window=st.sampled_from([(16, 4), (24, 8), (None, None)]),
 )
+@pytest.mark.slow
 def test_every_span_of_a_whole_document_points_into_its_text(random_model, texts, segment, aggregation, window):
     """The whole in-memory path (segmentation, windows, merging, decoding) on generated documents:
     every entity is `text[start:end]`, trimmed, in order, never overlapping."""
     model, tokenizer = random_model
     max_length, stride = window
-    annotator = Annotator(model, tokenizer, aggregation, max_length=max_length, stride=stride, segment=segment)
-    results = annotator.annotate(texts)
+    tagger = Tagger(model, tokenizer, aggregation, max_length=max_length, stride=stride, segment=segment)
+    results = tagger.annotate(texts)
     assert len(results) == len(texts)
     for text, spans in zip(texts, results):
         for span in spans:
@@ -216,7 +229,7 @@ def test_every_span_of_a_whole_document_points_into_its_text(random_model, texts
 def test_bad_stride_is_refused(tiny):
     model, tokenizer = tiny
     with pytest.raises(OptionError, match="stride"):
-        Annotator(model, tokenizer, stride=100)
+        Tagger(model, tokenizer, stride=100)
 
 
 UNICODE_TEXTS = [
@@ -233,7 +246,7 @@ def test_matches_the_pipeline_on_unicode_text(tiny, aggregation):
     model, tokenizer = tiny
     pipe = pipeline("token-classification", model=model, tokenizer=tokenizer, aggregation_strategy=aggregation)
     found = 0
-    ours = annotate_texts(UNICODE_TEXTS, model, tokenizer, aggregation=aggregation, segment="none")
+    ours = tag_texts(UNICODE_TEXTS, model, tokenizer, aggregation=aggregation, segment="none")
     for text, mine in zip(UNICODE_TEXTS, ours):
         theirs = pipe(text)
         assert [(s.start, s.end, s.label) for s in mine] == [(e["start"], e["end"], e["entity_group"]) for e in theirs]
@@ -241,13 +254,14 @@ def test_matches_the_pipeline_on_unicode_text(tiny, aggregation):
     assert found > 10
 
 
+@pytest.mark.slow
 def test_batches_hold_at_most_the_window_cap_of_the_device(tiny, reuters_texts):
     model, tokenizer = tiny
     texts = [s for text in reuters_texts[:60] for s in text.split(". ")]  # many short sentence windows
-    default = Annotator(model, tokenizer, segment="sentences", max_batch_tokens=1 << 20)
+    default = Tagger(model, tokenizer, segment="sentences", max_batch_tokens=1 << 20)
     assert default.batch_size == 64  # on CPU; a GPU's default is 1024 (benchmarks/gpu/test_cuda.py)
     docs = default.encode(texts)
     assert sum(len(d.windows) for d in docs) > 200
     assert max(map(len, default.batches(docs))) == 64
-    wide = Annotator(model, tokenizer, segment="sentences", batch_size=1024, max_batch_tokens=1 << 20)
+    wide = Tagger(model, tokenizer, segment="sentences", batch_size=1024, max_batch_tokens=1 << 20)
     assert max(map(len, wide.batches(docs))) > 64

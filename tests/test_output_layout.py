@@ -57,6 +57,7 @@ def sized(tiny_model_dir, corpus, tmp_path_factory) -> Path:
     return annotate_sized(tiny_model_dir, corpus, tmp_path_factory.mktemp("sized") / "out", 100, 400)
 
 
+@pytest.mark.slow
 def test_small_input_row_groups_become_few_files_of_large_row_groups(sized, corpus):
     files = sorted(sized.glob("*.parquet"))
     assert [f.name for f in files] == ["part-00000.parquet", "part-00001.parquet"]  # 61 units, 2 files
@@ -73,6 +74,7 @@ def test_small_input_row_groups_become_few_files_of_large_row_groups(sized, corp
     assert ids == expected  # one row per input row, in input order
 
 
+@pytest.mark.slow
 def test_the_layout_does_not_change_the_rows(tiny_model_dir, sized, corpus, tmp_path):
     """The same run with one file per input row group (the old layout) has the same rows."""
     out = annotate_sized(tiny_model_dir, corpus, tmp_path / "small", 10, 1)
@@ -81,6 +83,7 @@ def test_the_layout_does_not_change_the_rows(tiny_model_dir, sized, corpus, tmp_
     assert duckdb.sql(query.format(out)).fetchall() == duckdb.sql(query.format(sized)).fetchall()
 
 
+@pytest.mark.slow
 def test_kept_columns_keep_their_types_and_values(sized, corpus):
     source = pa.concat_tables([pq.read_table(corpus / "a.parquet"), pq.read_table(corpus / "b.parquet")])
     output = pa.concat_tables(pq.read_table(f) for f in sorted(sized.glob("*.parquet")))
@@ -90,6 +93,7 @@ def test_kept_columns_keep_their_types_and_values(sized, corpus):
         assert output[name].to_pylist() == source[name].to_pylist()
 
 
+@pytest.mark.slow
 def test_partition_by_writes_hive_directories_that_readers_prune_on(tiny_model_dir, corpus, tmp_path):
     out = tmp_path / "out"
     result = annotate(
@@ -121,6 +125,7 @@ def test_partition_by_writes_hive_directories_that_readers_prune_on(tiny_model_d
     assert {by_id[i] for (i,) in german} == {"de"}
 
 
+@pytest.mark.slow
 def test_annotate_never_imports_pandas(tiny_model_dir, corpus, tmp_path):
     """pyarrow imports pandas whenever it converts a Python value (0.09 s and 34 MiB per process);
     annotate builds its arrays from buffers and filters partitions with Arrow scalars, so a whole
@@ -135,6 +140,7 @@ def test_annotate_never_imports_pandas(tiny_model_dir, corpus, tmp_path):
     assert pq.read_table(tmp_path / "out" / "lang=fr").num_rows == 220
 
 
+@pytest.mark.slow
 def test_a_dictionary_encoded_partition_column_splits_like_a_plain_one(tiny_model_dir, tmp_path):
     """Partitions are selected with Arrow scalars (`pc.equal(keys, scalar)`); a dictionary column,
     as Spark and pandas often write categories, gives the same directories and rows."""
@@ -197,6 +203,7 @@ def write_pair(directory: Path, second: pa.Table) -> Path:
         "partition-timestamp",
     ],
 )
+@pytest.mark.slow
 def test_bad_kept_or_partition_columns_are_refused_before_any_work(tiny_model_dir, tmp_path, change, options, message):
     inputs = write_pair(tmp_path / "in", change(reuters_table(20)))
     out = tmp_path / "out"
@@ -205,6 +212,7 @@ def test_bad_kept_or_partition_columns_are_refused_before_any_work(tiny_model_di
     assert len(result.output.strip().splitlines()) == 1 and not out.exists()
 
 
+@pytest.mark.slow
 def test_many_partitions_are_written_a_few_at_a_time_with_the_same_result(
     tiny_model_dir, corpus, tmp_path, monkeypatch
 ):

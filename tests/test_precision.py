@@ -16,7 +16,7 @@ from transformers import AutoModelForTokenClassification
 
 from nerbatch.cli import main
 from nerbatch.errors import OptionError
-from nerbatch.inference import Annotator
+from nerbatch.inference import Tagger
 from nerbatch.modeling import load_tokenizer
 from nerbatch.precision import (
     INT8_SCHEME,
@@ -49,7 +49,7 @@ def test_int8_keeps_sensitive_layers_and_the_predictions(tuned_model_dir):
     tokenizer = load_tokenizer(str(tuned_model_dir))
     assert first_down_projection(model) == "bert.encoder.layer.0.output.dense"
     texts = ["Peter Blackburn of the European Commission said in Brussels on Monday that Germany agreed ."] * 3
-    full, small = Annotator(model, tokenizer), Annotator(model, tokenizer, precision="int8")
+    full, small = Tagger(model, tokenizer), Tagger(model, tokenizer, precision="int8")
     assert small.model is not model and type(model.classifier) is torch.nn.Linear  # the caller's model untouched
     assert type(small.model.classifier) is torch.nn.Linear  # kept in fp32
     assert isinstance(small.model.bert.encoder.layer[1].output.dense, DynamicLinear) and is_quantized(small.model)
@@ -158,12 +158,12 @@ def test_an_autocast_batch_that_overflows_runs_again_in_fp32(tuned_model_dir):
         "Peter Blackburn of the European Commission said in Brussels on Monday that Germany agreed .",
         "Japan beat Syria 2-1 in Abu Dhabi .",
     ] * 4
-    exact = Annotator(model, tokenizer, precision="fp32", batch_size=2).annotate(texts)
+    exact = Tagger(model, tokenizer, precision="fp32", batch_size=2).annotate(texts)
     for bad, expected in ((lambda ids: True, 4), (lambda ids: ids.shape[1] > 20, 2), (lambda ids: False, 0)):
-        annotator = Annotator(OverflowsUnderAutocast(model, bad), tokenizer, precision="fp32", batch_size=2)
-        annotator.autocast_dtype = torch.bfloat16
-        spans = annotator.annotate(texts)
-        assert annotator.fp32_batches == expected
+        tagger = Tagger(OverflowsUnderAutocast(model, bad), tokenizer, precision="fp32", batch_size=2)
+        tagger.autocast_dtype = torch.bfloat16
+        spans = tagger.annotate(texts)
+        assert tagger.fp32_batches == expected
         assert [[(s.start, s.end, s.label) for s in doc] for doc in spans] == [
             [(s.start, s.end, s.label) for s in doc] for doc in exact
         ]
@@ -187,11 +187,11 @@ def test_the_fp32_rerun_is_fp32_inside_a_callers_autocast_and_never_silently_wro
     model = AutoModelForTokenClassification.from_pretrained(tuned_model_dir).eval()
     tokenizer = load_tokenizer(str(tuned_model_dir))
     texts = ["Peter Blackburn of the European Commission said in Brussels on Monday that Germany agreed ."]
-    exact = Annotator(model, tokenizer, precision="fp32").annotate(texts)
-    annotator = Annotator(OverflowsUnderAutocast(model, lambda ids: True), tokenizer, precision="fp32")
-    annotator.autocast_dtype = torch.bfloat16
+    exact = Tagger(model, tokenizer, precision="fp32").annotate(texts)
+    tagger = Tagger(OverflowsUnderAutocast(model, lambda ids: True), tokenizer, precision="fp32")
+    tagger.autocast_dtype = torch.bfloat16
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert annotator.annotate(texts) == exact and annotator.fp32_batches == 1
+        assert tagger.annotate(texts) == exact and tagger.fp32_batches == 1
     batch = tokenizer(texts, return_tensors="pt")
     wrapped = AutocastWithFallback(OverflowsUnderAutocast(model, lambda ids: True), torch.bfloat16)
     with torch.inference_mode():
@@ -202,30 +202,30 @@ def test_the_fp32_rerun_is_fp32_inside_a_callers_autocast_and_never_silently_wro
     broken = AutoModelForTokenClassification.from_pretrained(tuned_model_dir).eval()
     with torch.no_grad():
         broken.classifier.bias.fill_(float("nan"))
-    annotator = Annotator(broken, tokenizer, precision="fp32")
-    annotator.autocast_dtype = torch.bfloat16
+    tagger = Tagger(broken, tokenizer, precision="fp32")
+    tagger.autocast_dtype = torch.bfloat16
     with pytest.raises(ModelError, match="not finite even in fp32"):
-        annotator.annotate(texts)
+        tagger.annotate(texts)
     with pytest.raises(NerbatchError, match="not finite even in fp32"), torch.inference_mode():
         AutocastWithFallback(broken, torch.bfloat16)(**batch)
 
 
 def test_the_annotate_job_counts_overflowing_batches_in_its_stats_and_log(tuned_model_dir, tmp_path, monkeypatch):
     """The reruns reach the unit's done marker, the run totals and the command's log line."""
-    import nerbatch.annotate
+    import nerbatch.job
 
     source = tmp_path / "docs.parquet"
     texts = ["Angela Merkel met Joe Biden in Berlin .", "It rained .", "Japan beat Syria 2-1 in Abu Dhabi ."]
     pq.write_table(pa.table({"id": [1, 2, 3], "text": texts}), source)
-    load = nerbatch.annotate.load_annotator
+    load = nerbatch.job.load_tagger
 
     def overflowing(options, device=None):
-        annotator = load(options, device)
-        annotator.model = OverflowsUnderAutocast(annotator.model, lambda ids: True)
-        annotator.autocast_dtype = torch.bfloat16  # stands in for the GPU's fp16
-        return annotator
+        tagger = load(options, device)
+        tagger.model = OverflowsUnderAutocast(tagger.model, lambda ids: True)
+        tagger.autocast_dtype = torch.bfloat16  # stands in for the GPU's fp16
+        return tagger
 
-    monkeypatch.setattr(nerbatch.annotate, "load_annotator", overflowing)
+    monkeypatch.setattr(nerbatch.job, "load_tagger", overflowing)
     out = tmp_path / "out"
     args = ["annotate", str(tuned_model_dir), str(source), "--output", str(out), "--id-column", "id", "--no-progress"]
     done = CliRunner().invoke(main, [*args, "--batch-size", "2"])

@@ -154,6 +154,7 @@ def tokenizer(request):
 @given(
     text=tricky_text, seed=st.integers(0, 2**32 - 1), aggregation=st.sampled_from(["first", "simple", "average", "max"])
 )
+@pytest.mark.slow
 def test_offsets_round_trip_on_generated_unicode(tokenizer, text, seed, aggregation):
     enc = tokenizer.encode(text, add_special_tokens=False)
     rng = random.Random(seed)

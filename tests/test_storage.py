@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from fsspec.implementations.memory import MemoryFileSystem
 
 from nerbatch.cli import main
-from nerbatch.report import collect_stats, sample_documents
+from nerbatch.show import sample_documents
+from nerbatch.stats import collect_stats
 
 from conftest import REUTERS, need
 
@@ -46,6 +47,7 @@ def table() -> pa.Table:
     return pq.read_table(need(REUTERS), columns=["doc_id", "title", "text"]).slice(0, 60)
 
 
+@pytest.mark.slow
 def test_memory_uris_in_and_out_give_the_rows_of_local_paths(tiny_model_dir, table, memory, tmp_path):
     local_in = tmp_path / "in"
     local_in.mkdir()
@@ -92,6 +94,7 @@ class DeniedFileSystem(MemoryFileSystem):
         ("output", "nosuch://bucket/out", "nosuch://bucket/out: cannot open this location"),
     ],
 )
+@pytest.mark.slow
 def test_a_location_that_cannot_be_used_is_one_line_before_any_work(
     tiny_model_dir, table, tmp_path, where, spec, message
 ):

@@ -50,6 +50,7 @@ def train_args(model, splits, out, *extra):
     ]
 
 
+@pytest.mark.slow
 def test_two_process_training_evaluates_exactly_like_one_and_three(tiny_model_dir, splits, tmp_path):
     out = tmp_path / "run"
     assert "on 2 processes" in run(train_args(tiny_model_dir, splits, out, "--epochs", "2"), processes=2)
@@ -81,6 +82,7 @@ def test_two_process_training_evaluates_exactly_like_one_and_three(tiny_model_di
     assert all(text[e["start"] : e["end"]] == e["word"] for e in predicted)
 
 
+@pytest.mark.slow
 def test_resume_from_mid_epoch_checkpoint_matches_uninterrupted_run(tiny_model_dir, splits, tmp_path):
     args = ["--epochs", "2", "--max-train-samples", "400", "--checkpoint-every", "10", "--keep-checkpoints", "100"]
     full = tmp_path / "full"
@@ -107,6 +109,7 @@ def test_resume_from_mid_epoch_checkpoint_matches_uninterrupted_run(tiny_model_d
     assert [e["overall_f1"] for e in metrics[0]] == [e["overall_f1"] for e in metrics[1]]
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_settings(tiny_model_dir, splits, tmp_path):
     out = tmp_path / "run"
     run(train_args(tiny_model_dir, splits, out, "--epochs", "1", "--max-train-samples", "64"))
@@ -203,6 +206,7 @@ def build_tiny_roberta(directory: Path, words: list[str]) -> Path:
     return directory
 
 
+@pytest.mark.slow
 def test_roberta_words_get_a_prefix_space_and_train(splits, tmp_path):
     from nerbatch.modeling import load_tokenizer
 
@@ -218,6 +222,7 @@ def test_roberta_words_get_a_prefix_space_and_train(splits, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["epochs"][0]["overall_accuracy"] > 0.5
 
 
+@pytest.mark.slow
 def test_resume_with_gradient_accumulation_matches_uninterrupted_run(tiny_model_dir, splits, tmp_path):
     # 25 batches per epoch, 2 per update: updates end on batches 2, 4, ... 24 and on 25 (epoch end)
     args = [
@@ -266,6 +271,7 @@ def test_unreachable_model_is_a_one_line_error(tmp_path):
     assert f"{tmp_path / 'no-such-model'}: no such model directory" in result.output
 
 
+@pytest.mark.slow
 def test_a_fresh_run_needs_an_empty_output_dir_or_overwrite(tiny_model_dir, tmp_path):
     """Two runs in one directory would mix their epochs, and --resume could take the other run's checkpoint."""
     demo = Path(__file__).parents[1] / "nerbatch" / "demo_data"
@@ -309,3 +315,14 @@ def test_overwrite_never_deletes_the_model_it_trains_from(tiny_model_dir, tmp_pa
     refused = CliRunner().invoke(main, args)
     assert refused.exit_code == 1 and "--overwrite would delete the model to train from" in refused.output
     assert (out / "epoch_1" / "model.safetensors").exists()
+
+
+def test_a_checkpoint_from_before_a_config_key_existed_still_resumes(tmp_path):
+    from nerbatch.config import ConfigError, TrainConfig
+    from nerbatch.train import check_resumable
+
+    cfg = TrainConfig(output_dir=str(tmp_path))
+    saved = {k: v for k, v in cfg.to_dict().items() if k not in ("context", "context_window", "select_by")}
+    check_resumable(saved, cfg, tmp_path)  # 0.1.0 checkpoints lack the new keys: they ran with the defaults
+    with pytest.raises(ConfigError, match="context: 'sentence' -> 'document'"):
+        check_resumable(saved, TrainConfig(output_dir=str(tmp_path), context="document"), tmp_path)

@@ -1,10 +1,10 @@
 """The GPU benchmark: CUDA tests, annotation and training speed, CPU-vs-GPU spans, one JSON file.
 
-    OUT=DIR benchmarks/gpu/run.sh [--dry-run]      (sets the environment, then runs this file)
+    OUT=DIR benchmarks/gpu/run.sh [--dry-run]      (sets the environment, then runs this module)
 
 Built to be right the first time it meets a GPU: one H100/H200 is lent for minutes, offline, with
-the repository and the carry folder made by `prepare.py`. The driver (`main`) runs these steps in
-this order, each in its own process, under one time budget (480 s by default):
+the repository and the carry folder made by `prepare.py`. The runner (`benchmarks.gpu.runner`) runs
+these steps in this order, each in its own process, under one time budget (480 s by default):
 
     assets         models and data in a scratch folder: the carried MiniLM with fp32 weights again,
                    and a randomly initialised token classifier shaped like bert-base-cased
@@ -24,36 +24,36 @@ the way the test fixtures do (tests/conftest.py), from ../shared/data or $NERBAT
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, field, replace
-from functools import cached_property
+from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.gpu.runner import (
+    REPO,
+    Benchmark,
+    CommandFailed,
+    Context,
+    child_env,
+    describe_error,
+    dig,
+    main,
+    nested_errors,
+    run_logged,
+)
+
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
 CARRY = HERE / "carry"
 MANIFEST = "manifest.json"  # written last by prepare.py: a carry folder without it is incomplete
 SHARED_DATA = Path(os.environ.get("NERBATCH_SHARED_DATA", REPO.parent / "shared" / "data"))
-sys.path.insert(0, str(REPO / "benchmarks"))  # bench.py: the CPU benchmark's runners, reused here
-
-# Every process the benchmark starts: offline, quiet, this checkout importable (never pip-installed
-# on the device: the package's pins differ from what is installed there).
-ENVIRONMENT = {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_VERBOSITY": "error",
-}
 
 # Share of subwords the random model tags as entities. A random head tags about 8 in 9, which would
 # make span decoding and the output cost far more than with any trained model. The carried MiniLM
@@ -185,112 +185,7 @@ TARGETS = (
     ("cpu_gpu_identical_docs", ("cpu_gpu_spans", "fraction_identical"), 0.99),
 )
 
-RESERVE_S = 10  # kept back from the budget to write the report
-MIN_STEP_S = 20  # a step that would get less time than this is skipped
-GRACE_S = 10  # a step past its deadline gets this long to finish before it is killed
-
-
-class CommandFailed(RuntimeError):
-    """A subprocess exited non-zero or ran out of time; the message ends with its log's last lines."""
-
-
-@dataclass
-class Context:
-    """What a step needs (sizes, folders, its deadline) and the results it records as it goes."""
-
-    name: str
-    sizes: Sizes
-    dry_run: bool
-    out: Path
-    workdir: Path
-    carry: Path
-    deadline: float  # time.time() by which the step must be done
-    started: float  # time.time() when the whole run started (for the log lines)
-    result: dict = field(default_factory=dict)
-
-    def remaining(self) -> float:
-        return max(self.deadline - time.time(), 1.0)
-
-    def say(self, message: str) -> None:
-        print(f"[{time.time() - self.started:6.1f} s] {self.name}: {message}", flush=True)
-
-    def save(self) -> None:
-        write_json(step_file(self.workdir, self.name), self.result)
-
-    def assets(self) -> dict:
-        return json.loads(step_file(self.workdir, "assets").read_text())
-
-    @cached_property
-    def device(self) -> str:
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-
-    def attempt(self, label: str, fn, *args) -> dict:
-        """Run one measurement; a failure becomes {"error": ...} so the step's other measurements survive."""
-        began = time.perf_counter()
-        try:
-            result = fn(*args)
-        except Exception as exc:
-            traceback.print_exc()
-            result = {"error": describe_error(exc)}
-        status = f"FAILED: {result['error'][:300]}" if "error" in result else "done"
-        self.say(f"{label}: {status} ({time.perf_counter() - began:.1f} s)")
-        return result
-
-
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write `data` atomically (a reader never sees half a file, even if this process is killed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(temporary, path)
-
-
-def step_file(workdir: Path, name: str) -> Path:
-    return workdir / "steps" / f"{name}.json"
-
-
-def describe_error(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:2000]
-
-
-def child_env(**extra: str) -> dict:
-    """The environment of a subprocess: ours, offline and quiet, this checkout first on the path.
-    Mixed precision only where asked: the reference loop must run in fp32."""
-    env = {**os.environ, **ENVIRONMENT}
-    env.pop("ACCELERATE_MIXED_PRECISION", None)
-    paths = env.get("PYTHONPATH", "").split(os.pathsep)
-    if str(REPO) not in paths:
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, paths)])
-    return {**env, **extra}
-
-
-def log_tail(log: Path, lines: int = 12) -> str:
-    """The last non-blank lines of a log (progress bars' carriage returns count as line ends), joined."""
-    text = log.read_text(errors="replace") if log.exists() else ""
-    kept = [line.strip() for line in text.replace("\r", "\n").splitlines() if line.strip()][-lines:]
-    return " | ".join(kept)[-1500:] or "(no output)"
-
-
-def run_logged(cmd: list[str], log: Path, timeout: float, **env: str) -> float:
-    """Run `cmd` from the repository with its output in `log`; return its wall time in seconds."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    shown = " ".join(cmd[1:4])
-    began = time.perf_counter()
-    with open(log, "w") as f:
-        try:
-            done = subprocess.run(
-                cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env(**env), cwd=REPO, timeout=timeout
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise CommandFailed(f"{shown}: stopped after {timeout:.0f} s (time budget); {log_tail(log)}") from exc
-    if done.returncode:
-        raise CommandFailed(f"{shown} exited with {done.returncode}: {log_tail(log)}")
-    return time.perf_counter() - began
 
 
 def rate(docs: int, subwords: int, seconds: float) -> dict:
@@ -323,26 +218,6 @@ def model_shape(model) -> str:
         f"{type(model).__name__}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} "
         f"heads, FFN {c.intermediate_size}, vocab {c.vocab_size}, {model.num_parameters() / 1e6:.1f}M parameters"
     )
-
-
-def dig(report: dict, path: tuple[str, ...]):
-    """report[path[0]][path[1]]..., or None where a key is missing."""
-    for key in path:
-        if not isinstance(report, dict) or key not in report:
-            return None
-        report = report[key]
-    return report
-
-
-def nested_errors(result: dict, prefix: str = "") -> list[str]:
-    """'where: message' for every `error` inside `result`."""
-    found = []
-    for key, value in result.items():
-        if key == "error":
-            found.append(f"{prefix or 'step'}: {value}")
-        elif isinstance(value, dict):
-            found += nested_errors(value, f"{prefix}/{key}" if prefix else key)
-    return found
 
 
 # ------------------------------------------------------------------------------------------------ assets
@@ -393,9 +268,7 @@ def restore_fp32(carried: Path, target: Path) -> None:
 def build_tuned_tiny_bert(target: Path, steps: int) -> None:
     """The test suite's tiny BERT (WordPiece trained on the shared data), briefly fine-tuned on CoNLL,
     with MiniLM's 512 positions (the annotate runs ask for 512-subword windows)."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import build_tiny_model
-    from helpers import fine_tune
+    from tests.models import build_tiny_model, fine_tune
 
     with tempfile.TemporaryDirectory() as base:
         fine_tune(build_tiny_model(Path(base), max_positions=512), target, steps)
@@ -503,7 +376,7 @@ def step_cpu_gpu_spans(ctx: Context) -> None:
     (fp16 on a GPU since 0.3.3): documents whose (start, end, label) spans are identical, and examples
     that differ.
     `by_precision`: the same comparison for each precision the device offers (bf16 and fp32 too)."""
-    from nerbatch.inference import Annotator
+    from nerbatch.inference import Tagger
     from nerbatch.modeling import load_token_classifier
 
     assets = ctx.assets()
@@ -511,13 +384,13 @@ def step_cpu_gpu_spans(ctx: Context) -> None:
     cpu_model, tokenizer = load_token_classifier(assets["models"]["minilm_tuned"])
     device_model, _ = load_token_classifier(assets["models"]["minilm_tuned"])
     device_model.to(ctx.device)
-    cpu = Annotator(cpu_model, tokenizer, precision="fp32")
+    cpu = Tagger(cpu_model, tokenizer, precision="fp32")
     began = time.perf_counter()
     cpu_spans = cpu.annotate(texts)
     ctx.result.update(device=ctx.device, cpu_precision="fp32", cpu_seconds=time.perf_counter() - began)
     ctx.result["by_precision"] = {}
     for precision in DEVICE_PRECISIONS[ctx.device]:
-        device = Annotator(device_model, tokenizer, precision=precision)
+        device = Tagger(device_model, tokenizer, precision=precision)
         device.annotate(texts[:8])  # warm-up: CUDA context and kernels
         began = time.perf_counter()
         device_spans = device.annotate(texts)
@@ -579,8 +452,7 @@ def step_annotation(ctx: Context) -> None:
 
 def annotate_model(ctx: Context, entry: dict, name: str, model_dir: str, reuters: str, runs: tuple[str, ...]) -> None:
     """Fill `entry` with one model's annotate runs, pipeline, ceiling and their ratios, saving as it goes."""
-    from bench import load_documents
-
+    from benchmarks.common import load_documents
     from nerbatch.modeling import load_token_classifier, max_model_length
 
     model, tokenizer = load_token_classifier(model_dir)
@@ -625,7 +497,7 @@ def profile_annotate(ctx: Context, model_dir: str, corpus: Path, top: int = 25) 
     import cProfile
     import pstats
 
-    from nerbatch.annotate import annotate_units
+    from nerbatch.job import annotate_units
     from nerbatch.options import Options
 
     pipeline_like = dict(segment="none", max_length=512, aggregation="simple")
@@ -775,8 +647,9 @@ def time_pipeline_and_ceiling(ctx: Context, model, tokenizer, pool: list[str]) -
     import copy
 
     import torch
-    from bench import best_times, ceiling_runner, pipeline_runner
 
+    from benchmarks.bench import ceiling_runner, pipeline_runner
+    from benchmarks.common import best_times
     from nerbatch.inference import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS
     from nerbatch.precision import autocast_dtype, resolve_precision
 
@@ -969,7 +842,7 @@ def train_nerbatch(
 
 def train_reference(model: str, train: str, valid: str, sentences: int) -> dict:
     """bench.py's copy of the reference recipe's loop (fp32, batch 8, shuffled) in this process."""
-    from bench import reference_loop
+    from benchmarks.bench import reference_loop
 
     result = reference_loop(model, train, valid, sentences)
     return {
@@ -1000,7 +873,8 @@ def machine_info() -> dict:
     import tokenizers
     import torch
     import transformers
-    from bench import machine
+
+    from benchmarks.common import machine
 
     info = machine() | {
         "python": sys.version.split()[0],
@@ -1017,43 +891,6 @@ def machine_info() -> dict:
             "gpu_bf16": torch.cuda.is_bf16_supported(),
         }
     return info
-
-
-def run_step_process(name: str, args, workdir: Path, started: float, budget: float) -> dict:
-    """Run one step in its own process group until it ends or its deadline passes; return what it
-    recorded, with an `error` when it failed, was stopped or was skipped."""
-    _, cap = STEPS[name]
-    left = started + budget - RESERVE_S - time.time()
-    if left < MIN_STEP_S:
-        return {"error": f"skipped: {max(left, 0):.0f} s left of the {budget:.0f} s budget"}
-    allowed = min(cap, left)
-    cmd = [sys.executable, "-u", __file__, "--step", name, "--out", str(args.out), "--workdir", str(workdir)]
-    cmd += ["--carry", str(args.carry), "--deadline", str(time.time() + allowed), "--started", str(started)]
-    cmd += ["--dry-run"] if args.dry_run else []
-    cmd += [arg for setting in args.set for arg in ("--set", setting)]
-    began = time.time()
-    process = subprocess.Popen(cmd, env=child_env(), start_new_session=True)
-    try:
-        code = process.wait(allowed + GRACE_S)
-        stopped = None
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # the step and whatever it started
-        process.wait()
-        code, stopped = -signal.SIGKILL, f"stopped after {allowed:.0f} s (its share of the time budget)"
-    path = step_file(workdir, name)
-    result = json.loads(path.read_text()) if path.exists() else {}
-    if stopped or (code and "error" not in result):
-        result["error"] = stopped or f"the step's process exited with {code} (traceback above in run.log)"
-    return {**result, "seconds": time.time() - began}
-
-
-def check_targets(report: dict) -> dict:
-    """Each target's value, threshold and whether it was met (False when not measured)."""
-    checked = {}
-    for name, path, least in TARGETS:
-        value = dig(report, path)
-        checked[name] = {"value": value, "at_least": least, "met": value is not None and value >= least}
-    return checked
 
 
 def print_summary(report: dict) -> None:
@@ -1101,120 +938,19 @@ def print_summary(report: dict) -> None:
     print("\n".join(lines), flush=True)
 
 
-def write_report(out: Path, report: dict) -> None:
-    write_json(out / "gpu.json", {key: report[key] for key in REPORT_ORDER if key in report})
-
-
-def chosen_sizes(args) -> Sizes:
-    """The GPU or dry-run sizes with the `--set FIELD=JSON` overrides applied."""
-    sizes = DRY_SIZES if args.dry_run else GPU_SIZES
-    overrides = {}
-    for setting in args.set:
-        name, _, value = setting.partition("=")
-        if name not in Sizes.__dataclass_fields__:
-            raise SystemExit(f"--set {setting}: no size called {name!r}")
-        try:
-            value = json.loads(value)
-        except ValueError:
-            raise SystemExit(
-                f"--set {setting}: the value is not JSON (strings need quotes: {name}='\"...\"')"
-            ) from None
-        default = getattr(sizes, name)
-        if isinstance(value, list):
-            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-        if not isinstance(value, type(default)) and not (isinstance(default, float) and isinstance(value, int)):
-            raise SystemExit(f"--set {setting}: {name} takes a {type(default).__name__}")
-        overrides[name] = value
-    unknown = set(overrides.get("steps", ())) - set(STEPS)
-    if unknown:
-        raise SystemExit(f"--set steps: no step called {', '.join(sorted(unknown))} (steps: {', '.join(STEPS)})")
-    return replace(sizes, **overrides)
-
-
-def drive(args) -> int:
-    """Run every step in order under the time budget, rewriting OUT/gpu.json after each."""
-    sizes = chosen_sizes(args)
-    budget = args.budget or sizes.budget_s
-    started = time.time()
-    report = {"dry_run": args.dry_run, "budget_s": budget, "elapsed_s": 0.0, "sizes": asdict(sizes)}
-    try:
-        report["machine"] = machine_info()
-    except Exception as exc:  # recorded; without torch the steps will say the rest
-        traceback.print_exc()
-        report["machine"] = {"error": describe_error(exc), "gpu": None}
-    print(f"machine: {json.dumps(report['machine'])}", flush=True)
-    with tempfile.TemporaryDirectory(prefix="nerbatch-gpu-") as scratch:
-        for name in STEPS:
-            if sizes.steps and name != "assets" and name not in sizes.steps:
-                continue
-            if not args.dry_run and report["machine"]["gpu"] is None:
-                report[name] = {"error": "torch finds no CUDA device (on a CPU, run with --dry-run)"}
-            elif name != "assets" and "error" in report["assets"]:
-                report[name] = {"error": "not run: the assets step failed"}
-            else:
-                print(f"[{time.time() - started:6.1f} s] --- {name}", flush=True)
-                report[name] = run_step_process(name, args, Path(scratch), started, budget)
-            report["elapsed_s"] = time.time() - started
-            write_report(args.out, report)
-    report["targets"] = check_targets(report)
-    report["elapsed_s"] = time.time() - started
-    write_report(args.out, report)
-    print_summary(report)
-    return 1 if any(nested_errors(report.get(name, {})) for name in STEPS) else 0
-
-
-def run_step(args) -> int:
-    """Inside a step's process: run it, record its result (and any error), exit non-zero on error."""
-    sizes = chosen_sizes(args)
-    ctx = Context(args.step, sizes, args.dry_run, args.out, args.workdir, args.carry, args.deadline, args.started)
-    step, _ = STEPS[args.step]
-    try:
-        step(ctx)
-    except Exception as exc:
-        traceback.print_exc()
-        ctx.result["error"] = describe_error(exc)
-    errors = nested_errors(ctx.result)
-    if errors and "error" not in ctx.result:
-        ctx.result["error"] = f"{len(errors)} measurement(s) failed: " + "; ".join(errors)[:2000]
-    ctx.save()
-    return 1 if errors else 0
-
-
-def parse_args(argv: list[str] | None):
-    parser = argparse.ArgumentParser(
-        description="GPU benchmark of nerbatch (see benchmarks/gpu/README.md); run it through run.sh."
-    )
-    parser.add_argument("--out", type=Path, required=True, help="Folder for gpu.json, run logs and tests.xml.")
-    parser.add_argument("--dry-run", action="store_true", help="Every step at tiny sizes on the CPU (CUDA hidden).")
-    parser.add_argument("--budget", type=float, help="Seconds for the whole run [GPU 480, dry run 240].")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=JSON",
-        help="Override one of the sizes, e.g. --set 'steps=[\"annotation\"]' (a shorter rerun).",
-    )
-    parser.add_argument("--carry", type=Path, default=CARRY, help=f"The folder prepare.py made [{CARRY}].")
-    # internal: the driver runs each step as `--step NAME` in a process of its own
-    parser.add_argument("--step", choices=list(STEPS), help=argparse.SUPPRESS)
-    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
-    parser.add_argument("--started", type=float, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    args.out = args.out.resolve()
-    args.carry = args.carry.resolve()
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.dry_run:  # before torch is imported; the steps inherit both
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-        os.environ["OMP_NUM_THREADS"] = "1"  # 2-thread processes on a busy 2-core machine slow down 10-100x
-    os.environ.update(ENVIRONMENT)
-    args.out.mkdir(parents=True, exist_ok=True)
-    return run_step(args) if args.step else drive(args)
+BENCHMARK = Benchmark(
+    module="benchmarks.gpu.gpu_bench",
+    description="GPU benchmark of nerbatch (see benchmarks/gpu/README.md); run it through run.sh.",
+    steps=STEPS,
+    sizes=GPU_SIZES,
+    dry_sizes=DRY_SIZES,
+    targets=TARGETS,
+    report_order=REPORT_ORDER,
+    machine_info=machine_info,
+    print_summary=print_summary,
+    carry=CARRY,
+)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(BENCHMARK))

@@ -42,5 +42,5 @@ if ! "$PYTHON" -c "import seqeval" 2>/dev/null; then
 fi
 
 set +e
-"$PYTHON" -u "$here/gpu_bench.py" --out "$OUT" "$@" 2>&1 | tee "$OUT/run.log"
+(cd "$repo" && "$PYTHON" -u -m benchmarks.gpu.gpu_bench --out "$OUT" "$@" 2>&1) | tee "$OUT/run.log"
 exit "${PIPESTATUS[0]}"

@@ -1,6 +1,6 @@
 """nerbatch on a CUDA device: where the model goes, what precision runs, the refusals, the gathers.
 
-Run by benchmarks/gpu/gpu_bench.py (the `tests` step), which sets:
+Run by `python -m benchmarks.gpu.gpu_bench` (the `tests` step), which sets:
 
     NERBATCH_GPU_DEVICE   cuda (or cpu in a dry run: the same code paths on the CPU)
     NERBATCH_GPU_MODEL    a fine-tuned token classifier with fp32 weights
@@ -96,17 +96,17 @@ def part_options(out: Path) -> dict:
 
 
 def test_the_annotate_job_puts_the_model_on_the_device(setup, corpus, texts, tmp_path):
-    from nerbatch.annotate import annotate_units, load_annotator
+    from nerbatch.job import annotate_units, load_tagger
     from nerbatch.options import Options
 
     options = Options(
         model=setup.model, inputs=[str(corpus)], output=tmp_path / "out", id_column="doc_id", progress=False
     )
-    annotator = load_annotator(options, setup.device)
-    assert annotator.device.type == setup.device
-    assert {p.device.type for p in annotator.model.parameters()} == {setup.device}
-    assert annotator.precision == default_precision(setup.device)
-    assert annotator.batch_size == (1024 if setup.device == "cuda" else 64)  # the window cap of each device
+    tagger = load_tagger(options, setup.device)
+    assert tagger.device.type == setup.device
+    assert {p.device.type for p in tagger.model.parameters()} == {setup.device}
+    assert tagger.precision == default_precision(setup.device)
+    assert tagger.batch_size == (1024 if setup.device == "cuda" else 64)  # the window cap of each device
     tally = annotate_units(options, device=setup.device)
     assert tally.rows == len(texts) and tally.entities > 0
     assert pq.read_table(options.output).num_rows == len(texts)
@@ -124,8 +124,7 @@ def test_the_command_line_runs_on_the_device_by_default(setup, corpus, texts, tm
 def test_several_processes_share_one_device(setup, texts, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on one GPU: both ranks run their units there
     (the job's group is gloo: NCCL refuses two ranks on one device) and every row comes out once."""
-    from gpu_bench import free_port
-
+    from benchmarks.gpu.gpu_bench import free_port
     from nerbatch.dist import launch_command
 
     corpus = tmp_path / "two-units.parquet"
@@ -144,12 +143,12 @@ def test_several_processes_share_one_device(setup, texts, tmp_path):
 
 
 def test_the_default_precision_keeps_the_fp32_spans(setup, loaded, texts):
-    from nerbatch.inference import annotate_texts
+    from nerbatch.inference import tag_texts
 
     model, tokenizer = loaded
     model = copy.deepcopy(model).to(setup.device)
-    exact = annotate_texts(texts, model, tokenizer, precision="fp32")
-    default = annotate_texts(texts, model, tokenizer, precision="auto")
+    exact = tag_texts(texts, model, tokenizer, precision="fp32")
+    default = tag_texts(texts, model, tokenizer, precision="auto")
     keys = [[[(s.start, s.end, s.label) for s in doc] for doc in run] for run in (exact, default)]
     same = np.mean([a == b for a, b in zip(*keys)])
     assert sum(map(len, keys[0])) > 0, "no entities at all: the comparison would be empty"

@@ -1,0 +1,119 @@
+"""A run's config: the facts that determine annotate's output, and how two runs' configs differ.
+
+`OUT_DIR/_nerbatch/config.json` holds the config of the run that wrote it (`nerbatch.rundir`); a rerun
+into the same directory resumes only when its own config is the same (`changes`), so that one output
+never mixes two models, two option sets or two versions of an input. The part files carry the part
+of it that readers need (`output_metadata`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from nerbatch import __version__
+from nerbatch.shards import Unit
+
+
+def run_config(options, units: list[Unit], tagger) -> dict:
+    """The facts that determine the output; a rerun into the same OUT_DIR must have the same ones."""
+    from nerbatch.modeling import resolve_model
+
+    model = resolve_model(options.model)
+    recorded = {
+        "text_column": options.text_column,
+        "id_column": options.id_column,
+        "keep_columns": options.keep_columns,
+        "partition_by": options.partition_by,
+        "row_group_rows": options.row_group_rows,
+        "file_rows": options.file_rows,
+        **tagger.settings(),
+    }
+    if tagger.precision == "int8":  # its spans depend on which windows share a batch (dynamic scales)
+        recorded |= {
+            "batch_size": tagger.batch_size,
+            "max_batch_tokens": tagger.max_batch_tokens,
+            "read_rows": options.read_rows,
+        }
+    return {
+        "model": str(Path(model).resolve()) if Path(model).exists() else model,
+        "model_fingerprint": model_fingerprint(model),
+        "labels": tagger.labels,
+        "options": recorded,
+        "inputs": [[u.path, u.row_group, u.rows] for u in units],
+        "input_footers": {u.path: u.footer for u in units},
+    }
+
+
+def as_recorded(config: dict, previous: dict) -> dict:
+    """`config` as an OUT_DIR written by `previous` records it: an output whose config has no
+    `input_footers` (written before footers were recorded) resumes on the other keys alone."""
+    return config if "input_footers" in previous else {k: v for k, v in config.items() if k != "input_footers"}
+
+
+def model_fingerprint(model: str) -> str:
+    """A hash of a local model dir: config, tokenizer and every byte of the weights files (a
+    sequential read, about a second per GB; two checkpoints of one size can differ anywhere)."""
+    root = Path(model)
+    if not root.is_dir():
+        return model
+    digest = hashlib.sha256()
+    for path in sorted(root.iterdir()):
+        if path.name in {"config.json", "tokenizer.json", "tokenizer_config.json"} or path.suffix in {
+            ".safetensors",
+            ".bin",
+            ".pt",
+        }:
+            digest.update(path.name.encode())
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def output_metadata(config: dict) -> dict:
+    """The key-value metadata of every part file: model, labels, options, nerbatch version."""
+    return {"model": config["model"], "labels": config["labels"], "options": config["options"], "version": __version__}
+
+
+def changes(previous: dict, config: dict) -> str:
+    """How `config` differs from the `previous` run's, as one line (`key: was X, now Y; ...`);
+    empty when a rerun may resume."""
+    changed = _differences(previous, as_recorded(config, previous))
+    return "; ".join(f"{key}: was {_short(was)}, now {_short(now)}" for key, was, now in changed)
+
+
+def _differences(previous: dict, config: dict) -> list[tuple[str, object, object]]:
+    """(key, was, now) for each key whose value differs; within `options`, each option by name."""
+    changed = []
+    for key in sorted(set(previous) | set(config)):
+        was, now = previous.get(key), config.get(key)
+        if was == now:
+            continue
+        if key == "options" and isinstance(was, dict) and isinstance(now, dict):
+            options = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
+            changed += [(f"option {k}", was.get(k), now.get(k)) for k in options]
+        elif key == "inputs" and isinstance(was, list) and isinstance(now, list):
+            changed.append(_first_input_difference(was, now))
+        elif key == "input_footers" and isinstance(was, dict) and isinstance(now, dict):
+            path = next(p for p in sorted(set(was) | set(now)) if was.get(p) != now.get(p))
+            changed.append((f"input {path} (its content: the Parquet footer)", was.get(path), now.get(path)))
+        else:
+            changed.append((key, was, now))
+    return changed
+
+
+def _first_input_difference(was: list, now: list) -> tuple[str, object, object]:
+    """The first unit (file, row group, rows) that differs between two runs' inputs, named."""
+    for index in range(max(len(was), len(now))):
+        before = was[index] if index < len(was) else None
+        after = now[index] if index < len(now) else None
+        if before != after:
+            return f"inputs ({len(was)} units, now {len(now)}; unit {index} is the first to differ)", before, after
+    return "inputs", was, now
+
+
+def _short(value, limit: int = 120) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else text[:limit] + "..."
