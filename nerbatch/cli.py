@@ -303,7 +303,42 @@ def predict_cmd(model_dir, text, aggregation, segment, max_length, precision):
 )
 @click.option("--overwrite", is_flag=True, help="Delete OUT_DIR's earlier output instead of refusing a different run.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def annotate_cmd(model_dir, inputs, output, no_progress, keep_columns, **options):
+@choice_option(
+    "--engine",
+    ("ranks", "ray"),
+    "ranks",
+    "Who runs the units: this process, or the ranks accelerate launch / torchrun started (ranks); or a pool "
+    "of Ray actors fed units on demand (ray: pip install 'nerbatch[ray]').",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    help="--engine ray: the cluster to join (host:port, ray://host:port, auto) [default: $RAY_ADDRESS, else a "
+    "local cluster on this machine].",
+)
+@count_option("--actors", None, "--engine ray: actors [default: as many as the cluster's GPUs or CPUs hold].")
+@click.option(
+    "--gpus-per-actor",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="--engine ray: GPUs of each actor; a fraction shares a GPU [default: 0.25 on a cluster with GPUs, else 0].",
+)
+@click.option(
+    "--cpus-per-actor",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="--engine ray: CPUs of each actor (its tokenizer and torch threads) [default: 4 with GPUs, else 1].",
+)
+@count_option(
+    "--max-attempts",
+    3,
+    "--engine ray: times a unit is handed out when its actor dies, then it is recorded failed.",
+    True,
+)
+def annotate_cmd(
+    model_dir, inputs, output, no_progress, keep_columns, engine, ray_address, actors, gpus_per_actor, cpus_per_actor,
+    max_attempts, **options,
+):  # fmt: skip
     """Annotate Parquet documents with entity spans.
 
     MODEL_DIR is a token-classification model (a `nerbatch train` output or a hub id); INPUTS are
@@ -313,22 +348,35 @@ def annotate_cmd(model_dir, inputs, output, no_progress, keep_columns, **options
     assembled once their input row groups are done.
 
     Run it plainly for one process, or under `accelerate launch -m nerbatch annotate ...` to split
-    the work over processes and machines. Rerun the same command after a crash or preemption: done
-    units are skipped, unfinished ones redone.
+    the work over processes and machines; or with --engine ray on a Ray cluster. Rerun the same
+    command after a crash or preemption (with either engine): done units are skipped, unfinished
+    ones redone.
     """
+    kept = [c.strip() for c in keep_columns.split(",") if c.strip()]
+    run = Options(
+        model=model_dir, inputs=list(inputs), output=output, progress=not no_progress, keep_columns=kept, **options
+    )
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    if engine == "ray":
+        from nerbatch.engines.ray_actors import RayOptions, annotate_with_ray
+
+        settings = RayOptions(ray_address, actors, gpus_per_actor, cpus_per_actor, max_attempts)
+        tally = annotate_with_ray(run, settings)
+        click.echo(
+            f"ray: {tally.rows} rows ({tally.flagged} flagged), {tally.tokens} tokens, {tally.entities} entities",
+            err=True,
+        )
+        return
+    for name, value in (("--ray-address", ray_address), ("--actors", actors), ("--gpus-per-actor", gpus_per_actor)):
+        if value is not None:
+            raise click.BadParameter(f"{name} is for --engine ray", param_hint=name)
     from nerbatch.dist import barrier, process_state, shares_gpus, shut_down
-    from nerbatch.job import annotate_units
+    from nerbatch.engines.ranks import annotate_units
 
     # Two processes both believing they are rank 0 would collide: checked here. The job's one
     # collective is a barrier: processes sharing a GPU form a gloo group (NCCL refuses two ranks on
     # one device); otherwise accelerate's choice stands (NCCL finds its network by itself).
     state = process_state(backend="gloo" if shares_gpus() else None)
-    # SIGTERM (SLURM preemption, the launcher stopping a failed job) unwinds through `finally` like Ctrl-C.
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    kept = [c.strip() for c in keep_columns.split(",") if c.strip()]
-    run = Options(
-        model=model_dir, inputs=list(inputs), output=output, progress=not no_progress, keep_columns=kept, **options
-    )
     try:
         tally = annotate_units(
             run,
@@ -349,6 +397,7 @@ def annotate_cmd(model_dir, inputs, output, no_progress, keep_columns, **options
 
 
 def _exit_on_sigterm(signum, frame) -> None:
+    """SIGTERM (SLURM preemption, the launcher stopping a failed job) unwinds through `finally` like Ctrl-C."""
     sys.exit(128 + signum)
 
 

@@ -1,11 +1,16 @@
-"""The annotate job: Parquet documents in, one row of word-level entity spans per document out.
+"""The annotate job's core: what a run is, whoever runs it.
 
-Each process takes its share of the units (`nerbatch.shards`), and for each unit streams record
-batches, tokenizes them in a background thread (`nerbatch.prefetch`, `nerbatch.rows`) while the
-model runs on the previous chunk, writes the unit's rows as a piece under a temporary name,
-publishes it atomically and records completion (`nerbatch.rundir`). When every unit has settled,
-the output files are assembled from the pieces, each by one rank (`nerbatch.assemble`). A rerun of
-the same command skips completed units and files and redoes the rest.
+A run is planned from its options alone (`plan_run`: units fixed by the inputs, the output files
+they form); the model, loaded where it runs (`load_tagger`), fixes the rest of the run config
+(`describe_run`). Then each unit is settled once (`settle_unit`): its record batches are streamed
+and tokenized in a background thread (`nerbatch.prefetch`, `nerbatch.rows`) while the model runs on
+the previous chunk, its rows are written as a piece under a temporary name of its own attempt,
+published in one move, and its done marker written (`nerbatch.rundir`); a unit that raises is
+recorded failed and the others go on. Once every unit of an output file is done, the file is
+assembled from the pieces (`assemble_if_ready`), and once all are, the run totals are written.
+
+Nothing here knows who runs the units: one process or torchrun ranks (`nerbatch.engines.ranks`),
+or actors of a Ray cluster (`nerbatch.engines.ray_actors`). A rerun with either skips what is done.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from nerbatch import gc_tuning
 from nerbatch.assemble import assemble_file, check_partition_values, file_name
@@ -24,13 +30,16 @@ from nerbatch.parquet_io import SOURCE_FIELDS, PartWriter, open_parquet, output_
 from nerbatch.prefetch import prefetch
 from nerbatch.rows import Chunk, output_columns, read_chunks
 from nerbatch.runconfig import output_metadata, run_config
-from nerbatch.rundir import RunDir, Tally, wait_for_other_ranks, write_totals_if_complete
-from nerbatch.shards import Unit, discover_inputs, group_units, plan_units, units_for_rank
+from nerbatch.rundir import RunDir, Tally, write_totals_if_complete
+from nerbatch.shards import Unit, discover_inputs, group_units, plan_units
 from nerbatch.storage import check_access, locate
 
-# Test hook (documented in tests/test_annotate_launch.py): sleep this many seconds after writing each
-# record batch, so a test can SIGKILL the job while a part is half written.
+# Test hooks (never set in production): sleep this many seconds after writing each chunk, so a test
+# can SIGKILL the job while a piece is half written; the same for one worker only ("INDEX:SECONDS",
+# a straggler); and exit in the middle of a unit ("UNIT_NAME[:ATTEMPTS]", a worker that dies).
 SLOW_ENV = "NERBATCH_TEST_SLOW_BATCH_S"
+SLOW_WORKER_ENV = "NERBATCH_TEST_SLOW_WORKER"
+EXIT_ENV = "NERBATCH_TEST_EXIT_IN_UNIT"
 
 
 class UnitsFailed(NerbatchError):
@@ -44,88 +53,62 @@ class UnitsFailed(NerbatchError):
         )
 
 
-def annotate_units(
-    options: Options,
-    rank: int = 0,
-    world: int = 1,
-    barrier: Callable[[], None] = lambda: None,
-    device: str | None = None,
-) -> Tally:
-    """Annotate this rank's units of the run `options` describes, skipping those already done.
+@dataclass
+class Plan:
+    """A run as its options and inputs define it, before any model is loaded."""
 
-    Raises `InputError`/`ModelError` before any work on bad input or a model that cannot annotate,
-    and `UnitsFailed` at the end when some units raised (the others are complete).
-    """
-    started = time.time()
+    options: Options
+    out: RunDir
+    units: list[Unit]
+    groups: list[list[Unit]]  # the units of each output file, in file order
+
+    def file_names(self) -> list[str]:
+        return [file_name(index) for index in range(len(self.groups))]
+
+    def todo(self, units: list[Unit] | None = None) -> list[Unit]:
+        """The units (of `units`, default all) not done yet."""
+        return [u for u in (self.units if units is None else units) if not self.out.is_done(u)]
+
+
+def plan_run(options: Options) -> Plan:
+    """Check the options and OUT_DIR's reach, find the inputs and cut them into units and files;
+    one-line errors before any work."""
     check_options(options)
-    tagger = load_tagger(options, device)  # a model that cannot annotate fails here, before any work
     out = RunDir(locate(options.output))
     check_access(out.root, str(options.output))
     files = discover_inputs(options.inputs, exclude=out.root)
     units = plan_units(files, options.columns, same_type=options.carried)
     if options.partition_by:
         check_partition_values(files, options.partition_by)
-    groups = group_units(units, options.file_rows)
-    config = run_config(options, units, tagger)
-    if rank == 0:
-        out.prepare(config, options.overwrite)
-    barrier()  # nobody writes pieces before the main process has checked (or cleared) OUT_DIR
-    if rank != 0:
-        out.check(config)
-
-    mine = set(units_for_rank(units, rank, world))
-    todo = [u for u in units if u in mine and not out.is_done(u)]
-    schema = output_schema(carried_fields(units, options), output_metadata(config))
-    tally, failed = annotate_all(todo, tagger, options, out, schema, rank) if todo else (Tally(), [])
-    out.write_rank_stats(
-        rank,
-        world,
-        {**vars(tally), "units": len(todo), "failed": [m for _, m in failed], "wall_seconds": time.time() - started},
-    )
-    everyone_settled = wait_for_other_ranks(out, units, mine, started)  # a file may hold units of every rank
-    for index, group in enumerate(groups):
-        if index % world == rank:
-            assemble_if_ready(out, file_name(index), group, schema, options)
-    if failed:
-        raise UnitsFailed(failed)
-    if not everyone_settled:
-        raise NerbatchError(
-            f"rank {rank}: the other ranks finished no unit and sent no sign of work for 30 minutes, so the "
-            "output files holding their units were not assembled; rerun the same command to finish the run"
-        )
-    write_totals_if_complete(out, units, [file_name(k) for k in range(len(groups))], config)
-    return tally
+    return Plan(options, out, units, group_units(units, options.file_rows))
 
 
-def annotate_all(
-    todo: list[Unit], tagger: Tagger, options: Options, out: RunDir, schema, rank: int
-) -> tuple[Tally, list[tuple[Unit, str]]]:
-    """Annotate the units `todo` in turn; returns the tally and the units that raised, with their
-    errors (the others are complete)."""
-    bar = Progress(sum(u.rows for u in todo), options.progress and rank == 0)
-    try:
-        tally, failed = Tally(), []
-        with gc_tuning.collections_per_chunk():
-            for unit in todo:
-                done, failure = settle_unit(unit, tagger, options, out, schema, rank, bar)
-                if done:
-                    tally.add(done)
-                else:
-                    failed.append(failure)
-        return tally, failed
-    finally:
-        bar.close()
+def describe_run(plan: Plan, tagger: Tagger) -> tuple[dict, object]:
+    """The run config (what the output depends on; a rerun must match it) and the output schema."""
+    config = run_config(plan.options, plan.units, tagger)
+    return config, output_schema(carried_fields(plan.units, plan.options), output_metadata(config))
+
+
+def finish_run(plan: Plan, config: dict) -> None:
+    """Write the run totals if every unit is done and every output file assembled."""
+    write_totals_if_complete(plan.out, plan.units, plan.file_names(), config)
 
 
 def settle_unit(
-    unit: Unit, tagger: Tagger, options: Options, out: RunDir, schema, rank: int, bar
+    unit: Unit,
+    tagger: Tagger,
+    plan: Plan,
+    schema,
+    worker: int = 0,
+    on_chunk: Callable[[int, int], None] = lambda docs, tokens: None,
+    attempt: int = 1,
 ) -> tuple[Tally | None, tuple[Unit, str] | None]:
     """`annotate_unit`'s tally, or (when it raised) None and the recorded failure: one corrupt file
     must not stop the other units."""
     try:
-        return annotate_unit(unit, tagger, options, out, schema, rank, bar), None
+        return annotate_unit(unit, tagger, plan, schema, worker, on_chunk, attempt), None
     except Exception as exc:
-        return None, record_failure(out, unit, f"{type(exc).__name__}: {exc}")
+        return None, record_failure(plan.out, unit, f"{type(exc).__name__}: {exc}")
 
 
 def record_failure(out: RunDir, unit: Unit, error: str) -> tuple[Unit, str]:
@@ -184,17 +167,24 @@ def assemble_if_ready(out: RunDir, name: str, group: list[Unit], schema, options
 def annotate_unit(
     unit: Unit,
     tagger: Tagger,
-    options: Options,
-    out: RunDir,
+    plan: Plan,
     schema,
-    rank: int,
-    bar: Progress,
+    worker: int = 0,
+    on_chunk: Callable[[int, int], None] = lambda docs, tokens: None,
+    attempt: int = 1,
 ) -> Tally:
-    """Annotate one unit into its piece, publish it and record completion."""
+    """Annotate one unit into its piece, publish it and record completion. `worker` names who ran
+    it (a rank or an actor), `attempt` counts its tries in this run (an engine that hands a unit
+    out again after its worker died passes 2, 3, ...); `on_chunk(docs, tokens)` follows progress.
+
+    The piece is written under a temporary name of this attempt alone, so a stale attempt still
+    running beside a retry can never publish a half-written file; the move into place is the only
+    publish, and the done marker follows it."""
+    options, out = plan.options, plan.out
     began = time.perf_counter()
     tally = Tally()
-    writer = PartWriter(out.piece(unit), out.temporary(unit), schema)
-    slow = float(os.environ.get(SLOW_ENV, "0"))
+    writer = PartWriter(out.piece(unit), out.temporary(unit, f"{worker}-{attempt}-{os.getpid()}"), schema)
+    slow = test_slowdown(worker)
     chunks = read_chunks(
         unit, tagger, options.text_column, options.carried, options.read_rows, has_id=bool(options.id_column)
     )
@@ -202,9 +192,9 @@ def annotate_unit(
     def finish(chunk: Chunk, flight: InFlight) -> None:
         tally.fp32_batches += tagger.collect(flight)
         writer.write(output_columns(chunk, tagger, tally))
-        out.beat(rank)
-        bar.advance(len(chunk.texts), sum(d.n_tokens for d in chunk.documents()))
+        on_chunk(len(chunk.texts), sum(d.n_tokens for d in chunk.documents()))
         gc_tuning.after_chunk()
+        exit_if_asked(unit, attempt)
         if slow:
             time.sleep(slow)
 
@@ -224,8 +214,26 @@ def annotate_unit(
         raise
     writer.publish()
     tally.seconds = time.perf_counter() - began
-    out.mark_done(unit, vars(tally), rank)
+    out.mark_done(unit, vars(tally), worker)
     return tally
+
+
+def test_slowdown(worker: int) -> float:
+    """Seconds to sleep after each chunk, from the test hooks `SLOW_ENV` (every worker) and
+    `SLOW_WORKER_ENV` (`INDEX:SECONDS`, one worker: a straggler)."""
+    slow = float(os.environ.get(SLOW_ENV, "0"))
+    index, _, seconds = os.environ.get(SLOW_WORKER_ENV, "").partition(":")
+    if index and int(index) == worker:
+        slow += float(seconds)
+    return slow
+
+
+def exit_if_asked(unit: Unit, attempt: int) -> None:
+    """The test hook `EXIT_ENV` (`UNIT_NAME[:ATTEMPTS]`): die in the middle of that unit, on its first
+    ATTEMPTS attempts (on every attempt without a count), as a process killed by the OOM killer does."""
+    name, _, attempts = os.environ.get(EXIT_ENV, "").partition(":")
+    if name == unit.name and (not attempts or attempt <= int(attempts)):
+        os._exit(137)
 
 
 def load_tagger(options: Options, device: str | None = None) -> Tagger:

@@ -96,10 +96,10 @@ class RunDir:
     def piece(self, unit: Unit) -> Location:
         return self.meta / "pieces" / f"{unit.name}.parquet"
 
-    def temporary(self, unit: Unit) -> Location:
-        # named by unit only: one rank at a time writes a unit, and a rerun with any number of
-        # processes overwrites what a killed run left
-        return self.meta / "tmp" / f"{unit.name}.parquet"
+    def temporary(self, unit: Unit, attempt: str) -> Location:
+        """Where one attempt at `unit` writes its piece before the move into place: a name of its own,
+        so that two attempts (a retry beside a stale one) never write the same file."""
+        return self.meta / "tmp" / f"{unit.name}.{attempt}.parquet"
 
     def marker(self, unit: Unit) -> Location:
         return self.meta / "done" / f"{unit.name}.json"
@@ -157,6 +157,8 @@ class RunDir:
     def mark_done(self, unit: Unit, stats: dict, rank: int = 0) -> None:
         """Record completion (after the piece is published), by which rank and process and when;
         clears an earlier failure."""
+        if self.is_done(unit):  # a late duplicate of a unit another attempt finished: written once
+            return
         record = {"unit": asdict(unit), **stats, "rank": rank, "pid": os.getpid(), "at": time.time()}
         self.marker(unit).write_json(record)
         self.failure(unit).remove()
@@ -180,9 +182,10 @@ class RunDir:
     def file_record(self, name: str) -> dict:
         return self.file_marker(name).read_json()
 
-    def write_rank_stats(self, rank: int, world: int, figures: dict) -> None:
-        """Record what `rank` of `world` did in this run (`nerbatch stats` shows each rank's last)."""
-        (self.meta / "stats" / f"rank-{rank:05d}-of-{world:05d}.json").write_json(figures)
+    def write_worker_stats(self, kind: str, index: int, world: int, figures: dict) -> None:
+        """Record what worker `index` of `world` (a "rank" or an "actor") did in this run (`nerbatch
+        stats` shows each one's last run)."""
+        (self.meta / "stats" / f"{kind}-{index:05d}-of-{world:05d}.json").write_json(figures)
 
     def is_complete(self) -> bool:
         """The run totals are written: every unit is done and every output file assembled."""
@@ -205,7 +208,7 @@ class RunDir:
             state = "done" if key in done else "failed" if key in failed else "missing"
             error = failed[key] if state == "failed" else None
             units.append(UnitState(unit_name(index), path, row_group, rows, state, error))
-        ranks = [_rank_figures(path) for path in _json_files(self.meta / "stats") if path.name.startswith("rank-")]
+        ranks = [_rank_figures(p) for p in _json_files(self.meta / "stats") if p.name.startswith(("rank-", "actor-"))]
         return Run(config, units, ranks)
 
     def _read_config(self) -> dict:
@@ -273,16 +276,77 @@ class RunDir:
                     "model, options and inputs to resume, choose another --output, or pass --overwrite "
                     "to delete it and start again"
                 )
+            self.drop_temporaries()
             return
-        elif self.root.children():  # ours, without a run config: a crash while --overwrite cleared it
+        elif self._holds_output():  # ours, without a run config: a crash while --overwrite cleared it
             raise InputError(
                 f"{self.root} holds part of an output whose run config is gone; pass --overwrite to "
                 "clear it, or choose another --output directory"
             )
         try:
+            self.drop_temporaries()
             config_path.write_json(config)
         except Exception as exc:  # no such bucket, no write permission, read-only mount: before any work
             raise one_line(str(self.root), "write the output here", exc) from exc
+
+    def _holds_output(self) -> bool:
+        """Whether OUT_DIR holds anything besides a driver's claim (made before the run config)."""
+        for child in self.root.children():
+            if child.name != META or any(c.name != "driver.json" for c in child.children()):
+                return True
+        return False
+
+    def drop_temporaries(self) -> None:
+        """Delete what attempts of an earlier run left half written (`temporary`): nothing writes
+        while the run is prepared, and each attempt's names are its own, so they would pile up."""
+        tmp = self.meta / "tmp"
+        if tmp.exists():
+            tmp.remove_tree()
+
+    # --- one driver at a time (the Ray engine), and what every node must see
+
+    def claim_driver(self, token: str, stale_after: float = 90.0) -> None:
+        """Record that the driver `token` runs this OUT_DIR; refuse when another driver's claim is
+        fresher than `stale_after` seconds (`refresh_driver` renews it). The claim is written, then
+        read back, so of two drivers starting together the one whose write lost also refuses."""
+        lock = self.meta / "driver.json"
+        if lock.is_file():
+            held = lock.read_json()
+            if held.get("token") != token and time.time() - held.get("at", 0) < stale_after and _alive(held):
+                raise InputError(
+                    f"{self.root}: another driver is running this output (host {held.get('host')}, pid "
+                    f"{held.get('pid')}); wait for it to finish, or stop it, before running the same command"
+                )
+        self.refresh_driver(token)
+        time.sleep(0.5)
+        if lock.read_json().get("token") != token:
+            raise InputError(f"{self.root}: another driver started on this output at the same time")
+
+    def refresh_driver(self, token: str) -> None:
+        import socket
+
+        record = {"token": token, "host": socket.gethostname(), "pid": os.getpid(), "at": time.time()}
+        (self.meta / "driver.json").write_json(record)
+
+    def release_driver(self, token: str) -> None:
+        lock = self.meta / "driver.json"
+        if lock.is_file() and lock.read_json().get("token") == token:
+            lock.remove()
+
+    def write_probe(self, token: str, who: str, facts: dict) -> None:
+        """Leave a token where the other side of a multi-node run must find it (`read_probe`)."""
+        (self.meta / "probe" / token / f"{who}.json").write_json(facts)
+
+    def read_probe(self, token: str, who: str) -> dict | None:
+        """What `who` wrote for `token`, or None when this process cannot see it."""
+        found = self.meta / "probe" / token / f"{who}.json"
+        found.refresh()
+        return found.read_json() if found.is_file() else None
+
+    def drop_probe(self, token: str) -> None:
+        probe = self.meta / "probe" / token
+        if probe.exists():
+            probe.remove_tree()
 
     def _foreign_children(self) -> list[str]:
         """Names of what is in OUT_DIR besides output files, partition directories of output files
@@ -353,24 +417,6 @@ def write_totals_if_complete(out: RunDir, units: list[Unit], files: list[str], c
     )
 
 
-def wait_for_other_ranks(
-    out: RunDir, units: list[Unit], mine: set, since: float, poll: float = 2.0, stall: float = 1800.0
-) -> bool:
-    """Wait until every other rank's units have settled (done, or failed in this run): an output
-    file may hold units of every rank, and a failing rank must not exit (the launcher would kill
-    the others' work in progress). Returns False when it gives up: no unit settled and no rank said
-    it was working (`RunDir.beat`) for `stall` seconds, as when a rank died without a trace."""
-    others = {u.name for u in units if u not in mine}
-    count, changed = -1, time.time()
-    while len(settled := out.settled(since) & others) < len(others):
-        if len(settled) != count:
-            count, changed = len(settled), time.time()
-        elif time.time() - max(changed, out.last_beat()) > stall:
-            return False
-        time.sleep(poll)
-    return True
-
-
 def _json_files(directory: Location) -> list[Location]:
     return [path for path in directory.children() if path.name.endswith(".json")]
 
@@ -389,6 +435,7 @@ def _rank_figures(path: Location) -> dict:
     figures = path.read_json()
     seconds = figures["wall_seconds"]
     return {
+        "kind": path.name.split("-")[0],
         "rank": rank,
         "world": world,
         "units": figures["units"],
@@ -399,3 +446,17 @@ def _rank_figures(path: Location) -> dict:
         "tokens_per_second": figures["tokens"] / seconds if seconds else 0.0,
         "failed": len(figures["failed"]),
     }
+
+
+def _alive(claim: dict) -> bool:
+    """Whether the process of a driver's claim may still run: on another host, it may; on this one,
+    only if its pid exists (a driver killed a moment ago leaves a fresh claim behind)."""
+    import socket
+
+    if claim.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(claim.get("pid", 0)), 0)
+    except (OSError, ValueError):
+        return False
+    return True

@@ -105,15 +105,15 @@ def format_stats(stats: dict) -> str:
         lines.append("missing units (neither done nor failed: not run yet, or interrupted)")
         lines += _indent(_align([[u["unit"], u["input"]] for u in stats["missing_units"]], right=False))
     if stats["ranks"]:
-        lines.append("throughput (each rank's last run)")
-        header = ["rank", "units", "rows", "tokens", "seconds", "docs/s", "tokens/s"]
+        lines.append("throughput (each rank's or actor's last run)")
+        header = ["worker", "units", "rows", "tokens", "seconds", "docs/s", "tokens/s"]
         lines += _indent(_align([header, *map(_rank_row, stats["ranks"])]))
     return "\n".join(lines) + "\n"
 
 
 def _rank_row(rank: dict) -> list[str]:
     return [
-        f"{rank['rank']} of {rank['world']}",
+        f"{rank.get('kind', 'rank')} {rank['rank']} of {rank['world']}",
         f"{rank['units']:,}",
         f"{rank['rows']:,}",
         f"{rank['tokens']:,}",

@@ -208,3 +208,22 @@ def id_out(tiny_model_dir, corpus, tmp_path_factory) -> Path:
     result = annotate_in_process(tiny_model_dir, corpus, "--output", out, "--id-column", "doc_id")
     assert result.exit_code == 0, result.output
     return out
+
+
+# --- one local Ray cluster for every Ray test of the session (2 CPUs, a small object store)
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """The address of a local Ray cluster shared by the session's tests; Ray missing is a skip, but
+    a failure in CI (CI=true), where `make test` installs the `ray` extra."""
+    if os.environ.get("CI", "").lower() != "true":
+        pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "object_store_memory": 80 * 2**20, "include_dashboard": False},
+    )
+    yield cluster.address
+    cluster.shutdown()

@@ -212,12 +212,12 @@ def test_the_fp32_rerun_is_fp32_inside_a_callers_autocast_and_never_silently_wro
 
 def test_the_annotate_job_counts_overflowing_batches_in_its_stats_and_log(tuned_model_dir, tmp_path, monkeypatch):
     """The reruns reach the unit's done marker, the run totals and the command's log line."""
-    import nerbatch.job
+    import nerbatch.engines.ranks
 
     source = tmp_path / "docs.parquet"
     texts = ["Angela Merkel met Joe Biden in Berlin .", "It rained .", "Japan beat Syria 2-1 in Abu Dhabi ."]
     pq.write_table(pa.table({"id": [1, 2, 3], "text": texts}), source)
-    load = nerbatch.job.load_tagger
+    load = nerbatch.engines.ranks.load_tagger
 
     def overflowing(options, device=None):
         tagger = load(options, device)
@@ -225,7 +225,7 @@ def test_the_annotate_job_counts_overflowing_batches_in_its_stats_and_log(tuned_
         tagger.autocast_dtype = torch.bfloat16  # stands in for the GPU's fp16
         return tagger
 
-    monkeypatch.setattr(nerbatch.job, "load_tagger", overflowing)
+    monkeypatch.setattr(nerbatch.engines.ranks, "load_tagger", overflowing)
     out = tmp_path / "out"
     args = ["annotate", str(tuned_model_dir), str(source), "--output", str(out), "--id-column", "id", "--no-progress"]
     done = CliRunner().invoke(main, [*args, "--batch-size", "2"])

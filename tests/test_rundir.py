@@ -3,8 +3,6 @@ ranks waiting for each other."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from nerbatch.parquet_io import InputError
@@ -39,23 +37,6 @@ def test_run_dir_refuses_another_run_and_foreign_files(tmp_path):
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(InputError, match="not write \\(notes.txt\\); choose an empty or new --output directory$"):
         RunDir(locate(foreign)).prepare(config, overwrite=False)
-
-
-def test_waiting_for_other_ranks_ends_when_their_units_settle_or_gives_up_on_silence(tmp_path):
-    from nerbatch.rundir import wait_for_other_ranks
-    from nerbatch.shards import Unit
-
-    out = RunDir(locate(tmp_path / "out"))
-    units = [Unit(i, "a.parquet", i, 10 * i, 10) for i in range(3)]
-    mine = {units[0]}
-    started = time.time()
-    assert not wait_for_other_ranks(out, units, mine, started, poll=0.01, stall=0.2)  # nobody works: give up
-    out.mark_done(units[1], {})
-    out.mark_failed(units[2], "an earlier run's failure")
-    (out.meta / "failed" / "unit-000002.json").write_json({"error": "old", "at": started - 60})
-    assert not wait_for_other_ranks(out, units, mine, started, poll=0.01, stall=0.2)  # a stale failure is not news
-    out.mark_failed(units[2], "this run's failure")
-    assert wait_for_other_ranks(out, units, mine, started, poll=0.01, stall=0.2)
 
 
 def test_hidden_files_and_hadoop_markers_in_partitions_are_not_foreign(tmp_path):

@@ -497,7 +497,7 @@ def profile_annotate(ctx: Context, model_dir: str, corpus: Path, top: int = 25) 
     import cProfile
     import pstats
 
-    from nerbatch.job import annotate_units
+    from nerbatch.engines.ranks import annotate_units
     from nerbatch.options import Options
 
     pipeline_like = dict(segment="none", max_length=512, aggregation="simple")

@@ -25,8 +25,9 @@ export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 # nerbatch.evaluation imports seqeval, which the GPU machine lacks and PyPI has only as an sdist:
 # prepare.py carries a wheel built here. --target: the system Python may refuse a plain install (PEP 668).
 if ! "$PYTHON" -c "import seqeval" 2>/dev/null; then
-    wheel=$(ls "$here"/carry/seqeval-*.whl 2>/dev/null | head -n 1 || true)
-    if [[ -n "$wheel" ]]; then
+    wheels=("$here"/carry/seqeval-*.whl)
+    wheel=${wheels[0]}
+    if [[ -f "$wheel" ]]; then
         site=$(mktemp -d)
         if "$PYTHON" -m pip install --quiet --no-index --no-deps --target "$site" "$wheel"; then
             export PYTHONPATH="$PYTHONPATH:$site"

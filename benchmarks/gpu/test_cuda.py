@@ -96,7 +96,8 @@ def part_options(out: Path) -> dict:
 
 
 def test_the_annotate_job_puts_the_model_on_the_device(setup, corpus, texts, tmp_path):
-    from nerbatch.job import annotate_units, load_tagger
+    from nerbatch.engines.ranks import annotate_units
+    from nerbatch.job import load_tagger
     from nerbatch.options import Options
 
     options = Options(

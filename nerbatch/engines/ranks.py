@@ -1,0 +1,111 @@
+"""The annotate job in one process, or in the ranks `accelerate launch` / torchrun started.
+
+Each rank loads the model, takes the fixed share `units[rank::world]` of the units not done, and
+settles them in turn (`nerbatch.job`). The ranks coordinate through OUT_DIR alone, plus one barrier:
+rank 0 checks (or claims) OUT_DIR before anyone writes, every rank says it is working now and then
+(`RunDir.beat`), and a rank done with its share waits until every other rank's units have settled
+(an output file may hold units of every rank) before assembling the files `k` with `k % world ==
+rank`. Completion is per unit, so a rerun may use any number of ranks, or another engine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from nerbatch import gc_tuning
+from nerbatch.errors import NerbatchError
+from nerbatch.inference import Tagger
+from nerbatch.job import Plan, Progress, UnitsFailed, assemble_if_ready, describe_run, finish_run, load_tagger, plan_run
+from nerbatch.job import settle_unit as settle
+from nerbatch.options import Options
+from nerbatch.rundir import RunDir, Tally
+from nerbatch.shards import Unit, units_for_rank
+
+STALL_S = 1800.0  # a rank gives up waiting for the others after this long without a sign of work
+
+
+def annotate_units(
+    options: Options,
+    rank: int = 0,
+    world: int = 1,
+    barrier: Callable[[], None] = lambda: None,
+    device: str | None = None,
+) -> Tally:
+    """Annotate this rank's units of the run `options` describes, skipping those already done.
+
+    Raises `InputError`/`ModelError` before any work on bad input or a model that cannot annotate,
+    and `UnitsFailed` at the end when some units raised (the others are complete).
+    """
+    started = time.time()
+    plan = plan_run(options)
+    tagger = load_tagger(options, device)  # a model that cannot annotate fails here, before any work
+    config, schema = describe_run(plan, tagger)
+    out = plan.out
+    if rank == 0:
+        out.prepare(config, options.overwrite)
+    barrier()  # nobody writes pieces before the main process has checked (or cleared) OUT_DIR
+    if rank != 0:
+        out.check(config)
+
+    mine = set(units_for_rank(plan.units, rank, world))
+    todo = plan.todo([u for u in plan.units if u in mine])
+    tally, failed = annotate_all(todo, tagger, plan, schema, rank) if todo else (Tally(), [])
+    figures = {**vars(tally), "units": len(todo), "failed": [m for _, m in failed]}
+    out.write_worker_stats("rank", rank, world, {**figures, "wall_seconds": time.time() - started})
+    everyone_settled = wait_for_other_ranks(out, plan.units, mine, started)  # a file may hold units of every rank
+    for index, group in enumerate(plan.groups):
+        if index % world == rank:
+            assemble_if_ready(out, plan.file_names()[index], group, schema, options)
+    if failed:
+        raise UnitsFailed(failed)
+    if not everyone_settled:
+        raise NerbatchError(
+            f"rank {rank}: the other ranks finished no unit and sent no sign of work for 30 minutes, so the "
+            "output files holding their units were not assembled; rerun the same command to finish the run"
+        )
+    finish_run(plan, config)
+    return tally
+
+
+def annotate_all(
+    todo: list[Unit], tagger: Tagger, plan: Plan, schema, rank: int
+) -> tuple[Tally, list[tuple[Unit, str]]]:
+    """Annotate the units `todo` in turn; returns the tally and the units that raised, with their
+    errors (the others are complete)."""
+    bar = Progress(sum(u.rows for u in todo), plan.options.progress and rank == 0)
+
+    def on_chunk(docs: int, tokens: int) -> None:
+        plan.out.beat(rank)
+        bar.advance(docs, tokens)
+
+    try:
+        tally, failed = Tally(), []
+        with gc_tuning.collections_per_chunk():
+            for unit in todo:
+                done, failure = settle(unit, tagger, plan, schema, rank, on_chunk)
+                if done:
+                    tally.add(done)
+                else:
+                    failed.append(failure)
+        return tally, failed
+    finally:
+        bar.close()
+
+
+def wait_for_other_ranks(
+    out: RunDir, units: list[Unit], mine: set, since: float, poll: float = 2.0, stall: float = STALL_S
+) -> bool:
+    """Wait until every other rank's units have settled (done, or failed in this run): an output
+    file may hold units of every rank, and a failing rank must not exit (the launcher would kill
+    the others' work in progress). Returns False when it gives up: no unit settled and no rank said
+    it was working (`RunDir.beat`) for `stall` seconds, as when a rank died without a trace."""
+    others = {u.name for u in units if u not in mine}
+    count, changed = -1, time.time()
+    while len(settled := out.settled(since) & others) < len(others):
+        if len(settled) != count:
+            count, changed = len(settled), time.time()
+        elif time.time() - max(changed, out.last_beat()) > stall:
+            return False
+        time.sleep(poll)
+    return True
