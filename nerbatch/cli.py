@@ -367,7 +367,8 @@ def annotate_cmd(
             err=True,
         )
         return
-    for name, value in (("--ray-address", ray_address), ("--actors", actors), ("--gpus-per-actor", gpus_per_actor)):
+    ray_only = {"--ray-address": ray_address, "--actors": actors, "--gpus-per-actor": gpus_per_actor}
+    for name, value in {**ray_only, "--cpus-per-actor": cpus_per_actor}.items():
         if value is not None:
             raise click.BadParameter(f"{name} is for --engine ray", param_hint=name)
     from nerbatch.dist import barrier, process_state, shares_gpus, shut_down

@@ -54,9 +54,9 @@ def annotate_units(
     figures = {**vars(tally), "units": len(todo), "failed": [m for _, m in failed]}
     out.write_worker_stats("rank", rank, world, {**figures, "wall_seconds": time.time() - started})
     everyone_settled = wait_for_other_ranks(out, plan.units, mine, started)  # a file may hold units of every rank
-    for index, group in enumerate(plan.groups):
+    for index, (name, group) in enumerate(zip(plan.file_names(), plan.groups)):
         if index % world == rank:
-            assemble_if_ready(out, plan.file_names()[index], group, schema, options)
+            assemble_if_ready(out, name, group, schema, options)
     if failed:
         raise UnitsFailed(failed)
     if not everyone_settled:
