@@ -92,6 +92,23 @@ def test_two_processes_give_the_rows_of_one(tiny_model_dir, corpus, uninterrupte
     assert sorted(p.name for p in out.glob("*.parquet")) == sorted(p.name for p in uninterrupted.glob("*.parquet"))
 
 
+def test_an_out_dir_local_to_each_node_is_refused_before_any_work(tiny_model_dir, corpus, tmp_path):
+    # `NERBATCH_TEST_PRIVATE_OUT` gives rank 1 its own copy of OUT_DIR, as a local disk on another node would.
+    out, private = tmp_path / "out", tmp_path / "node-b"
+    done = subprocess.run(
+        [*launch_command(2, free_port()), *command(tiny_model_dir, corpus, out)],
+        env={**environment(), "NERBATCH_TEST_PRIVATE_OUT": str(private)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0
+    assert f"{out} is not shared between rank 0 and rank 1 on " in done.stderr, done.stderr[-3000:]
+    assert "use a shared filesystem or an object store URI" in done.stderr
+    assert not list(out.glob("*.parquet")) and not list(private.rglob("*.parquet"))
+    assert not list((out / "_nerbatch" / "done").glob("*.json"))
+
+
 def wait_for(predicate, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -1,8 +1,9 @@
 """The annotate job in one process, or in the ranks `accelerate launch` / torchrun started.
 
 Each rank loads the model, takes the fixed share `units[rank::world]` of the units not done, and
-settles them in turn (`nerbatch.job`). The ranks coordinate through OUT_DIR alone, plus one barrier:
-rank 0 checks (or claims) OUT_DIR before anyone writes, every rank says it is working now and then
+settles them in turn (`nerbatch.job`). The ranks coordinate through OUT_DIR alone, plus barriers before any work:
+rank 0 checks (or claims) OUT_DIR before anyone writes, every rank proves it sees the OUT_DIR rank 0
+sees and runs its versions (`nerbatch.engines.probe`), every rank says it is working now and then
 (`RunDir.beat`), and a rank done with its share waits until every other rank's units have settled
 (an output file may hold units of every rank) before assembling the files `k` with `k % world ==
 rank`. Completion is per unit, so a rerun may use any number of ranks, or another engine.
@@ -10,10 +11,12 @@ rank`. Completion is per unit, so a rerun may use any number of ranks, or anothe
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 
 from nerbatch import gc_tuning
+from nerbatch.engines import probe
 from nerbatch.errors import NerbatchError
 from nerbatch.inference import Tagger
 from nerbatch.job import Plan, Progress, UnitsFailed, assemble_if_ready, describe_run, finish_run, load_tagger, plan_run
@@ -22,6 +25,7 @@ from nerbatch.options import Options
 from nerbatch.rundir import RunDir, Tally
 from nerbatch.shards import Unit, units_for_rank
 
+PROBE = "ranks"  # the probe's token: a fixed name, cleared by rank 0 before it leaves its own
 STALL_S = 1800.0  # a rank gives up waiting for the others after this long without a sign of work
 
 
@@ -39,11 +43,15 @@ def annotate_units(
     """
     started = time.time()
     plan = plan_run(options)
+    if rank != 0:
+        plan = probe.node_view(plan)
     tagger = load_tagger(options, device)  # a model that cannot annotate fails here, before any work
     config, schema = describe_run(plan, tagger)
     out = plan.out
     if rank == 0:
         out.prepare(config, options.overwrite)
+    if world > 1:
+        probe_ranks(out, rank, world, barrier)
     barrier()  # nobody writes pieces before the main process has checked (or cleared) OUT_DIR
     if rank != 0:
         out.check(config)
@@ -66,6 +74,31 @@ def annotate_units(
         )
     finish_run(plan, config)
     return tally
+
+
+def probe_ranks(out: RunDir, rank: int, world: int, barrier: Callable[[], None]) -> None:
+    """Before any work: every rank must see the token rank 0 left in OUT_DIR, and rank 0 every
+    rank's, with the same versions (`nerbatch.engines.probe`). A rank that fails raises, and the
+    launcher ends the others."""
+    if rank == 0:
+        out.drop_probe(PROBE)  # a token an earlier run left here must not stand in for this run's
+        probe.leave_token(out, PROBE, probe.MAIN)
+    barrier()
+    if rank != 0:
+        facts = probe.answer(out, PROBE, f"rank-{rank}")
+        if not facts["saw_main"]:
+            raise probe.not_shared(out, "rank 0", f"rank {rank} on {facts['host']}")
+    barrier()
+    if rank == 0:
+        answers = {f"rank-{r}": out.read_probe(PROBE, f"rank-{r}") for r in range(1, world)}
+        seen = {who: {**facts, "saw_main": True} for who, facts in answers.items() if facts is not None}
+        missing = [who for who, facts in answers.items() if facts is None]
+        if missing:
+            raise probe.not_shared(
+                out, f"rank 0 ({socket.gethostname()})", f"{missing[0].replace('-', ' ')} (its token is not here)"
+            )
+        probe.check_workers(out, PROBE, seen, "rank 0")
+        out.drop_probe(PROBE)
 
 
 def annotate_all(

@@ -23,14 +23,14 @@ import socket
 import time
 import uuid
 from collections import Counter, deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from nerbatch import __version__
+from nerbatch.engines import probe
 from nerbatch.errors import NerbatchError, OptionError
 from nerbatch.job import Plan, Progress, UnitsFailed, assemble_if_ready, finish_run, plan_run, record_failure
 from nerbatch.options import Options
 from nerbatch.parquet_io import InputError
-from nerbatch.rundir import RunDir, Tally
+from nerbatch.rundir import Tally
 
 GPU_SHARE = 0.25  # actors per GPU on a GPU cluster: 4 processes sharing one GPU was the measured knee
 CPUS_PER_GPU_ACTOR = 4  # cores for each actor's CPU side (tokenizing, decoding, writing) on a GPU cluster
@@ -38,7 +38,6 @@ LOCAL_OBJECT_STORE = 256 * 2**20  # a local cluster's object store: only unit de
 WAIT_S = 10.0  # the driver renews its claim on OUT_DIR at least this often
 RESTING_S = 0.5  # how often to ask whether an actor that died is back
 CONNECT_TIMEOUT_S = 5.0
-PRIVATE_OUT_ENV = "NERBATCH_TEST_PRIVATE_OUT"  # test hook: see `node_view`
 # The driver's settings the actors take with them: the test hooks, and offline mode for the hub.
 FORWARDED_ENV = ("NERBATCH_TEST_", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
@@ -197,13 +196,9 @@ def agree_on_config(ray, workers: list, plan: Plan) -> tuple[dict, object]:
     """Every actor loads the model where it runs and describes the run; all must agree (one
     precision and one set of batch caps for the whole run), and run the driver's versions."""
     described = gather(ray, [w.describe.remote() for w in workers])
-    ours = {"nerbatch": __version__, "torch": torch_version()}
+    ours = probe.node_facts()
     for facts in described:
-        theirs = {k: facts[k] for k in ours}
-        if theirs != ours:
-            raise InputError(
-                f"actor on {facts['host']} runs {theirs}, the driver {ours}: install the same versions on every node"
-            )
+        probe.check_versions(ours, facts, "the driver", f"actor on {facts['host']}")
     config, schema = described[0]["config"], described[0]["schema"]
     for facts in described[1:]:
         if facts["config"] != config:
@@ -216,19 +211,12 @@ def agree_on_config(ray, workers: list, plan: Plan) -> tuple[dict, object]:
 
 
 def probe_nodes(ray, workers: list, plan: Plan, token: str) -> None:
-    """Each actor must read the driver's token in OUT_DIR and the driver each actor's: a directory
-    that is local to each node (not shared) would scatter the output."""
+    """Each actor must read the driver's token in OUT_DIR and the driver each actor's (`probe`)."""
     out = plan.out
-    out.write_probe(token, "driver", {"host": socket.gethostname()})
+    probe.leave_token(out, token, probe.MAIN)
     try:
-        seen = gather(ray, [w.probe.remote(token) for w in workers])
-        for index, facts in enumerate(seen):
-            if not facts["saw_driver"] or out.read_probe(token, f"actor-{index}") is None:
-                raise InputError(
-                    f"{out.root} is not shared between the driver ({socket.gethostname()}) and the actor on "
-                    f"{facts['host']}: a local directory on each node would scatter the output; use a shared "
-                    "filesystem or an object store URI (s3://, gs://, ...) for --output"
-                )
+        answers = gather(ray, [w.probe.remote(token) for w in workers])
+        probe.check_workers(out, token, {f"actor-{i}": facts for i, facts in enumerate(answers)}, "the driver")
     finally:
         out.drop_probe(token)
 
@@ -326,27 +314,11 @@ def gather(ray, refs):
         raise
 
 
-def node_view(plan: Plan) -> Plan:
-    """The plan as this node sees it. The test hook `PRIVATE_OUT_ENV` (a directory) gives this node
-    its own copy of a local OUT_DIR, as a directory on a node's local disk is: writes land there,
-    invisible to the driver (the multi-node probe must refuse it)."""
-    private = os.environ.get(PRIVATE_OUT_ENV)
-    if not private or not plan.out.root.local:
-        return plan
-    return replace(plan, out=RunDir(os.path.join(private, plan.out.root.path.lstrip("/"))))
-
-
-def torch_version() -> str:
-    import torch
-
-    return torch.__version__
-
-
 class UnitWorker:
     """One actor: loads the model once (again after a restart) and settles the units it is given."""
 
     def __init__(self, plan: Plan, index: int, cpus: float):
-        self.plan, self.index, self.cpus = node_view(plan), index, cpus
+        self.plan, self.index, self.cpus = probe.node_view(plan), index, cpus
         self.tagger = self.schema = None
         self.tally, self.units, self.failed = Tally(), 0, []
         self.started = time.time()
@@ -372,20 +344,11 @@ class UnitWorker:
         if self.plan.units:
             open_parquet(self.plan.units[0].location)
         self.load()
-        host = socket.gethostname()
-        return {
-            "config": self.config,
-            "schema": self.schema,
-            "host": host,
-            "nerbatch": __version__,
-            "torch": torch_version(),
-        }
+        return {"config": self.config, "schema": self.schema, **probe.node_facts()}
 
     def probe(self, token: str) -> dict:
         """Whether the driver's token is visible from here; leaves this actor's own for the driver."""
-        saw = self.plan.out.read_probe(token, "driver") is not None
-        self.plan.out.write_probe(token, f"actor-{self.index}", {"host": socket.gethostname()})
-        return {"saw_driver": saw, "host": socket.gethostname()}
+        return probe.answer(self.plan.out, token, f"actor-{self.index}")
 
     def settle(self, unit, attempt: int):
         """Settle one unit (its `attempt`-th try): its tally as a dict, or the recorded failure."""
