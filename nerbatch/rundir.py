@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -445,6 +446,7 @@ def _rank_figures(path: Location) -> dict:
         "docs_per_second": figures["rows"] / seconds if seconds else 0.0,
         "tokens_per_second": figures["tokens"] / seconds if seconds else 0.0,
         "failed": len(figures["failed"]),
+        "peak_rss_mb": figures.get("peak_rss_mb"),  # absent in the stats of runs before 0.4.0
     }
 
 
@@ -460,3 +462,11 @@ def _alive(claim: dict) -> bool:
     except (OSError, ValueError):
         return False
     return True
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (what a worker reports in its stats)."""
+    import resource
+
+    kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux (bytes on macOS)
+    return kilobytes / (1024 if sys.platform != "darwin" else 2**20)

@@ -106,7 +106,7 @@ def format_stats(stats: dict) -> str:
         lines += _indent(_align([[u["unit"], u["input"]] for u in stats["missing_units"]], right=False))
     if stats["ranks"]:
         lines.append("throughput (each rank's or actor's last run)")
-        header = ["worker", "units", "rows", "tokens", "seconds", "docs/s", "tokens/s"]
+        header = ["worker", "units", "rows", "tokens", "seconds", "docs/s", "tokens/s", "peak RSS"]
         lines += _indent(_align([header, *map(_rank_row, stats["ranks"])]))
     return "\n".join(lines) + "\n"
 
@@ -120,6 +120,7 @@ def _rank_row(rank: dict) -> list[str]:
         f"{rank['wall_seconds']:,.1f}",
         f"{rank['docs_per_second']:,.1f}",
         f"{rank['tokens_per_second']:,.0f}",
+        "-" if rank.get("peak_rss_mb") is None else f"{rank['peak_rss_mb']:,.0f} MiB",
     ]
 
 

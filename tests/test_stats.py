@@ -37,6 +37,7 @@ def test_stats_equal_the_counts_of_the_output_files(plain_out):
     [rank] = stats["ranks"]
     assert (rank["rank"], rank["world"], rank["units"], rank["rows"]) == (0, 1, 3, 30) and rank["failed"] == 0
     assert rank["docs_per_second"] == pytest.approx(30 / rank["wall_seconds"]) and rank["tokens_per_second"] > 0
+    assert 50 < rank["peak_rss_mb"] < 8192  # this process's peak, in MiB (the test runs in-process)
     assert json.loads(json.dumps(stats)) == stats
 
 
@@ -48,6 +49,7 @@ def test_format_stats_is_an_aligned_report(plain_out):
     lines = {line.split()[0]: line for line in report.splitlines() if line.split()[0] in labels}
     assert {label: line.split()[1:] for label, line in lines.items()} == {k: [f"{n:,}"] for k, n in labels.items()}
     assert len({len(line) for line in lines.values()}) == 1  # counts right-aligned in one column
+    assert f"{stats['ranks'][0]['peak_rss_mb']:,.0f} MiB" in report.split("throughput")[1]
     assert any(line.split()[:2] == ["null", "text"] and line.split()[-1] == "1" for line in report.splitlines())
 
 

@@ -22,7 +22,7 @@ from nerbatch.inference import Tagger
 from nerbatch.job import Plan, Progress, UnitsFailed, assemble_if_ready, describe_run, finish_run, load_tagger, plan_run
 from nerbatch.job import settle_unit as settle
 from nerbatch.options import Options
-from nerbatch.rundir import RunDir, Tally
+from nerbatch.rundir import RunDir, Tally, peak_rss_mb
 from nerbatch.shards import Unit, units_for_rank
 
 PROBE = "ranks"  # the probe's token: a fixed name, cleared by rank 0 before it leaves its own
@@ -60,7 +60,8 @@ def annotate_units(
     todo = plan.todo([u for u in plan.units if u in mine])
     tally, failed = annotate_all(todo, tagger, plan, schema, rank) if todo else (Tally(), [])
     figures = {**vars(tally), "units": len(todo), "failed": [m for _, m in failed]}
-    out.write_worker_stats("rank", rank, world, {**figures, "wall_seconds": time.time() - started})
+    figures = {**figures, "wall_seconds": time.time() - started, "peak_rss_mb": peak_rss_mb()}
+    out.write_worker_stats("rank", rank, world, figures)
     everyone_settled = wait_for_other_ranks(out, plan.units, mine, started)  # a file may hold units of every rank
     for index, (name, group) in enumerate(zip(plan.file_names(), plan.groups)):
         if index % world == rank:

@@ -30,7 +30,7 @@ from nerbatch.errors import NerbatchError, OptionError
 from nerbatch.job import Plan, Progress, UnitsFailed, assemble_if_ready, finish_run, plan_run, record_failure
 from nerbatch.options import Options
 from nerbatch.parquet_io import InputError
-from nerbatch.rundir import Tally
+from nerbatch.rundir import Tally, peak_rss_mb
 
 GPU_SHARE = 0.25  # actors per GPU on a GPU cluster: 4 processes sharing one GPU was the measured knee
 CPUS_PER_GPU_ACTOR = 4  # cores for each actor's CPU side (tokenizing, decoding, writing) on a GPU cluster
@@ -375,5 +375,6 @@ class UnitWorker:
             "units": self.units,
             "failed": self.failed,
             "wall_seconds": seconds,
+            "peak_rss_mb": peak_rss_mb(),
             "pid": os.getpid(),
         }
