@@ -107,8 +107,12 @@ def test_processes_sharing_the_device_annotate_n_times_the_corpus(dry_run):
     shared = entry["annotate"]["like_pipeline_2proc"]
     assert shared["processes"] == 2 and shared["docs"] == 2 * entry["pool_docs"] * entry["copies"]
     assert shared["steady"]["subwords_per_s"] > 0 and shared["process_subwords_per_s"] > 0
+    # --engine ray with its defaults: one actor per core of this CPU, units on demand, the same corpus
+    ray = entry["annotate"]["like_pipeline_ray2"]
+    assert ray["processes"] == 2 and ray["docs"] == shared["docs"] and ray["subwords"] == shared["subwords"]
+    assert ray["steady"]["subwords_per_s"] > 0 and ray["process_subwords_per_s"] > 0
     best = entry["ratios"]["run"]
-    assert best in ("like_pipeline", "like_pipeline_2proc")
+    assert best in ("like_pipeline", "like_pipeline_2proc", "like_pipeline_ray2")
     assert entry["ratios"]["annotate_subwords_per_s"] == entry["annotate"][best]["steady"]["subwords_per_s"]
 
 

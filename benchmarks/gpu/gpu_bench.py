@@ -109,6 +109,7 @@ GPU_SIZES = Sizes(
             "like_pipeline_4proc",
             "defaults",
             "defaults_4proc",
+            "like_pipeline_ray4",
         ),
         "minilm_tuned": ("like_pipeline",),
     },
@@ -130,7 +131,7 @@ DRY_SIZES = Sizes(
     budget_s=240,
     tune_steps=100,
     annotate_runs={
-        "bert_base_random": ("like_pipeline", "like_pipeline_2proc", "defaults"),
+        "bert_base_random": ("like_pipeline", "like_pipeline_2proc", "like_pipeline_ray2", "defaults"),
         "minilm_tuned": ("like_pipeline",),
     },
     train_probes=(("bf16", 32, "bf16"),),
@@ -148,8 +149,13 @@ DRY_SIZES = Sizes(
 # decoding, writing) that one process does alone, under one GIL, in the other runs; but each holds a
 # CUDA context, and contexts take turns on the GPU (H100: 4 processes 892k, 8 processes 903k
 # subwords/s).
+# `_rayN` runs are `--engine ray` with its defaults: on a GPU machine they should start N actors sharing
+# the GPU (a quarter of it each; 4 cores each), on the dry run's CPU one actor per core; N sizes the
+# corpus as for N processes. The machine needs Ray (`pip install ray`), or the run records the error.
 LIKE_PIPELINE = ["--segment", "none", "--max-length", "512", "--aggregation", "simple"]
 ANNOTATE_RUNS = {
+    "like_pipeline_ray4": ([*LIKE_PIPELINE, "--engine", "ray"], {}),
+    "like_pipeline_ray2": ([*LIKE_PIPELINE, "--engine", "ray"], {}),
     "like_pipeline": (LIKE_PIPELINE, {}),
     "like_pipeline_2proc": (LIKE_PIPELINE, {}),
     "like_pipeline_4proc": (LIKE_PIPELINE, {}),
@@ -171,9 +177,9 @@ TRAIN_PRECISION = "no"
 
 
 def run_processes(run: str) -> int:
-    """How many annotate processes share the GPU in `run` (its `_Nproc` suffix; 1 without)."""
-    found = re.search(r"_(\d+)proc$", run)
-    return int(found.group(1)) if found else 1
+    """How many annotate processes share the GPU in `run` (its `_Nproc` or `_rayN` suffix; 1 without)."""
+    found = re.search(r"_(\d+)proc$|_ray(\d+)$", run)
+    return int(found.group(1) or found.group(2)) if found else 1
 
 
 # (name, where in the report, at least): what the GPU run is expected to show.
@@ -566,10 +572,11 @@ def time_annotate(ctx: Context, name: str, model_dir: str, corpus: Path, run: st
     options, env = ANNOTATE_RUNS[run]
     processes = run_processes(run)
     output = ctx.workdir / f"annotate-{name}-{run}"
-    launcher = [*launch_command(processes, free_port()), "-m"] if processes > 1 else [sys.executable, "-m"]
+    ray = "ray" in options
+    launcher = [*launch_command(processes, free_port()), "-m"] if processes > 1 and not ray else [sys.executable, "-m"]
     cmd = [*launcher, "nerbatch", "annotate", model_dir, str(corpus), "--output", str(output)]
     cmd += ["--id-column", "doc_id", "--no-progress", "--overwrite", *options]
-    if processes > 1 and ctx.device == "cuda":
+    if processes > 1 and ctx.device == "cuda" and not ray:
         env = {**env, "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]}  # one GPU
     process = run_logged(cmd, ctx.out / "logs" / f"annotate-{name}-{run}.log", ctx.remaining(), **env)
     stats = json.loads((output / "_nerbatch" / "stats.json").read_text())
@@ -579,7 +586,7 @@ def time_annotate(ctx: Context, name: str, model_dir: str, corpus: Path, run: st
     return {
         "options": options,
         "env": env,
-        "processes": processes,
+        "processes": len({(m["rank"], m.get("pid")) for m in markers}) if ray else processes,
         "settings": stats["options"],
         "entities": stats["entities"],
         "windows": stats["windows"],
