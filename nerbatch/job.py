@@ -20,19 +20,22 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from nerbatch import gc_tuning
 from nerbatch.assemble import assemble_file, check_partition_values, file_name
 from nerbatch.errors import NerbatchError, OptionError
-from nerbatch.inference import InFlight, Tagger
 from nerbatch.options import Options
 from nerbatch.parquet_io import SOURCE_FIELDS, PartWriter, open_parquet, output_schema
 from nerbatch.prefetch import prefetch
-from nerbatch.rows import Chunk, output_columns, read_chunks
 from nerbatch.runconfig import output_metadata, run_config
 from nerbatch.rundir import RunDir, Tally, write_totals_if_complete
 from nerbatch.shards import Unit, discover_inputs, group_units, plan_units
 from nerbatch.storage import check_access, locate
+
+if TYPE_CHECKING:  # the model's modules (torch, transformers) load only where a model runs, not on a driver
+    from nerbatch.inference import InFlight, Tagger
+    from nerbatch.rows import Chunk
 
 # Test hooks (never set in production): sleep this many seconds after writing each chunk, so a test
 # can SIGKILL the job while a piece is half written; the same for one worker only ("INDEX:SECONDS",
@@ -180,6 +183,8 @@ def annotate_unit(
     The piece is written under a temporary name of this attempt alone, so a stale attempt still
     running beside a retry can never publish a half-written file; the move into place is the only
     publish, and the done marker follows it."""
+    from nerbatch.rows import output_columns, read_chunks
+
     options, out = plan.options, plan.out
     began = time.perf_counter()
     tally = Tally()
@@ -238,6 +243,7 @@ def exit_if_asked(unit: Unit, attempt: int) -> None:
 
 def load_tagger(options: Options, device: str | None = None) -> Tagger:
     """The checked model and tokenizer of `options.model` with the windowing/batching options."""
+    from nerbatch.inference import Tagger
     from nerbatch.modeling import load_token_classifier
     from nerbatch.precision import quantize_int8, resolve_precision
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import replace
+from importlib import metadata
 
 from nerbatch import __version__
 from nerbatch.job import Plan
@@ -23,10 +24,9 @@ PRIVATE_OUT_ENV = "NERBATCH_TEST_PRIVATE_OUT"  # test hook: see `node_view`
 
 
 def node_facts() -> dict:
-    """What a process says of itself: its host and the versions that must agree across nodes."""
-    import torch
-
-    return {"host": socket.gethostname(), "nerbatch": __version__, "torch": torch.__version__}
+    """What a process says of itself: its host and the versions that must agree across nodes (read
+    from the installed distributions: a driver need not import torch)."""
+    return {"host": socket.gethostname(), "nerbatch": __version__, "torch": metadata.version("torch")}
 
 
 def leave_token(out: RunDir, token: str, who: str) -> dict:
