@@ -26,7 +26,8 @@ from nerbatch.job import EXIT_ENV, SLOW_ENV
 from conftest import DEMO_DATA
 from helpers import all_gone, children, environment, nerbatch_command
 
-pytestmark = pytest.mark.slow  # every test starts Ray processes
+# Every test starts Ray processes; under pytest-xdist one worker runs them all, against one cluster.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,14 @@ def test_ray_writes_the_rows_and_files_of_a_plain_run(tiny_model_dir, corpus, pl
     assert stats["complete"] and stats["units"]["done"] == 7 and stats["rows"] == 30
     assert [(r["kind"], r["world"]) for r in stats["ranks"]] == [("actor", actors)] * actors
     assert sum(r["units"] for r in stats["ranks"]) == 7
+    if actors == 3:  # --overwrite over a complete run: every unit to do again, so every actor starts
+        again = ray_run(
+            tiny_model_dir, corpus, out, ray_address, "--actors", 3, "--cpus-per-actor", 2 / 3, "--overwrite"
+        )
+        assert again.exit_code == 0, again.output
+        stats = json.loads(CliRunner().invoke(main, ["stats", str(out), "--json"]).output)
+        assert [(r["kind"], r["world"]) for r in stats["ranks"]] == [("actor", 3)] * 3
+        assert without_scores(rows_of(out)) == without_scores(rows_of(plain))
 
 
 def test_an_actor_that_dies_mid_unit_costs_an_attempt_not_a_row(tiny_model_dir, corpus, plain, ray_address, tmp_path):

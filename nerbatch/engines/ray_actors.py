@@ -70,7 +70,9 @@ def annotate_with_ray(options: Options, settings: RayOptions) -> Tally:
         count = settings.actors or default_actors(ray, sizes)
         check_room(ray, sizes, count)
         plan.out.claim_driver(token)  # before anything is written: a second driver stops here
-        workers = start_actors(ray, plan, sizes, min(count, max(len(plan.todo()), 1)))
+        # no more actors than units to do; --overwrite redoes them all (OUT_DIR is cleared below)
+        pending = len(plan.units) if options.overwrite else len(plan.todo())
+        workers = start_actors(ray, plan, sizes, min(count, max(pending, 1)))
         config, schema = agree_on_config(ray, workers, plan)
         plan.out.prepare(config, options.overwrite)
         plan.out.refresh_driver(token)  # --overwrite cleared the claim with the rest
