@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 DATA ?= ../shared/data
 BENCH_MODEL ?= runs/minilm-conll2003
 
-.PHONY: setup demo test test-fast fuzz lint format bench clean
+.PHONY: setup demo test test-fast fuzz lint format docs bench clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,10 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# Rewrite docs/cli.md from `nerbatch --help` (tests/test_docs.py fails until it matches).
+docs: $(STAMP)
+	$(BIN)/python -m tests.docs_check --write
 
 # Side-by-side benchmark on the shared data with a trained model (see README, Benchmarks).
 bench: $(STAMP)

@@ -357,7 +357,12 @@ def annotate_cmd(
         model=model_dir, inputs=list(inputs), output=output, progress=not no_progress, keep_columns=kept, **options
     )
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    from nerbatch.shards import shell_expanded_warning
+
+    expanded = shell_expanded_warning(list(inputs))  # said once: by the Ray driver, or by rank 0
     if engine == "ray":
+        if expanded:
+            click.echo(expanded, err=True)
         from nerbatch.engines.ray_actors import RayOptions, annotate_with_ray
 
         settings = RayOptions(ray_address, actors, gpus_per_actor, cpus_per_actor, max_attempts)
@@ -378,6 +383,8 @@ def annotate_cmd(
     # collective is a barrier: processes sharing a GPU form a gloo group (NCCL refuses two ranks on
     # one device); otherwise accelerate's choice stands (NCCL finds its network by itself).
     state = process_state(backend="gloo" if shares_gpus() else None)
+    if expanded and state.is_main_process:
+        click.echo(expanded, err=True)
     try:
         tally = annotate_units(
             run,

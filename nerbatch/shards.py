@@ -8,6 +8,9 @@ been done is recorded in the output directory (`nerbatch.rundir`).
 
 from __future__ import annotations
 
+import os
+import statistics
+import sys
 from dataclasses import dataclass
 
 from nerbatch.errors import NerbatchError
@@ -138,3 +141,70 @@ def group_units(units: list[Unit], file_rows: int) -> list[list[Unit]]:
 def units_for_rank(units: list[Unit], rank: int, world: int) -> list[Unit]:
     """The units rank `rank` of `world` processes: every world-th unit, starting at its rank."""
     return units[rank::world]
+
+
+# --- warnings about the inputs (printed once, by the process that plans for the others) ----------
+
+SHELL_EXPANDED_INPUTS = 1000  # more input arguments than this: the shell expanded a pattern
+
+
+def shell_expanded_warning(inputs: list[str]) -> str | None:
+    """A warning when the command line holds more than `SHELL_EXPANDED_INPUTS` input paths: a shell
+    glob such as dump/*.parquet, unquoted, passes every file as an argument (and beyond the system's
+    limit the command does not start at all: "Argument list too long"). A directory or a quoted glob
+    names the same files in one argument, and nerbatch lists them itself."""
+    if len(inputs) <= SHELL_EXPANDED_INPUTS:
+        return None
+    parents = {os.path.dirname(spec.rstrip("/")) for spec in inputs}
+    if len(parents) == 1:
+        parent = parents.pop() or "."
+        pattern = "*.parquet" if parent == "." else f"{parent}/*.parquet"
+        instead = f"pass their directory ({parent}/) or a quoted glob ('{pattern}') instead"
+    else:
+        try:
+            common = os.path.commonpath(inputs) or "."
+        except ValueError:  # absolute and relative paths mixed
+            common = "DIR"
+        instead = f"pass a directory holding them ({common}/ is searched recursively) or a quoted glob instead"
+    return (
+        f"nerbatch annotate: warning: the shell passed {len(inputs):,} input paths; {instead}: nerbatch lists "
+        'the files itself, and a longer list of paths stops the command from starting ("Argument list too long")'
+    )
+
+
+# A unit (one row group) big enough to hold up the whole run: at least this many rows, more than
+# HUGE_UNIT_SHARE of all input rows and more than HUGE_UNIT_OVER_MEDIAN times the median unit, in
+# an input of at least HUGE_UNIT_MIN_UNITS units (with fewer, "median" says little).
+HUGE_UNIT_ROWS = 10_000
+HUGE_UNIT_SHARE = 0.10
+HUGE_UNIT_OVER_MEDIAN = 4
+HUGE_UNIT_MIN_UNITS = 8
+
+
+def huge_row_group_warning(units: list[Unit]) -> str | None:
+    """A warning naming the largest unit when it alone would set the run's wall time: units are row
+    groups, each annotated by one process, so the other processes finish their shares and wait
+    (see docs/running-at-scale.md#row-groups-and-units). None when the units are balanced enough."""
+    if len(units) < HUGE_UNIT_MIN_UNITS:
+        return None
+    total = sum(u.rows for u in units)
+    median = statistics.median(u.rows for u in units)
+    huge = max(units, key=lambda u: u.rows)  # the first of the largest
+    big = huge.rows >= HUGE_UNIT_ROWS
+    if not (big and huge.rows > HUGE_UNIT_SHARE * total and huge.rows > HUGE_UNIT_OVER_MEDIAN * median):
+        return None
+    where = f"{huge.path} row group {huge.row_group}" if huge.row_group is not None else f"{huge.path} (one row group)"
+    return (
+        f"nerbatch annotate: warning: {where} holds {huge.rows:,} rows, {huge.rows / total:.0%} of the input and "
+        f"{huge.rows / median:,.0f} times the median row group ({median:,.0f} rows); a row group is one unit of "
+        "work, annotated by one process while the others wait once their units are done. Rewrite that file with "
+        "smaller row groups: see docs/running-at-scale.md#row-groups-and-units"
+    )
+
+
+def warn_about_units(units: list[Unit], file=None) -> None:
+    """Print `huge_row_group_warning` on stderr if there is one (call it once per run, from the
+    process that plans it: rank 0, or the Ray driver)."""
+    message = huge_row_group_warning(units)
+    if message:
+        print(message, file=file or sys.stderr, flush=True)

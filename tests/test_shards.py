@@ -51,3 +51,41 @@ def test_units_are_row_groups_numbered_in_a_fixed_order(tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
     with pytest.raises(InputError, match="bad.parquet: not a readable Parquet file"):
         plan_units([locate(tmp_path / "bad.parquet")], ["text"])
+
+
+def units_of(rows: list[int], row_groups: bool = True) -> list:
+    from nerbatch.shards import Unit
+
+    return [Unit(i, f"/d/part-{i}.parquet", 0 if row_groups else None, 0, n) for i, n in enumerate(rows)]
+
+
+def test_a_row_group_that_would_hold_up_the_run_is_named_once(capsys):
+    from nerbatch.shards import huge_row_group_warning, warn_about_units
+
+    assert huge_row_group_warning(units_of([20_000] * 7 + [1_000_000])) is not None
+    message = huge_row_group_warning(units_of([20_000] * 7 + [1_000_000], row_groups=False))
+    assert message.startswith("nerbatch annotate: warning: /d/part-7.parquet (one row group) holds 1,000,000 rows, ")
+    assert "88% of the input and 50 times the median row group (20,000 rows)" in message
+    assert "docs/running-at-scale.md#row-groups-and-units" in message
+    assert huge_row_group_warning(units_of([20_000] * 6 + [1_000_000])) is None  # 7 units: too few to judge
+    assert huge_row_group_warning(units_of([1_000] * 20 + [9_999])) is None  # not big enough to matter
+    assert huge_row_group_warning(units_of([20_000] * 100 + [200_000])) is None  # 9% of the rows
+    assert huge_row_group_warning(units_of([20_000] * 10 + [80_000])) is None  # 4 times the median
+    assert huge_row_group_warning(units_of([20_000] * 10 + [80_001])) is not None
+    warn_about_units(units_of([20_000] * 10))
+    assert capsys.readouterr().err == ""
+    warn_about_units(units_of([20_000] * 10 + [500_000, 400_000]))
+    assert capsys.readouterr().err.count("warning:") == 1
+
+
+def test_thousands_of_input_arguments_are_named_as_the_shell_expanding_a_pattern():
+    from nerbatch.shards import shell_expanded_warning
+
+    assert shell_expanded_warning([f"/data/dump/p{i}.parquet" for i in range(1000)]) is None
+    one_directory = shell_expanded_warning([f"/data/dump/p{i}.parquet" for i in range(1001)])
+    assert "the shell passed 1,001 input paths; pass their directory (/data/dump/) or a quoted glob " in one_directory
+    assert "('/data/dump/*.parquet')" in one_directory
+    here = shell_expanded_warning([f"p{i}.parquet" for i in range(1001)])
+    assert "pass their directory (./) or a quoted glob ('*.parquet')" in here
+    spread = shell_expanded_warning([f"/data/dump/{i % 7}/p{i}.parquet" for i in range(2000)])
+    assert "pass a directory holding them (/data/dump/ is searched recursively) or a quoted glob" in spread

@@ -23,7 +23,7 @@ from nerbatch.job import Plan, Progress, UnitsFailed, assemble_if_ready, describ
 from nerbatch.job import settle_unit as settle
 from nerbatch.options import Options
 from nerbatch.rundir import RunDir, Tally, peak_rss_mb
-from nerbatch.shards import Unit, units_for_rank
+from nerbatch.shards import Unit, units_for_rank, warn_about_units
 
 PROBE = "ranks"  # the probe's token: a fixed name, cleared by rank 0 before it leaves its own
 STALL_S = 1800.0  # a rank gives up waiting for the others after this long without a sign of work
@@ -43,7 +43,9 @@ def annotate_units(
     """
     started = time.time()
     plan = plan_run(options)
-    if rank != 0:
+    if rank == 0:
+        warn_about_units(plan.units)
+    else:
         plan = probe.node_view(plan)
     tagger = load_tagger(options, device)  # a model that cannot annotate fails here, before any work
     config, schema = describe_run(plan, tagger)

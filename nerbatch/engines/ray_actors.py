@@ -31,6 +31,7 @@ from nerbatch.job import Plan, Progress, UnitsFailed, assemble_if_ready, finish_
 from nerbatch.options import Options
 from nerbatch.parquet_io import InputError
 from nerbatch.rundir import Tally, peak_rss_mb
+from nerbatch.shards import warn_about_units
 
 GPU_SHARE = 0.25  # actors per GPU on a GPU cluster: 4 processes sharing one GPU was the measured knee
 CPUS_PER_GPU_ACTOR = 4  # cores for each actor's CPU side (tokenizing, decoding, writing) on a GPU cluster
@@ -63,6 +64,7 @@ def annotate_with_ray(options: Options, settings: RayOptions) -> Tally:
     ray = import_ray()
     refuse_under_launcher()
     plan = plan_run(options)  # inputs, units and OUT_DIR's reach: before any cluster starts
+    warn_about_units(plan.units)
     connect(ray, settings.address)
     token = uuid.uuid4().hex
     try:
