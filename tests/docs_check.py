@@ -708,6 +708,7 @@ _INT8 = "benchmarks/results/int8-schemes-epyc.jsonl"
 _XEON = "benchmarks/results/all-sections-xeon.json"
 _H100 = "benchmarks/results/gpu-h100.json"
 _H100_GLOO = "benchmarks/results/gpu-h100-gloo-barrier.json"
+_ENGINES = "benchmarks/results/engines-epyc.json"
 _BERT_RUNS = "annotation/bert_base_random/annotate"
 FIGURES = [
     # F1, offline recipe
@@ -738,6 +739,12 @@ FIGURES = [
     Figure("24.1 s", _P800, "processes/seconds/pipeline batch 1", "{:.1f} s"),
     Figure("17.6 s", _P800, "processes/seconds/annotate fp32", "{:.1f} s"),
     Figure("1.37x", _P800, "processes/fp32_over_pipeline", "{:.2f}x"),
+    # annotate, Ray vs torchrun ranks
+    Figure("1.33x", _ENGINES, "stragglers/ray_sooner_by", "{:.2f}x"),
+    Figure("93.7 s", _ENGINES, "stragglers/median_seconds/ray", "{:.1f} s"),
+    Figure("124.5 s", _ENGINES, "stragglers/median_seconds/ranks", "{:.1f} s"),
+    Figure("1.02x", _ENGINES, "overhead/in_job_ray_over_plain", "{:.2f}x"),
+    Figure("7.0 s", _ENGINES, "overhead/ray_start_up_extra_seconds", "{:.1f} s"),
 ]
 
 
