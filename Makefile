@@ -28,8 +28,13 @@ $(STAMP): pyproject.toml requirements.lock
 demo: $(STAMP)
 	$(BIN)/nerbatch demo
 
+# Two pytest workers (pytest-xdist): much of the suite waits on processes it started, so a second
+# worker overlaps that waiting even on 2 cores. --dist loadfile keeps a file's tests on one worker:
+# its module fixtures (the GPU dry run, the Ray cluster's tests) are built once.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The fast tests only: none starts a process, loads the real encoder or reads ../shared
 # (tests/conftest.py enforces it; the others are marked slow).

@@ -26,8 +26,7 @@ from nerbatch.job import EXIT_ENV, SLOW_ENV
 from conftest import DEMO_DATA
 from helpers import all_gone, children, environment, nerbatch_command
 
-# Every test starts Ray processes; under pytest-xdist one worker runs them all, against one cluster.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
+pytestmark = pytest.mark.slow  # every test starts Ray processes
 
 
 @pytest.fixture(scope="module")

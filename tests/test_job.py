@@ -216,6 +216,33 @@ def test_a_corrupt_file_fails_its_unit_only(tiny_model_dir, corpus, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_unit_out_of_gpu_memory_fails_with_the_reason_and_the_others_finish(
+    tiny_model_dir, corpus, tmp_path, monkeypatch
+):
+    import torch
+
+    from nerbatch.inference import Tagger
+
+    launch, calls = Tagger.launch, []
+
+    def out_of_memory_once(self, documents):
+        calls.append(len(calls))
+        if len(calls) == 3:  # the third chunk: in the first unit (40 rows, chunks of 16)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return launch(self, documents)
+
+    monkeypatch.setattr(Tagger, "launch", out_of_memory_once)
+    out = tmp_path / "out"
+    result = annotate(tiny_model_dir, corpus, "--output", out, "--max-length", 48, "--read-rows", 16)
+    assert result.exit_code != 0 and "1 unit(s) failed" in result.output
+    stats = collect_stats(out)
+    assert stats["units"] == {"total": 4, "done": 3, "failed": 1, "missing": 0}
+    [failed] = stats["failed_units"]
+    assert failed["unit"] == "unit-000000" and "OutOfMemoryError: CUDA out of memory" in failed["error"]
+    assert [p.name for p in (out / "_nerbatch" / "tmp").iterdir()] == []  # its half-written piece is gone
+
+
+@pytest.mark.slow
 def test_id_column_is_passed_through_with_its_type(tiny_model_dir, corpus, tmp_path):
     out = tmp_path / "out"
     assert annotate(tiny_model_dir, corpus / "b.parquet", "--output", out, "--id-column", "doc_id").exit_code == 0
