@@ -376,7 +376,7 @@ def annotate_cmd(
     for name, value in {**ray_only, "--cpus-per-actor": cpus_per_actor}.items():
         if value is not None:
             raise click.BadParameter(f"{name} is for --engine ray", param_hint=name)
-    from nerbatch.dist import barrier, process_state, shares_gpus, shut_down
+    from nerbatch.dist import barrier, gather_objects, process_state, shares_gpus, shut_down
     from nerbatch.engines.ranks import annotate_units
 
     # Two processes both believing they are rank 0 would collide: checked here. The job's one
@@ -392,6 +392,7 @@ def annotate_cmd(
             state.num_processes,
             lambda: barrier(state),
             None if state.device.type == "cpu" else str(state.device),
+            gather_objects,
         )
     finally:
         shut_down()

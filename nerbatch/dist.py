@@ -123,6 +123,15 @@ def barrier(state) -> None:
         state.wait_for_everyone()
 
 
+def gather_objects(value) -> list:
+    """Every process's `value` (picklable), in rank order, to every process (alone: `[value]`)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [value]
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
 def shut_down() -> None:
     """Leave the process group, if there is one, before the interpreter exits (accelerate's
     `end_training` does it for training). A gloo group left to the interpreter's exit can abort the

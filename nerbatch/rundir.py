@@ -10,8 +10,10 @@ OUT_DIR layout::
     _nerbatch/failed/unit-*.json   units that raised, with the error
     _nerbatch/files/part-*.json    output files assembled, with the paths written
     _nerbatch/tmp/                 pieces and files being written
-    _nerbatch/stats/rank-*.json    what each rank did in its last run
+    _nerbatch/stats/rank-*.json    what each rank (or actor-*) did in its last run
     _nerbatch/alive/rank-*.json    when each rank last said it was working (ranks wait for each other)
+    _nerbatch/driver.json          the Ray driver's claim on OUT_DIR while it runs
+    _nerbatch/probe/TOKEN/         the multi-node check's tokens while a run starts
     _nerbatch/stats.json           totals, written once every unit is done and every file assembled
 
 (Spark and Hive skip `_`-prefixed paths; DuckDB's `OUT_DIR/*.parquet` glob does not descend.)

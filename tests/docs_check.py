@@ -526,6 +526,7 @@ def run_block(block: Block, scratch: Path, values: dict[str, str], zygote: Zygot
 # the shim's. `python -m nerbatch` and `accelerate launch` start real processes as ever.
 # NERBATCH_DOCS_ZYGOTE=0 turns it off (every `nerbatch` a process of its own).
 ZYGOTE_ENV = "NERBATCH_DOCS_ZYGOTE_SOCKET"
+ZYGOTE_START_S = 180.0  # the server's imports must be done by then
 
 _SHIM = """#!{python} -IS
 import json, os, socket, sys
@@ -594,6 +595,12 @@ server.bind(sys.argv[1])
 server.listen(64)
 signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the per-command supervisors reap themselves
 print("ready", flush=True)
+try:  # Linux: the server dies with the test process that started it, even when that is killed
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+except (OSError, AttributeError):
+    pass
 while True:
     conn, _ = server.accept()
     if os.fork() == 0:  # a supervisor per command: forks the command, reports its exit status
@@ -620,13 +627,21 @@ class Zygote:
         """Wait until the server has imported nerbatch and listens (it says `ready` once)."""
         if self.ready:
             return
-        if self.process.stdout.readline().strip() != "ready":
+        import select
+
+        started = select.select([self.process.stdout], [], [], ZYGOTE_START_S)[0]
+        if not started or self.process.stdout.readline().strip() != "ready":
             self.stop()
             raise RuntimeError(f"the doc test's zygote did not start (exit status {self.process.returncode})")
         self.ready = True
 
     def stop(self) -> None:
-        self.process.kill()
+        """End the server and the supervisors it forked (its session's process group)."""
+        import contextlib
+        import signal
+
+        with contextlib.suppress(ProcessLookupError):  # already gone
+            os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()
 
 

@@ -143,13 +143,20 @@ def test_local_out_dir_multinode(tmp_path, monkeypatch):
     node than rank 0 does not see rank 0's token; on Ray, the driver hears that an actor did not."""
     from nerbatch.engines.ranks import probe_ranks
 
-    out = RunDir(tmp_path / "out")  # rank 0's token is on node-a's disk, not here
-    monkeypatch.setattr(socket, "gethostname", lambda: "node-b")
-    with pytest.raises(InputError) as raised:
-        probe_ranks(out, 3, 4, barrier=lambda: None)
+    out = RunDir(tmp_path / "out")  # rank 0 on node-a; rank 3 on node-b, whose OUT_DIR is its own disk
+    monkeypatch.setattr(socket, "gethostname", lambda: "node-a")
+    from nerbatch.engines import probe
+
+    def answers(mine):  # ranks 1 and 2 share rank 0's disk; rank 3 answers from node-b
+        nearby = [probe.answer(out, "ranks", f"rank-{r}") for r in (1, 2)]
+        return [mine, *nearby, {**probe.node_facts(), "host": "node-b", "saw_main": False}]
+
+    said = iter([answers, lambda verdict: [verdict, None, None, None]])
+    with pytest.raises(InputError) as raised:  # what every rank raises: rank 0's verdict, gathered to all
+        probe_ranks(out, 0, 4, barrier=lambda: None, gather=lambda value: next(said)(value))
     ranks = shown(as_printed(raised.value), tmp_path)
     assert ranks == (
-        f"Error: {docs_check.MESSAGE_ROOT}/out is not shared between rank 0 and rank 3 on node-b: a local "
+        f"Error: {docs_check.MESSAGE_ROOT}/out is not shared between rank 0 (node-a) and rank 3 on node-b: a local "
         "directory on each node would scatter the output; use a shared filesystem or an object store URI "
         "(s3://, gs://, ...) for --output"
     )

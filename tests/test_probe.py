@@ -36,3 +36,14 @@ def test_other_versions_on_a_node_are_refused(tmp_path):
     answer = {**probe.answer(out, "t", "actor-0"), "torch": "1.0.0"}
     with pytest.raises(InputError, match=r"actor-0 on .+ runs .+'torch': '1.0.0'.+install the same versions"):
         probe.check_workers(out, "t", {"actor-0": answer}, "the driver")
+
+
+def test_a_cpu_build_of_the_same_torch_drives_gpu_workers(tmp_path):
+    out = RunDir(str(tmp_path / "out"))
+    probe.leave_token(out, "t", probe.MAIN)
+    answer = probe.answer(out, "t", "actor-0")
+    ours = probe.node_facts()
+    public = ours["torch"].split("+")[0]
+    probe.check_versions({**ours, "torch": f"{public}+cpu"}, {**answer, "torch": f"{public}+cu130"}, "driver", "a")
+    with pytest.raises(InputError, match="install the same versions"):
+        probe.check_versions(ours, {**answer, "nerbatch": "0.0.1"}, "the driver", "actor-0")

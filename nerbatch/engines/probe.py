@@ -43,19 +43,24 @@ def answer(out: RunDir, token: str, who: str) -> dict:
     return {**leave_token(out, token, who), "saw_main": main is not None, "main_host": (main or {}).get("host")}
 
 
-def check_workers(out: RunDir, token: str, answers: dict[str, dict], main_label: str) -> None:
-    """The main process's side: every worker (name -> its `answer`) saw the main token, left one
-    the main process sees, and runs the main process's versions; else a one-line `InputError`."""
+def check_workers(
+    out: RunDir, token: str, answers: dict[str, dict], main_label: str, tokens: dict[str, str] | None = None
+) -> None:
+    """The main process's side: every worker (name -> its `answer`; its token's name in `tokens`,
+    else its name) saw the main token, left one the main process sees, and runs the main process's
+    versions; else a one-line `InputError`."""
     ours = node_facts()
     for who, facts in answers.items():
         label = f"{who} on {facts['host']}"
-        if not facts["saw_main"] or out.read_probe(token, who) is None:
+        if not facts["saw_main"] or out.read_probe(token, (tokens or {}).get(who, who)) is None:
             raise not_shared(out, f"{main_label} ({ours['host']})", label)
         check_versions(ours, facts, main_label, label)
 
 
 def check_versions(ours: dict, theirs: dict, main_label: str, label: str) -> None:
-    mine, other = ({k: facts[k] for k in ("nerbatch", "torch")} for facts in (ours, theirs))
+    """The same nerbatch and torch; torch's build (`+cpu`, `+cu130`) may differ: a CPU-only driver
+    or head node drives GPU workers."""
+    mine, other = ({"nerbatch": f["nerbatch"], "torch": f["torch"].split("+")[0]} for f in (ours, theirs))
     if mine != other:
         raise InputError(f"{label} runs {other}, {main_label} {mine}: install the same versions on every node")
 

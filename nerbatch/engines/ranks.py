@@ -11,7 +11,6 @@ rank`. Completion is per unit, so a rerun may use any number of ranks, or anothe
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
 
@@ -22,6 +21,7 @@ from nerbatch.inference import Tagger
 from nerbatch.job import Plan, Progress, UnitsFailed, assemble_if_ready, describe_run, finish_run, load_tagger, plan_run
 from nerbatch.job import settle_unit as settle
 from nerbatch.options import Options
+from nerbatch.parquet_io import InputError
 from nerbatch.rundir import RunDir, Tally, peak_rss_mb
 from nerbatch.shards import Unit, units_for_rank, warn_about_units
 
@@ -35,6 +35,7 @@ def annotate_units(
     world: int = 1,
     barrier: Callable[[], None] = lambda: None,
     device: str | None = None,
+    gather: Callable[[object], list] = lambda value: [value],
 ) -> Tally:
     """Annotate this rank's units of the run `options` describes, skipping those already done.
 
@@ -53,7 +54,7 @@ def annotate_units(
     if rank == 0:
         out.prepare(config, options.overwrite)
     if world > 1:
-        probe_ranks(out, rank, world, barrier)
+        probe_ranks(out, rank, world, barrier, gather)
     barrier()  # nobody writes pieces before the main process has checked (or cleared) OUT_DIR
     if rank != 0:
         out.check(config)
@@ -79,29 +80,33 @@ def annotate_units(
     return tally
 
 
-def probe_ranks(out: RunDir, rank: int, world: int, barrier: Callable[[], None]) -> None:
+def probe_ranks(
+    out: RunDir, rank: int, world: int, barrier: Callable[[], None], gather: Callable[[object], list]
+) -> None:
     """Before any work: every rank must see the token rank 0 left in OUT_DIR, and rank 0 every
-    rank's, with the same versions (`nerbatch.engines.probe`). A rank that fails raises, and the
-    launcher ends the others."""
+    rank's, with the same versions (`nerbatch.engines.probe`). Rank 0 judges from what every rank
+    says (`gather`: every rank's object, to every rank) and its verdict goes to every rank, so all
+    of them stop with the same message: none is left waiting for a rank on another node that quit."""
     if rank == 0:
         out.drop_probe(PROBE)  # a token an earlier run left here must not stand in for this run's
         probe.leave_token(out, PROBE, probe.MAIN)
     barrier()
-    if rank != 0:
-        facts = probe.answer(out, PROBE, f"rank-{rank}")
-        if not facts["saw_main"]:
-            raise probe.not_shared(out, "rank 0", f"rank {rank} on {facts['host']}")
-    barrier()
+    facts = probe.node_facts() if rank == 0 else probe.answer(out, PROBE, f"rank-{rank}")
+    answers = gather(facts)
+    verdict = None
     if rank == 0:
-        answers = {f"rank-{r}": out.read_probe(PROBE, f"rank-{r}") for r in range(1, world)}
-        seen = {who: {**facts, "saw_main": True} for who, facts in answers.items() if facts is not None}
-        missing = [who for who, facts in answers.items() if facts is None]
-        if missing:
-            raise probe.not_shared(
-                out, f"rank 0 ({socket.gethostname()})", f"{missing[0].replace('-', ' ')} (its token is not here)"
+        try:
+            workers = {f"rank {r}": answers[r] for r in range(1, world)}
+            probe.check_workers(
+                out, PROBE, workers, "rank 0", tokens={w: f"rank-{r}" for r, w in enumerate(workers, 1)}
             )
-        probe.check_workers(out, PROBE, seen, "rank 0")
-        out.drop_probe(PROBE)
+        except NerbatchError as exc:
+            verdict = str(exc)
+        finally:
+            out.drop_probe(PROBE)
+    verdict = gather(verdict)[0]
+    if verdict:
+        raise InputError(verdict)
 
 
 def annotate_all(
