@@ -15,7 +15,8 @@ The docs are README.md, docs/*.md and benchmarks/README.md. What is checked (tes
   --option` in any shell block (also `python -m nerbatch COMMAND`, `accelerate launch ... -m
   nerbatch COMMAND`, continuation lines, `bash -c '...'`) and in inline code must be a command and
   option that --help lists; a ```toml block naming `nerbatch train` keys has only such keys;
-- the README's headline figures are what their result files hold (FIGURES);
+- the README's headline figures are what their result files hold (FIGURES), and so are the guide
+  pages' figures declared in PAGE_FIGURES;
 - the messages shown under `<!-- message: KEY -->` are what nerbatch prints (tests/test_messages.py
   produces each; `message_problem` compares and prints the block to paste).
 """
@@ -761,6 +762,50 @@ FIGURES = [
     Figure("1.02x", _ENGINES, "overhead/in_job_ray_over_plain", "{:.2f}x"),
     Figure("7.0 s", _ENGINES, "overhead/ray_start_up_extra_seconds", "{:.1f} s"),
 ]
+
+
+# Figures in the guide pages: page -> figures shown in its prose or tables. Each must be what its file
+# holds, and the page must link that file.
+_B = "annotation/bert_base_random"
+PAGE_FIGURES = {
+    "docs/running-at-scale.md": [
+        Figure("93.7 s", _ENGINES, "stragglers/median_seconds/ray", "{:.1f} s"),
+        Figure("124.5 s", _ENGINES, "stragglers/median_seconds/ranks", "{:.1f} s"),
+        Figure("1.33x", _ENGINES, "stragglers/ray_sooner_by", "{:.2f}x"),
+        Figure("1.02x", _ENGINES, "overhead/in_job_ray_over_plain", "{:.2f}x"),
+        Figure("7.0 s", _ENGINES, "overhead/ray_start_up_extra_seconds", "{:.1f} s"),
+        Figure("479,551", _H100_GLOO, f"{_BERT_RUNS}/like_pipeline/steady/subwords_per_s", "{:,.0f}"),
+        Figure("891,726", _H100_GLOO, f"{_BERT_RUNS}/like_pipeline_4proc/steady/subwords_per_s", "{:,.0f}"),
+        Figure("903,419", _H100_GLOO, f"{_BERT_RUNS}/like_pipeline_8proc/steady/subwords_per_s", "{:,.0f}"),
+        Figure("410,079", _H100_GLOO, f"{_BERT_RUNS}/defaults/steady/subwords_per_s", "{:,.0f}"),
+        Figure("728,213", _H100_GLOO, f"{_BERT_RUNS}/defaults_4proc/steady/subwords_per_s", "{:,.0f}"),
+        Figure("4,997", _H100_GLOO, f"{_BERT_RUNS}/defaults_4proc/steady/docs_per_s", "{:,.0f}"),
+        Figure("542,983", _H100, f"{_BERT_RUNS}/like_pipeline/steady/subwords_per_s", "{:,.0f}"),
+    ],
+}
+
+
+def page_figure_problems(pages: dict | None = None) -> list[str]:
+    """Declared guide-page figures that differ from their file, are not on their page, or whose file
+    the page does not link."""
+    problems = []
+    for page, figures in (PAGE_FIGURES if pages is None else pages).items():
+        path = REPO / page
+        text = path.read_text(encoding="utf-8")
+        linked = {rel(path.parent / t.partition("#")[0]) for t in _LINK.findall(text) if not _SCHEME.match(t)}
+        for figure in figures:
+            try:
+                shown = figure.fmt.format(figure_value(figure))
+            except (OSError, KeyError, IndexError, ValueError, TypeError) as exc:
+                problems.append(f"{figure.file}: {figure.path}: {type(exc).__name__}: {exc}")
+                continue
+            if shown != figure.text:
+                problems.append(f"{figure.file}: {figure.path} is {shown!r}, {page} says {figure.text!r}")
+            if not shows(text, figure.text):
+                problems.append(f"{page}: does not show {figure.text!r}")
+            if figure.file not in linked:
+                problems.append(f"{page}: shows {figure.text!r} from {figure.file} without linking it")
+    return problems
 
 
 def shows(row: str, text: str) -> bool:

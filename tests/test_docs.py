@@ -239,6 +239,29 @@ def test_the_headline_figures_are_the_result_files():
     assert not problems, "\n".join(problems)
 
 
+def test_the_guide_pages_figures_are_the_result_files():
+    problems = docs_check.page_figure_problems()
+    assert not problems, "\n".join(problems)
+
+
+def test_a_guide_page_figure_that_drifted_or_lost_its_link_is_caught(tmp_path, monkeypatch):
+    figure = docs_check.PAGE_FIGURES["docs/running-at-scale.md"][0]
+    monkeypatch.setattr(docs_check, "REPO", tmp_path)
+    (tmp_path / figure.file).parent.mkdir(parents=True)
+    shutil.copy(docs_check.CLI_DOC.parents[1] / figure.file, tmp_path / figure.file)
+    (tmp_path / "docs").mkdir()
+    page = tmp_path / "docs" / "page.md"
+    link = f"[result](../{figure.file})"
+    page.write_text(f"Ray took {figure.text} ({link}).\n")
+    assert docs_check.page_figure_problems({"docs/page.md": [figure]}) == []
+    page.write_text(f"Ray took 1.0 s ({link}).\n")
+    assert docs_check.page_figure_problems({"docs/page.md": [figure]}) == [
+        f"docs/page.md: does not show {figure.text!r}"
+    ]
+    page.write_text(f"Ray took {figure.text}.\n")
+    assert "without linking it" in docs_check.page_figure_problems({"docs/page.md": [figure]})[0]
+
+
 def test_a_figure_that_drifted_is_caught(tmp_path, monkeypatch):
     figure = docs_check.FIGURES[0]
     row = f"| F1 | {figure.text} | [result]({figure.file}) |"
