@@ -726,6 +726,14 @@ _H100 = "benchmarks/results/gpu-h100.json"
 _H100_GLOO = "benchmarks/results/gpu-h100-gloo-barrier.json"
 _ENGINES = "benchmarks/results/engines-epyc.json"
 _BERT_RUNS = "annotation/bert_base_random/annotate"
+# annotate, Ray vs torchrun ranks: in the README's table and in docs/running-at-scale.md
+_ENGINE_FIGURES = [
+    Figure("1.33x", _ENGINES, "stragglers/ray_sooner_by", "{:.2f}x"),
+    Figure("93.7 s", _ENGINES, "stragglers/median_seconds/ray", "{:.1f} s"),
+    Figure("124.5 s", _ENGINES, "stragglers/median_seconds/ranks", "{:.1f} s"),
+    Figure("1.02x", _ENGINES, "overhead/in_job_ray_over_plain", "{:.2f}x"),
+    Figure("7.0 s", _ENGINES, "overhead/ray_start_up_extra_seconds", "{:.1f} s"),
+]
 FIGURES = [
     # F1, offline recipe
     Figure("0.9056", _P800, "precision/f1/sentence/fp32", "{:.4f}"),
@@ -755,25 +763,15 @@ FIGURES = [
     Figure("24.1 s", _P800, "processes/seconds/pipeline batch 1", "{:.1f} s"),
     Figure("17.6 s", _P800, "processes/seconds/annotate fp32", "{:.1f} s"),
     Figure("1.37x", _P800, "processes/fp32_over_pipeline", "{:.2f}x"),
-    # annotate, Ray vs torchrun ranks
-    Figure("1.33x", _ENGINES, "stragglers/ray_sooner_by", "{:.2f}x"),
-    Figure("93.7 s", _ENGINES, "stragglers/median_seconds/ray", "{:.1f} s"),
-    Figure("124.5 s", _ENGINES, "stragglers/median_seconds/ranks", "{:.1f} s"),
-    Figure("1.02x", _ENGINES, "overhead/in_job_ray_over_plain", "{:.2f}x"),
-    Figure("7.0 s", _ENGINES, "overhead/ray_start_up_extra_seconds", "{:.1f} s"),
+    *_ENGINE_FIGURES,
 ]
 
 
 # Figures in the guide pages: page -> figures shown in its prose or tables. Each must be what its file
 # holds, and the page must link that file.
-_B = "annotation/bert_base_random"
 PAGE_FIGURES = {
     "docs/running-at-scale.md": [
-        Figure("93.7 s", _ENGINES, "stragglers/median_seconds/ray", "{:.1f} s"),
-        Figure("124.5 s", _ENGINES, "stragglers/median_seconds/ranks", "{:.1f} s"),
-        Figure("1.33x", _ENGINES, "stragglers/ray_sooner_by", "{:.2f}x"),
-        Figure("1.02x", _ENGINES, "overhead/in_job_ray_over_plain", "{:.2f}x"),
-        Figure("7.0 s", _ENGINES, "overhead/ray_start_up_extra_seconds", "{:.1f} s"),
+        *_ENGINE_FIGURES,
         Figure("479,551", _H100_GLOO, f"{_BERT_RUNS}/like_pipeline/steady/subwords_per_s", "{:,.0f}"),
         Figure("891,726", _H100_GLOO, f"{_BERT_RUNS}/like_pipeline_4proc/steady/subwords_per_s", "{:,.0f}"),
         Figure("903,419", _H100_GLOO, f"{_BERT_RUNS}/like_pipeline_8proc/steady/subwords_per_s", "{:,.0f}"),
@@ -792,20 +790,30 @@ def page_figure_problems(pages: dict | None = None) -> list[str]:
     for page, figures in (PAGE_FIGURES if pages is None else pages).items():
         path = REPO / page
         text = path.read_text(encoding="utf-8")
-        linked = {rel(path.parent / t.partition("#")[0]) for t in _LINK.findall(text) if not _SCHEME.match(t)}
+        linked = linked_files(path, text)
         for figure in figures:
-            try:
-                shown = figure.fmt.format(figure_value(figure))
-            except (OSError, KeyError, IndexError, ValueError, TypeError) as exc:
-                problems.append(f"{figure.file}: {figure.path}: {type(exc).__name__}: {exc}")
+            if problem := value_problem(figure, page):
+                problems.append(problem)
                 continue
-            if shown != figure.text:
-                problems.append(f"{figure.file}: {figure.path} is {shown!r}, {page} says {figure.text!r}")
             if not shows(text, figure.text):
                 problems.append(f"{page}: does not show {figure.text!r}")
             if figure.file not in linked:
                 problems.append(f"{page}: shows {figure.text!r} from {figure.file} without linking it")
     return problems
+
+
+def value_problem(figure: Figure, page: str) -> str | None:
+    """What is wrong with `figure` against its result file (unreadable, or another value), or None."""
+    try:
+        shown = figure.fmt.format(figure_value(figure))
+    except (OSError, KeyError, IndexError, ValueError, TypeError) as exc:
+        return f"{figure.file}: {figure.path}: {type(exc).__name__}: {exc}"
+    return None if shown == figure.text else f"{figure.file}: {figure.path} is {shown!r}, {page} says {figure.text!r}"
+
+
+def linked_files(page: Path, text: str) -> set[str]:
+    """The repository paths (relative to its root) that relative links in `text`, on `page`, point to."""
+    return {rel(page.parent / t.partition("#")[0]) for t in _LINK.findall(text) if not _SCHEME.match(t)}
 
 
 def shows(row: str, text: str) -> bool:
@@ -830,11 +838,7 @@ def result_rows(readme: Path) -> list[tuple[int, str, set[str]]]:
     rows = []
     for number, line in parse(readme)[1]:
         if line.lstrip().startswith("|"):
-            cited = {
-                rel(readme.parent / t.partition("#")[0])
-                for t in _LINK.findall(line)
-                if "benchmarks/results/" in t and not _SCHEME.match(t)
-            }
+            cited = {path for path in linked_files(readme, line) if path.startswith("benchmarks/results/")}
             if cited:
                 rows.append((number, line, cited))
     return rows
@@ -846,13 +850,9 @@ def figure_problems(readme: Path = REPO / "README.md") -> list[str]:
     problems = []
     rows = result_rows(readme) if readme.exists() else []
     for figure in FIGURES:
-        try:
-            shown = figure.fmt.format(figure_value(figure))
-        except (OSError, KeyError, IndexError, ValueError, TypeError) as exc:
-            problems.append(f"{figure.file}: {figure.path}: {type(exc).__name__}: {exc}")
+        if problem := value_problem(figure, "the README"):
+            problems.append(problem)
             continue
-        if shown != figure.text:
-            problems.append(f"{figure.file}: {figure.path} is {shown!r}, the README says {figure.text!r}")
         if not any(figure.file in cited and shows(row, figure.text) for _, row, cited in rows):
             problems.append(f"README.md: no table row linking {figure.file} shows {figure.text!r}")
     for number, row, cited in rows:
