@@ -100,6 +100,12 @@ def main() -> None:
 @click.option("--document-column", help="Parquet/JSON Lines data: the column naming each row's document.")
 @click.option("--checkpoint-every", type=int, help="Optimizer steps between mid-epoch checkpoints.")
 @click.option("--report-to", help="An accelerate tracker (tensorboard, wandb, ...).")
+@click.option(
+    "--check-int8/--no-check-int8",
+    default=None,
+    help="At the end, score the best model at int8 against fp32 on CPU (as check-precision does), so that "
+    "annotate's --precision auto may run it at int8 [default: on].",
+)
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --output-dir.")
 @click.option(
     "--overwrite", is_flag=True, help="Replace an earlier training run in --output-dir (without it, one is an error)."
@@ -133,16 +139,24 @@ def train_cmd(config_path, resume, overwrite, train_data, **options):
 @choice_option("--aggregation", AGGREGATIONS, Options.aggregation, "With --documents: as annotate's --aggregation.")
 @click.option("--stride", type=int, help="With --documents: as annotate's --stride.")
 @click.option("--segment", type=click.Choice(SEGMENTS), help="With --documents: as annotate's --segment.")
+@choice_option(
+    "--join",
+    ("newline", "space"),
+    "newline",
+    "With --documents: join a document's sentences by a newline (a tidy text dump) or by a space (text "
+    "extracted from HTML or PDFs, with no line breaks).",
+)
 @choice_option("--precision", PRECISIONS, Options.precision, "As annotate's --precision (both levels).")
 def evaluate_cmd(
-    model_dir, data, split, batch_size, max_length, documents, document_column, aggregation, stride, segment, precision
-):
+    model_dir, data, split, batch_size, max_length, documents, document_column, aggregation, stride, segment, join,
+    precision,
+):  # fmt: skip
     """Score MODEL_DIR on labelled DATA; the last line printed is the metrics as one JSON object.
 
     By default each sentence is scored on its own. With --documents, the documents of DATA (CoNLL
     -DOCSTART- lines, -DOCSTART- rows, or --document-column) are rebuilt as text (words joined by a
-    space, sentences by a newline), annotated exactly as `nerbatch annotate` would, and each gold word
-    takes the label of the first predicted span that overlaps it.
+    space, sentences by a newline or, with --join space, a space), annotated exactly as `nerbatch
+    annotate` would, and each gold word takes the label of the first predicted span that overlaps it.
     """
     from nerbatch.dist import describe, process_state, shut_down
     from nerbatch.evaluation import evaluate_dir
@@ -164,6 +178,7 @@ def evaluate_cmd(
             documents=documents,
             document_column=document_column,
             annotate_options=annotate_options,
+            join=join,
         )
         state = process_state()
         if state.is_main_process:
@@ -188,6 +203,36 @@ def print_table(metrics: dict) -> None:
     )
 
 
+@main.command("check-precision")
+@click.argument("model_dir")
+@click.argument("data")
+@click.option("--split", default="validation", show_default=True, help="Split name for hub datasets.")
+@click.option("--document-column", help="Parquet/JSON Lines: the column naming each row's document.")
+@click.option(
+    "--precision",
+    "precisions",
+    type=click.Choice(["int8", "bf16"]),
+    multiple=True,
+    help="A reduced precision to check (repeatable) [default: int8, and bf16 where this CPU computes in it].",
+)
+def check_precision_cmd(model_dir, data, split, document_column, precisions):
+    """Score MODEL_DIR on labelled DATA at fp32 and at reduced precisions, on CPU, and record the result
+    beside its weights: `--precision auto` runs int8 only for a model whose int8 check lost at most
+    0.003 F1 at sentence and at document level."""
+    from nerbatch.autoprecision import PRECISION_RECORD, TOLERANCE, check_model, checkable
+
+    record = check_model(model_dir, data, list(precisions) or checkable(), split, document_column)
+    click.echo(f"{'precision':<10}{'level':<10}{'fp32 f1':>10}{'f1':>10}{'change':>10}  verdict")
+    for precision, check in record["checks"].items():
+        if precisions and precision not in precisions:
+            continue
+        for level in check["levels"]:
+            fp32, f1 = check["f1"][level]["fp32"], check["f1"][level][precision]
+            verdict = "passed" if f1 - fp32 >= -TOLERANCE else f"lost more than {TOLERANCE}"
+            click.echo(f"{precision:<10}{level:<10}{fp32:>10.4f}{f1:>10.4f}{f1 - fp32:>+10.4f}  {verdict}")
+    click.echo(f"recorded in {Path(model_dir) / PRECISION_RECORD}", err=True)
+
+
 @main.command("predict")
 @click.argument("model_dir")
 @click.argument("text")
@@ -201,15 +246,16 @@ def predict_cmd(model_dir, text, aggregation, segment, max_length, precision):
     """Print the entities of TEXT as JSON lines (entity type, word, score, start, end)."""
     import torch
 
+    from nerbatch.autoprecision import choose_precision, local_model
     from nerbatch.inference import tag_texts
     from nerbatch.modeling import load_token_classifier
 
     model, tokenizer = load_token_classifier(model_dir)
     if torch.cuda.is_available():  # as annotate: the GPU when there is one
         model.to("cuda")
-    for span in tag_texts(
-        [text], model, tokenizer, aggregation=aggregation, max_length=max_length, segment=segment, precision=precision
-    )[0]:
+    choice = choose_precision(precision, model.device.type, local_model(model_dir))
+    options = dict(aggregation=aggregation, max_length=max_length, segment=segment, precision=choice.precision)
+    for span in tag_texts([text], model, tokenizer, **options)[0]:
         click.echo(
             json.dumps(
                 {
@@ -273,9 +319,9 @@ def predict_cmd(model_dir, text, aggregation, segment, max_length, precision):
     "--precision",
     PRECISIONS,
     Options.precision,
-    "Numeric precision: auto = fp16 on a GPU (a batch that overflows runs again in fp32), fp32 on CPU; "
-    "int8 = int8 weights and activations on CPU (faster, at a small F1 cost: see docs/annotate.md). Recorded "
-    "in the output metadata.",
+    "Numeric precision: auto = fp16 on a GPU (a batch that overflows runs again in fp32); on CPU, bf16 where "
+    "the CPU computes in bf16, else fp32, or int8 for a model whose int8 check passed where int8 is the faster "
+    "(see docs/annotate.md). The choice and its reason are printed and recorded in the output metadata.",
 )
 @count_option("--batch-size", Options.batch_size, "Most windows per forward pass [default: 64 on CPU, 1024 on GPU].")
 @count_option(

@@ -56,6 +56,7 @@ class TrainConfig:
     tags_column: str = "ner_tags"
     document_column: str | None = None  # Parquet/JSON Lines: the column naming each row's document
     report_to: str | None = None  # an accelerate tracker: tensorboard, wandb, ...
+    check_int8: bool = True  # at the end, the best model's int8 check (nerbatch.autoprecision), on CPU
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -2,8 +2,9 @@
 predicted character spans mapped back onto the gold words.
 
 A document's text is its words joined by one space and its sentences by a newline, the way a
-plain-text dump of the article would read; every word keeps its character span, so the spans that
-`annotate` returns can be scored against the gold word tags with seqeval.
+plain-text dump of the article would read, or by a space (`join="space"`), the way text extracted
+from HTML or PDFs often runs on; every word keeps its character span, so the spans that `annotate`
+returns can be scored against the gold word tags with seqeval.
 """
 
 from __future__ import annotations
@@ -29,8 +30,13 @@ class LabelledDocument:
         return [span for sentence in self.word_spans for span in sentence]
 
 
-def build_documents(corpus: Corpus) -> list[LabelledDocument]:
-    """Rebuild the corpus's documents as text; a corpus without document boundaries is an error."""
+# How sentences are joined into a document's text.
+JOINS = {"newline": "\n", "space": " "}
+
+
+def build_documents(corpus: Corpus, join: str = "newline") -> list[LabelledDocument]:
+    """Rebuild the corpus's documents as text, sentences joined as `join` says (`JOINS`); a corpus
+    without document boundaries is an error."""
     if not corpus.has_documents:
         raise DataError(corpus.no_documents_reason())
     documents: list[LabelledDocument] = []
@@ -39,18 +45,18 @@ def build_documents(corpus: Corpus) -> list[LabelledDocument]:
         if sentence.document != current or not documents:
             documents.append(LabelledDocument("", [], []))
             current = sentence.document
-        _append_sentence(documents[-1], index, sentence.words)
+        _append_sentence(documents[-1], index, sentence.words, JOINS[join])
     return documents
 
 
-def _append_sentence(document: LabelledDocument, index: int, words: Sequence[str]) -> None:
+def _append_sentence(document: LabelledDocument, index: int, words: Sequence[str], separator: str) -> None:
     parts, spans = [], []
-    position = len(document.text) + (1 if document.text else 0)  # the newline before a later sentence
+    position = len(document.text) + (len(separator) if document.text else 0)  # the separator before it
     for word in words:
         spans.append((position, position + len(word)))
         parts.append(word)
         position += len(word) + 1
-    document.text += ("\n" if document.text else "") + " ".join(parts)
+    document.text += (separator if document.text else "") + " ".join(parts)
     document.sentences.append(index)
     document.word_spans.append(spans)
 

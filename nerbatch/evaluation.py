@@ -144,14 +144,17 @@ def evaluate_dir(
     documents: bool = False,
     document_column: str | None = None,
     annotate_options: dict | None = None,
+    join: str = "newline",
 ) -> dict:
     """Evaluate a saved model on a labelled corpus; runs on any number of processes.
 
-    With `documents`, scores the annotate path on the corpus's rebuilt documents; `annotate_options`
+    With `documents`, scores the annotate path on the corpus's rebuilt documents (sentences joined
+    as `join` says: `nerbatch.documents.JOINS`); `annotate_options`
     (`aggregation`, `max_length`, `stride`, `segment`, ...) are the `Tagger`'s keyword arguments.
     """
     from transformers import DataCollatorForTokenClassification
 
+    from nerbatch.autoprecision import choose_precision, local_model
     from nerbatch.data import check_labels, load_corpus
     from nerbatch.dist import make_accelerator
     from nerbatch.modeling import load_token_classifier, window_length
@@ -165,18 +168,27 @@ def evaluate_dir(
             print(f"nerbatch evaluate: warning: {warning}", file=sys.stderr)
     label2id = {label: int(i) for label, i in model.config.label2id.items()}
     check_labels(corpus, label2id)
+    # the precision annotate would run with these options here, so the score is what annotate delivers
+    choice = choose_precision(
+        (annotate_options or {}).get("precision") or "auto", accelerator.device.type, local_model(model_dir)
+    )
+    if accelerator.is_main_process:
+        print(f"nerbatch evaluate: precision {choice.precision} ({choice.kernel}): {choice.reason}", file=sys.stderr)
+    annotate_options = {**(annotate_options or {}), "precision": choice.precision}
     if documents:
         from nerbatch.documents import build_documents
         from nerbatch.inference import Tagger
 
-        rebuilt = build_documents(corpus)
+        rebuilt = build_documents(corpus, join)
         tagger = Tagger(model.to(accelerator.device), tokenizer, **(annotate_options or {}))
         return evaluate_documents(tagger, corpus, rebuilt, accelerator.process_index, accelerator.num_processes)
-    from nerbatch.precision import AutocastWithFallback, autocast_dtype, quantize_int8, resolve_precision
+    from nerbatch.precision import AutocastWithFallback, autocast_dtype, cast_bf16, quantize_int8
 
-    precision = resolve_precision((annotate_options or {}).get("precision") or "auto", accelerator.device)
+    precision = choice.precision
     if precision == "int8":
         model = quantize_int8(model, tokenizer, inplace=True)  # loaded here: no copy needed
+    elif precision == "bf16" and accelerator.device.type == "cpu":
+        model = cast_bf16(model, inplace=True)
     length = window_length(max_length, tokenizer, model.config)
     encoded, loader = eval_loader(
         tokenizer, corpus.sentences, label2id, length, DataCollatorForTokenClassification(tokenizer), batch_size
@@ -185,7 +197,7 @@ def evaluate_dir(
     # inference only: the model is not wrapped for gradient sync, only the loader is sharded
     model, loader = model.to(accelerator.device), accelerator.prepare(loader)
     gold = [s.tags for s in corpus.sentences]
-    dtype = autocast_dtype(precision)
+    dtype = autocast_dtype(precision, accelerator.device.type)
     if dtype is not None:
         model = AutocastWithFallback(model, dtype)
     return evaluate_features(accelerator, model, loader, encoded.features, gold, id2label)

@@ -24,7 +24,15 @@ import torch
 from nerbatch.errors import OptionError
 from nerbatch.modeling import ModelError, max_model_length, training_record, window_length
 from nerbatch.options import SEGMENTS
-from nerbatch.precision import INT8_SCHEME, autocast_dtype, is_quantized, quantize_int8, resolve_precision
+from nerbatch.precision import (
+    INT8_SCHEME,
+    autocast_dtype,
+    cast_bf16,
+    is_bf16_cast,
+    is_quantized,
+    quantize_int8,
+    resolve_precision,
+)
 from nerbatch.segment import sentence_bounds
 from nerbatch.spans import AGGREGATIONS, Span, decode_spans
 
@@ -210,7 +218,10 @@ class Tagger:
         self.precision = resolve_precision(precision, self.device)
         if self.precision == "int8" and not is_quantized(model):
             self.model = model = quantize_int8(model, tokenizer)
-        self.autocast_dtype = autocast_dtype(self.precision)
+        if self.precision == "bf16" and self.device.type == "cpu" and not is_bf16_cast(model):
+            self.model = model = cast_bf16(model)
+        self.autocast_dtype = autocast_dtype(self.precision, self.device.type)
+        self.choice = None  # the `nerbatch.autoprecision.Choice` behind `precision`, where one was made
         self.fp32_batches = 0  # batches whose autocast outputs were not finite, run again in fp32
 
     def settings(self) -> dict:

@@ -34,6 +34,7 @@ from nerbatch.shards import Unit, discover_inputs, group_units, plan_units
 from nerbatch.storage import check_access, locate
 
 if TYPE_CHECKING:  # the model's modules (torch, transformers) load only where a model runs, not on a driver
+    from nerbatch.autoprecision import Choice
     from nerbatch.inference import InFlight, Tagger
     from nerbatch.rows import Chunk
 
@@ -241,18 +242,22 @@ def exit_if_asked(unit: Unit, attempt: int) -> None:
         os._exit(137)
 
 
-def load_tagger(options: Options, device: str | None = None) -> Tagger:
-    """The checked model and tokenizer of `options.model` with the windowing/batching options."""
+def load_tagger(options: Options, device: str | None = None, choice: Choice | None = None) -> Tagger:
+    """The checked model and tokenizer of `options.model` with the windowing/batching options, at
+    the precision `choice` (default: `options.precision` as given)."""
     from nerbatch.inference import Tagger
     from nerbatch.modeling import load_token_classifier
-    from nerbatch.precision import quantize_int8, resolve_precision
+    from nerbatch.precision import cast_bf16, quantize_int8, resolve_precision
 
     model, tokenizer = load_token_classifier(options.model)
     if device:
         model.to(device)
-    if resolve_precision(options.precision, next(model.parameters()).device) == "int8":
+    precision = resolve_precision(choice.precision if choice else options.precision, model.device)
+    if precision == "int8":
         model = quantize_int8(model, tokenizer, inplace=True)  # the model is ours alone: no copy
-    return Tagger(
+    elif precision == "bf16" and model.device.type == "cpu":
+        model = cast_bf16(model, inplace=True)
+    tagger = Tagger(
         model,
         tokenizer,
         options.aggregation,
@@ -261,8 +266,30 @@ def load_tagger(options: Options, device: str | None = None) -> Tagger:
         options.batch_size,
         options.max_batch_tokens,
         options.segment,
-        options.precision,
+        precision,
     )
+    tagger.choice = choice
+    return tagger
+
+
+def choose_run_precision(
+    plan: Plan, device_type: str, flags: frozenset[str] | None = None, evidence: dict | None = None
+) -> Choice:
+    """The one precision of the whole run (`nerbatch.autoprecision`): `flags` are the CPU flags all
+    its workers share, `evidence` the model's precision record where this process cannot read the
+    model; a rerun keeps the precision OUT_DIR's run was written at."""
+    from nerbatch.autoprecision import choose_precision
+    from nerbatch.modeling import resolve_model
+
+    previous = None if plan.options.overwrite else plan.out.recorded_precision()
+    model = resolve_model(plan.options.model)
+    local = model if evidence is None and os.path.isdir(model) else None
+    return choose_precision(plan.options.precision, device_type, local, flags, previous, evidence)
+
+
+def say_choice(choice: Choice) -> None:
+    """Print the run's precision and why, once."""
+    print(f"nerbatch annotate: precision {choice.precision} ({choice.kernel}): {choice.reason}", file=sys.stderr)
 
 
 def carried_fields(units: list[Unit], options: Options) -> list:

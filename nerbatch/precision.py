@@ -24,34 +24,57 @@ from importlib import resources
 import torch
 from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
+from nerbatch.autoprecision import INT8_SCHEME
 from nerbatch.errors import NerbatchError, OptionError
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """The concrete precision for `device`; combinations that cannot work are a one-line error."""
+    """The concrete precision for `device`; combinations that cannot work are a one-line error.
+
+    `auto` here is the reference that does not depend on the CPU: fp16 on a GPU, fp32 on CPU (what
+    training validates in, so the best epoch is the same on every machine). The commands' `auto`
+    goes through `nerbatch.autoprecision`, which picks by the CPU and the model."""
     on_gpu = device.type == "cuda"
     if precision == "auto":
         return "fp16" if on_gpu else "fp32"
     if precision == "int8" and on_gpu:
         raise OptionError("--precision int8 is for CPUs (fbgemm kernels); on a GPU use bf16 or fp16 (or auto)")
     if precision == "fp16" and not on_gpu:
-        raise OptionError("--precision fp16 needs a GPU; on a CPU use fp32 or int8")
-    if precision == "bf16" and not on_gpu and not _cpu_has_native_bf16():
-        raise OptionError(
-            "--precision bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 would be emulated "
-            "and slower than fp32; use fp32 or int8"
-        )
+        raise OptionError("--precision fp16 needs a GPU; on a CPU use fp32, bf16 or int8")
     return precision
 
 
-def _cpu_has_native_bf16() -> bool:
-    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    return bool(check and check())
-
-
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    """The dtype to autocast the forward pass to, None for fp32 and int8."""
+def autocast_dtype(precision: str, device_type: str = "cuda") -> torch.dtype | None:
+    """The dtype to autocast the forward pass to, None for fp32 and int8, and for bf16 on CPU, which
+    runs a model cast to bf16 once (`cast_bf16`)."""
+    if precision == "bf16" and device_type == "cpu":
+        return None
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def cast_bf16(model, inplace: bool = False):
+    """`model` (a copy unless `inplace`) in bf16 for a CPU, its classifier head kept in fp32.
+
+    Cast once rather than autocast: on CPU, autocast casts every Linear's input and weight to bf16
+    and its output back at each call, which cost more than bf16 saved (benchmarks/README.md). The
+    head stays fp32 (its input is cast up) so that logits and scores keep fp32's resolution."""
+    model = (model if inplace else copy.deepcopy(model)).eval().to(torch.bfloat16)
+    head = classifier_head(model)
+    if head is not None:
+        head.float()
+        head.register_forward_pre_hook(lambda _, args: tuple(a.float() for a in args))
+    return model
+
+
+def classifier_head(model) -> torch.nn.Linear | None:
+    """The last Linear of a token classifier whose outputs are its labels, or None."""
+    heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == model.config.num_labels]
+    return heads[-1] if heads else None
+
+
+def is_bf16_cast(model) -> bool:
+    """Whether `model` went through `cast_bf16` (its weights are bf16)."""
+    return next(model.parameters()).dtype == torch.bfloat16
 
 
 class AutocastWithFallback(torch.nn.Module):
@@ -83,7 +106,8 @@ CALIBRATION_TEXT = resources.files("nerbatch") / "demo_data" / "train.conll"
 CALIBRATION_SENTENCES = 128
 OUTLIER_CHANNELS = 8  # input channels of the down-projection kept in fp32: the few with outlying ranges
 # The scheme, as named by benchmarks/int8_variants.py; recorded in run configs and output metadata.
-INT8_SCHEME = f"pc-split{OUTLIER_CHANNELS}-full"
+if f"pc-split{OUTLIER_CHANNELS}-full" != INT8_SCHEME:  # one name for one scheme, in both modules
+    raise ImportError("nerbatch.autoprecision.INT8_SCHEME must name nerbatch.precision's int8 scheme")
 
 
 def first_down_projection(model) -> str | None:

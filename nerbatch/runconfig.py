@@ -15,6 +15,10 @@ from pathlib import Path
 from nerbatch import __version__
 from nerbatch.shards import Unit
 
+# What the run config records for the reader but a rerun need not match: why its precision was chosen
+# and what ran it (a requeue onto another CPU type keeps the precision, `nerbatch.autoprecision`).
+INFORMATIONAL = "precision_choice"
+
 
 def run_config(options, units: list[Unit], tagger) -> dict:
     """The facts that determine the output; a rerun into the same OUT_DIR must have the same ones."""
@@ -36,7 +40,7 @@ def run_config(options, units: list[Unit], tagger) -> dict:
             "max_batch_tokens": tagger.max_batch_tokens,
             "read_rows": options.read_rows,
         }
-    return {
+    config = {
         "model": str(Path(model).resolve()) if Path(model).exists() else model,
         "model_fingerprint": model_fingerprint(model),
         "labels": tagger.labels,
@@ -44,6 +48,9 @@ def run_config(options, units: list[Unit], tagger) -> dict:
         "inputs": [[u.path, u.row_group, u.rows] for u in units],
         "input_footers": {u.path: u.footer for u in units},
     }
+    if tagger.choice is not None:
+        config[INFORMATIONAL] = tagger.choice.record()
+    return config
 
 
 def as_recorded(config: dict, previous: dict) -> dict:
@@ -74,14 +81,21 @@ def model_fingerprint(model: str) -> str:
 
 def output_metadata(config: dict) -> dict:
     """The key-value metadata of every part file: model, labels, options, nerbatch version."""
-    return {"model": config["model"], "labels": config["labels"], "options": config["options"], "version": __version__}
+    metadata = {"model": config["model"], "labels": config["labels"], "options": config["options"]}
+    if INFORMATIONAL in config:
+        metadata[INFORMATIONAL] = config[INFORMATIONAL]
+    return metadata | {"version": __version__}
 
 
 def changes(previous: dict, config: dict) -> str:
     """How `config` differs from the `previous` run's, as one line (`key: was X, now Y; ...`);
     empty when a rerun may resume."""
-    changed = _differences(previous, as_recorded(config, previous))
+    changed = _differences(_compared(previous), _compared(as_recorded(config, previous)))
     return "; ".join(f"{key}: was {_short(was)}, now {_short(now)}" for key, was, now in changed)
+
+
+def _compared(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k != INFORMATIONAL}
 
 
 def _differences(previous: dict, config: dict) -> list[tuple[str, object, object]]:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from nerbatch.errors import NerbatchError
 from nerbatch.parquet_io import InputError
-from nerbatch.runconfig import as_recorded, changes
+from nerbatch.runconfig import changes
 from nerbatch.shards import Unit, unit_name
 from nerbatch.storage import Location, locate, one_line
 
@@ -389,10 +389,17 @@ class RunDir:
                     child.remove_tree()
         self.meta.remove_tree()
 
+    def recorded_precision(self) -> str | None:
+        """The precision the run in OUT_DIR was written at, or None when there is none yet."""
+        path = self.meta / "config.json"
+        if not path.exists():
+            return None
+        return path.read_json().get("options", {}).get("precision")
+
     def check(self, config: dict) -> None:
         """Fail if OUT_DIR's config is not `config` (non-main ranks, after the main rank prepared it)."""
         previous = (self.meta / "config.json").read_json()
-        if previous != as_recorded(config, previous):
+        if changes(previous, config):
             raise InputError(
                 f"{self.root}: config.json differs from this process's config; were all processes "
                 "started with the same command?"

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -88,6 +90,31 @@ def score_documents(accelerator, model, tokenizer, cfg: TrainConfig, corpus: Cor
         )
     best = max(segments, key=lambda s: results[s]["overall_f1"])  # a tie keeps the first
     return best, results[best], {s: r["overall_f1"] for s, r in results.items()}
+
+
+# What the launcher sets for a distributed process: a check in a process of its own must not inherit it.
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+LAUNCHER_PREFIXES = ("ACCELERATE_", "TORCHELASTIC_", "MASTER_", "ROLE_", "GROUP_")
+
+
+def check_int8(accelerator, cfg: TrainConfig) -> None:
+    """The best model's int8 check (`nerbatch check-precision`), recorded beside its weights so that
+    annotate's `--precision auto` may run it at int8. It runs on CPU in a process of its own, started
+    by the main process (the training processes hold the GPUs and the process group); a check that
+    fails is a warning: the model is saved and fine at fp32."""
+    if accelerator.is_main_process:
+        env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV and not k.startswith(LAUNCHER_PREFIXES)}
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        command = [sys.executable, "-m", "nerbatch", "check-precision", cfg.output_dir, cfg.validation]
+        command += ["--precision", "int8"] + (["--document-column", cfg.document_column] if cfg.document_column else [])
+        accelerator.print("int8 check of the best model (on CPU):")
+        if subprocess.run(command, env=env).returncode != 0:
+            print(
+                "nerbatch train: warning: the int8 check failed (above); annotate's --precision auto will not run "
+                f"this model at int8 until `nerbatch check-precision {cfg.output_dir} VALIDATION` passes",
+                file=sys.stderr,
+            )
+    accelerator.wait_for_everyone()
 
 
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -170,7 +197,7 @@ def restore(accelerator: Accelerator, output_dir: Path, cfg: TrainConfig) -> dic
 TRAIN_OUTPUT_NAMES = (
     "metrics.json", "checkpoints", "epoch_*", "config.json", "generation_config.json", "model*.safetensors",
     "model.safetensors.index.json", "pytorch_model*.bin", "tokenizer*", "special_tokens_map.json", "vocab*",
-    "merges.txt", "added_tokens.json", "*.model", "chat_template*",
+    "merges.txt", "added_tokens.json", "*.model", "chat_template*", "nerbatch_precision.json",
 )  # fmt: skip
 
 
@@ -367,5 +394,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         progress |= {"epoch": epoch + 1, "batches_done": 0}
         save_checkpoint(accelerator, output_dir, progress, cfg.keep_checkpoints)
     bar.close()
+    if cfg.check_int8 and progress["best_epoch"]:
+        check_int8(accelerator, cfg)
     accelerator.end_training()
     return progress["history"][progress["best_epoch"] - 1] if progress["best_epoch"] else {}

@@ -17,6 +17,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests see an AVX2 CPU unless one says otherwise, so that `--precision auto` resolves alike (fp32) on
+# every machine that runs them; tests/test_autoprecision.py makes them other kinds of CPU.
+os.environ.setdefault("NERBATCH_TEST_CPU_FLAGS", "Test AVX2 CPU|sse4_2 avx fma avx2")
 
 
 # `make test` (and so CI) draws the same property-test examples on every run: a result that depends

@@ -47,6 +47,21 @@ def test_documents_are_rebuilt_as_text_with_word_spans():
     assert split_by_sentence(first, tags) == [tags[:4], tags[4:]]
 
 
+@pytest.mark.slow
+def test_space_joined_documents_keep_every_gold_words_offsets():
+    """The space join (text with no line breaks) changes only the separators: the same words, each at
+    a span holding exactly that word, so the same gold spans are scored."""
+    corpus = read_conll(need(CONLL / "valid.txt"))
+    newline, space = build_documents(corpus), build_documents(corpus, "space")
+    assert len(newline) == len(space) > 200
+    for a, b in zip(newline, space):
+        assert "\n" not in b.text and b.text == a.text.replace("\n", " ") and b.sentences == a.sentences
+        assert [b.text[s:e] for s, e in b.words] == [a.text[s:e] for s, e in a.words]
+        assert b.words == a.words  # one character either way: offsets do not move
+    words = [w for d in space for i in d.sentences for w in corpus.sentences[i].words]
+    assert words == [w for s in corpus.sentences for w in s.words]  # every word, once, in order
+
+
 def test_a_corpus_without_documents_is_refused_with_the_reason(tiny_model_dir, tmp_path):
     path = tmp_path / "plain.conll"
     path.write_text("EU B-ORG\nrejects O\n\nPeter B-PER\n")

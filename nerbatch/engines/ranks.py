@@ -15,10 +15,23 @@ import time
 from collections.abc import Callable
 
 from nerbatch import gc_tuning
+from nerbatch.autoprecision import Choice, agreed_flags
+from nerbatch.cpu import cpu_flags
 from nerbatch.engines import probe
-from nerbatch.errors import NerbatchError
+from nerbatch.errors import NerbatchError, OptionError
 from nerbatch.inference import Tagger
-from nerbatch.job import Plan, Progress, UnitsFailed, assemble_if_ready, describe_run, finish_run, load_tagger, plan_run
+from nerbatch.job import (
+    Plan,
+    Progress,
+    UnitsFailed,
+    assemble_if_ready,
+    choose_run_precision,
+    describe_run,
+    finish_run,
+    load_tagger,
+    plan_run,
+    say_choice,
+)
 from nerbatch.job import settle_unit as settle
 from nerbatch.options import Options
 from nerbatch.parquet_io import InputError
@@ -48,7 +61,10 @@ def annotate_units(
         warn_about_units(plan.units)
     else:
         plan = probe.node_view(plan)
-    tagger = load_tagger(options, device)  # a model that cannot annotate fails here, before any work
+    choice = agree_on_precision(plan, rank, device, gather)
+    if rank == 0:
+        say_choice(choice)
+    tagger = load_tagger(options, device, choice)  # a model that cannot annotate fails here, before any work
     config, schema = describe_run(plan, tagger)
     out = plan.out
     if rank == 0:
@@ -78,6 +94,24 @@ def annotate_units(
         )
     finish_run(plan, config)
     return tally
+
+
+def agree_on_precision(plan: Plan, rank: int, device: str | None, gather: Callable[[object], list]) -> Choice:
+    """One precision for every rank, before any work: rank 0 resolves it from the CPU flags all ranks
+    share (ranks on different CPU types get what every one of them runs natively) and every rank takes
+    rank 0's choice, or its error."""
+    flags = gather(sorted(cpu_flags()))
+    choice = error = None
+    if rank == 0:
+        try:
+            device_type = "cuda" if device and device.startswith("cuda") else "cpu"
+            choice = choose_run_precision(plan, device_type, agreed_flags(flags))
+        except NerbatchError as exc:
+            error = str(exc)
+    choice, error = gather((choice, error))[0]
+    if error:
+        raise OptionError(error)
+    return choice
 
 
 def probe_ranks(

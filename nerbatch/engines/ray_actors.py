@@ -25,9 +25,21 @@ import uuid
 from collections import Counter, deque
 from dataclasses import dataclass
 
+from nerbatch.autoprecision import Choice, agreed_flags
+from nerbatch.cpu import cpu_flags
 from nerbatch.engines import probe
 from nerbatch.errors import NerbatchError, OptionError
-from nerbatch.job import Plan, Progress, UnitsFailed, assemble_if_ready, finish_run, plan_run, record_failure
+from nerbatch.job import (
+    Plan,
+    Progress,
+    UnitsFailed,
+    assemble_if_ready,
+    choose_run_precision,
+    finish_run,
+    plan_run,
+    record_failure,
+    say_choice,
+)
 from nerbatch.options import Options
 from nerbatch.parquet_io import InputError
 from nerbatch.rundir import Tally, peak_rss_mb
@@ -75,11 +87,13 @@ def annotate_with_ray(options: Options, settings: RayOptions) -> Tally:
         # no more actors than units to do; --overwrite redoes them all (OUT_DIR is cleared below)
         pending = len(plan.units) if options.overwrite else len(plan.todo())
         workers = start_actors(ray, plan, sizes, min(count, max(pending, 1)))
-        config, schema = agree_on_config(ray, workers, plan)
+        choice = agree_on_precision(ray, workers, plan)
+        say_choice(choice)
+        config, schema = agree_on_config(ray, workers, plan, choice)
         plan.out.prepare(config, options.overwrite)
         plan.out.refresh_driver(token)  # --overwrite cleared the claim with the rest
         probe_nodes(ray, workers, plan, token)
-        tally, failed = dispatch(ray, workers, plan, settings.max_attempts, token)
+        tally, failed = dispatch(ray, workers, plan, settings.max_attempts, token, choice)
         record_actor_stats(ray, workers, plan)
         for worker in workers:  # their CPUs go to the assembly
             ray.kill(worker)
@@ -196,10 +210,20 @@ def start_actors(ray, plan: Plan, size: ActorSize, count: int) -> list:
     return [remote.remote(plan, index, size.cpus) for index in range(count)]
 
 
-def agree_on_config(ray, workers: list, plan: Plan) -> tuple[dict, object]:
-    """Every actor loads the model where it runs and describes the run; all must agree (one
-    precision and one set of batch caps for the whole run), and run the driver's versions."""
-    described = gather(ray, [w.describe.remote() for w in workers])
+def agree_on_precision(ray, workers: list, plan: Plan) -> Choice:
+    """One precision for the whole run, before any work: resolved from the CPU flags every actor's
+    node has (actors on different CPU types get what each of them runs natively) and the model's
+    precision record as an actor reads it (the driver's node may not hold the model)."""
+    facts = gather(ray, [w.cpu_facts.remote() for w in workers])
+    device = "cuda" if any(f["cuda"] for f in facts) else "cpu"
+    flags = agreed_flags([f["flags"] for f in facts])
+    return choose_run_precision(plan, device, flags, evidence=facts[0]["evidence"] or {})
+
+
+def agree_on_config(ray, workers: list, plan: Plan, choice: Choice) -> tuple[dict, object]:
+    """Every actor loads the model where it runs, at `choice`, and describes the run; all must agree
+    (one set of batch caps for the whole run), and run the driver's versions."""
+    described = gather(ray, [w.describe.remote(choice) for w in workers])
     ours = probe.node_facts()
     for facts in described:
         probe.check_versions(ours, facts, "the driver", f"actor on {facts['host']}")
@@ -225,7 +249,7 @@ def probe_nodes(ray, workers: list, plan: Plan, token: str) -> None:
         out.drop_probe(token)
 
 
-def dispatch(ray, workers: list, plan: Plan, max_attempts: int, token: str) -> tuple[Tally, list]:
+def dispatch(ray, workers: list, plan: Plan, max_attempts: int, token: str, choice: Choice) -> tuple[Tally, list]:
     """Hand the units not done to whichever actor is free until every one has settled; a unit whose
     actor died goes out again, up to `max_attempts` times, then is recorded failed. An actor that
     died gets no more work until it answers again (Ray restarts it)."""
@@ -248,7 +272,7 @@ def dispatch(ray, workers: list, plan: Plan, max_attempts: int, token: str) -> t
             while queue and free:
                 index, unit = free.pop(), queue.popleft()
                 attempts[unit] += 1
-                running[workers[index].settle.remote(unit, attempts[unit])] = (unit, index)
+                running[workers[index].settle.remote(unit, attempts[unit], choice)] = (unit, index)
             timeout = RESTING_S if waking else WAIT_S
             ready, _ = ray.wait([*running, *pings], num_returns=1, timeout=timeout)
             if time.time() - renewed > WAIT_S:
@@ -327,8 +351,20 @@ class UnitWorker:
         self.tally, self.units, self.failed = Tally(), 0, []
         self.started = time.time()
 
-    def load(self):
-        """The model (loaded on the first call) and the run's output schema."""
+    def cpu_facts(self) -> dict:
+        """What the run's precision depends on, as seen from here: this node's CPU flags, whether the
+        actor has a GPU, and the model's precision record."""
+        import torch
+
+        from nerbatch.autoprecision import read_record
+        from nerbatch.modeling import resolve_model
+
+        model = resolve_model(self.plan.options.model)
+        evidence = read_record(model) if os.path.isdir(model) else None
+        return {"flags": sorted(cpu_flags()), "cuda": torch.cuda.is_available(), "evidence": evidence}
+
+    def load(self, choice: Choice):
+        """The model (loaded on the first call, at the run's precision `choice`) and the run's output schema."""
         if self.tagger is None:
             import torch
 
@@ -336,29 +372,30 @@ class UnitWorker:
 
             torch.set_num_threads(max(1, int(self.cpus)))
             device = "cuda" if torch.cuda.is_available() else None  # Ray gives a GPU actor its device
-            self.tagger = load_tagger(self.plan.options, device)
+            self.tagger = load_tagger(self.plan.options, device, choice)
             self.config, self.schema = describe_run(self.plan, self.tagger)
         return self.tagger
 
-    def describe(self) -> dict:
+    def describe(self, choice: Choice) -> dict:
         """This actor's run config and output schema, resolved on its own device, with its versions;
         opening the first input proves the inputs are in reach from here."""
         from nerbatch.parquet_io import open_parquet
 
         if self.plan.units:
             open_parquet(self.plan.units[0].location)
-        self.load()
+        self.load(choice)
         return {"config": self.config, "schema": self.schema, **probe.node_facts()}
 
     def probe(self, token: str) -> dict:
         """Whether the driver's token is visible from here; leaves this actor's own for the driver."""
         return probe.answer(self.plan.out, token, f"actor-{self.index}")
 
-    def settle(self, unit, attempt: int):
-        """Settle one unit (its `attempt`-th try): its tally as a dict, or the recorded failure."""
+    def settle(self, unit, attempt: int, choice: Choice):
+        """Settle one unit (its `attempt`-th try) at the run's precision `choice`: its tally as a dict,
+        or the recorded failure."""
         from nerbatch.job import settle_unit
 
-        tagger = self.load()
+        tagger = self.load(choice)
         done, failure = settle_unit(unit, tagger, self.plan, self.schema, self.index, attempt=attempt)
         self.units += 1
         if done:
