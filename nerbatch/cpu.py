@@ -24,7 +24,7 @@ FLAGS_ENV = "NERBATCH_TEST_CPU_FLAGS"
 
 
 def _mocked() -> str | None:
-    return os.environ.get(f"{FLAGS_ENV}_RANK{os.environ.get('RANK', '')}", os.environ.get(FLAGS_ENV))
+    return os.environ.get(f"{FLAGS_ENV}_RANK{os.environ.get('RANK', '')}") or os.environ.get(FLAGS_ENV) or None
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ OTHER = CpuKind("other", frozenset(), "fp32", False, None, "fbgemm/qnnpack refer
 def cpu_flags() -> frozenset[str]:
     """This CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere, which reads as `other`)."""
     mocked = _mocked()
-    if mocked is not None:
+    if mocked:
         return frozenset(mocked.rpartition("|")[2].split())
     try:
         with open("/proc/cpuinfo") as f:
@@ -105,7 +105,7 @@ def cpu_flags() -> frozenset[str]:
 def cpu_model() -> str:
     """This CPU's model name, as /proc/cpuinfo gives it (the platform's processor string elsewhere)."""
     mocked = _mocked()
-    if mocked is not None and "|" in mocked:
+    if mocked and "|" in mocked:
         return mocked.partition("|")[0]
     try:
         with open("/proc/cpuinfo") as f:

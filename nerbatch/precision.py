@@ -56,8 +56,9 @@ def cast_bf16(model, inplace: bool = False):
     """`model` (a copy unless `inplace`) in bf16 for a CPU, its classifier head kept in fp32.
 
     Cast once rather than autocast: on CPU, autocast casts every Linear's input and weight to bf16
-    and its output back at each call, which cost more than bf16 saved (benchmarks/README.md). The
-    head stays fp32 (its input is cast up) so that logits and scores keep fp32's resolution."""
+    at each call and the rest of the layer back to fp32; the cast model's forward pass is faster
+    (benchmarks/README.md) at the same validation F1. The head stays fp32 (its input is cast up) so
+    that logits and scores keep fp32's resolution."""
     model = (model if inplace else copy.deepcopy(model)).eval().to(torch.bfloat16)
     head = classifier_head(model)
     if head is not None:

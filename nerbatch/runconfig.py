@@ -8,6 +8,7 @@ of it that readers need (`output_metadata`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -65,17 +66,24 @@ def model_fingerprint(model: str) -> str:
     root = Path(model)
     if not root.is_dir():
         return model
+    files = [
+        path
+        for path in sorted(root.iterdir())
+        if path.name in {"config.json", "tokenizer.json", "tokenizer_config.json"}
+        or path.suffix in {".safetensors", ".bin", ".pt"}
+    ]
+    # read once per process (the precision choice and the run config both ask) unless a file changed
+    return _hash_files(tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+
+
+@functools.lru_cache(maxsize=8)
+def _hash_files(files: tuple[tuple[str, int, int], ...]) -> str:
     digest = hashlib.sha256()
-    for path in sorted(root.iterdir()):
-        if path.name in {"config.json", "tokenizer.json", "tokenizer_config.json"} or path.suffix in {
-            ".safetensors",
-            ".bin",
-            ".pt",
-        }:
-            digest.update(path.name.encode())
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 24):
-                    digest.update(chunk)
+    for name, _, _ in files:
+        digest.update(Path(name).name.encode())
+        with open(name, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
     return digest.hexdigest()[:16]
 
 

@@ -77,8 +77,9 @@ def annotate_units(
 
     mine = set(units_for_rank(plan.units, rank, world))
     todo = plan.todo([u for u in plan.units if u in mine])
+    work_started_at = time.time()  # the first document: start-up is the time before it
     tally, failed = annotate_all(todo, tagger, plan, schema, rank) if todo else (Tally(), [])
-    figures = {**vars(tally), "units": len(todo), "failed": [m for _, m in failed]}
+    figures = {**vars(tally), "units": len(todo), "failed": [m for _, m in failed], "work_started_at": work_started_at}
     figures = {**figures, "wall_seconds": time.time() - started, "peak_rss_mb": peak_rss_mb()}
     out.write_worker_stats("rank", rank, world, figures)
     everyone_settled = wait_for_other_ranks(out, plan.units, mine, started)  # a file may hold units of every rank
