@@ -31,6 +31,13 @@ class Commands(click.Group):
             raise click.ClickException(str(exc)) from exc
 
 
+MAX_SEGMENT_HELP = (
+    "Sentence view: a segment longer than this many subwords (text without line breaks runs headlines, "
+    "datelines and tables together) is cut at its strongest boundaries; 0: no cap [default: the length "
+    "the model was trained on, as `nerbatch train` records it; no cap for other models]."
+)
+
+
 def choice_option(name: str, choices, default, help: str, show_default: bool = True):
     """An option taking one of `choices`."""
     return click.option(name, type=click.Choice(choices), default=default, show_default=show_default, help=help)
@@ -139,6 +146,7 @@ def train_cmd(config_path, resume, overwrite, train_data, **options):
 @choice_option("--aggregation", AGGREGATIONS, Options.aggregation, "With --documents: as annotate's --aggregation.")
 @click.option("--stride", type=int, help="With --documents: as annotate's --stride.")
 @click.option("--segment", type=click.Choice(SEGMENTS), help="With --documents: as annotate's --segment.")
+@click.option("--max-segment", type=click.IntRange(min=0), help="With --documents: as annotate's --max-segment.")
 @choice_option(
     "--join",
     ("newline", "space"),
@@ -148,8 +156,8 @@ def train_cmd(config_path, resume, overwrite, train_data, **options):
 )
 @choice_option("--precision", PRECISIONS, Options.precision, "As annotate's --precision (both levels).")
 def evaluate_cmd(
-    model_dir, data, split, batch_size, max_length, documents, document_column, aggregation, stride, segment, join,
-    precision,
+    model_dir, data, split, batch_size, max_length, documents, document_column, aggregation, stride, segment,
+    max_segment, join, precision,
 ):  # fmt: skip
     """Score MODEL_DIR on labelled DATA; the last line printed is the metrics as one JSON object.
 
@@ -166,6 +174,7 @@ def evaluate_cmd(
         "max_length": max_length,
         "stride": stride,
         "segment": segment,
+        "max_segment": max_segment,
         "precision": precision,
     }
     try:
@@ -302,6 +311,12 @@ def predict_cmd(model_dir, text, aggregation, segment, max_length, precision):
     "(`both`, twice the compute) [default: what `nerbatch train` recorded as best for the model; "
     "`sentences` for other models].",
     show_default=False,
+)
+@click.option(
+    "--max-segment",
+    type=click.IntRange(min=0),
+    default=Options.max_segment,
+    help=MAX_SEGMENT_HELP,
 )
 @count_option(
     "--max-length",

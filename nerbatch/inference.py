@@ -33,7 +33,7 @@ from nerbatch.precision import (
     quantize_int8,
     resolve_precision,
 )
-from nerbatch.segment import sentence_bounds
+from nerbatch.segment import cap_segments, sentence_bounds
 from nerbatch.spans import AGGREGATIONS, Span, decode_spans
 
 CPU_BATCH_TOKENS = 1024  # padded tokens per forward on CPU: bigger batches don't run faster there
@@ -172,6 +172,7 @@ class Tagger:
         max_batch_tokens: int | None = None,
         segment: str | None = None,
         precision: str = "auto",
+        max_segment: int | None = None,
     ):
         if aggregation not in AGGREGATIONS:
             raise OptionError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
@@ -222,6 +223,11 @@ class Tagger:
             self.model = model = cast_bf16(model)
         self.autocast_dtype = autocast_dtype(self.precision, self.device.type)
         self.choice = None  # the `nerbatch.autoprecision.Choice` behind `precision`, where one was made
+        # sentence view: segments longer than this many subwords are cut (nerbatch.segment.cap_segments);
+        # by default the length the model was trained on (recorded by `nerbatch train`), else no cap
+        self.max_segment = record.get("max_segment") if max_segment is None else (max_segment or None)
+        if self.segment == "none":
+            self.max_segment = None
         self.fp32_batches = 0  # batches whose autocast outputs were not finite, run again in fp32
 
     def settings(self) -> dict:
@@ -233,6 +239,8 @@ class Tagger:
             "segment": self.segment,
             "precision": self.precision,
         }
+        if self.max_segment:  # only where a cap applies: outputs without one resume as before
+            settings["max_segment"] = self.max_segment
         if self.precision == "int8":  # which int8: a resume must not mix two schemes in one output
             settings["int8"] = INT8_SCHEME
         return settings
@@ -248,6 +256,8 @@ class Tagger:
             for view in views:
                 if view == "sentences":
                     segments = subword_segments(text, offsets)
+                    if self.max_segment:
+                        segments = cap_segments(text, offsets, segments, self.max_segment)
                 else:
                     segments = [(0, len(ids))] if ids else []
                 if view == "sentences" and self.segment == "both":

@@ -267,6 +267,7 @@ def load_tagger(options: Options, device: str | None = None, choice: Choice | No
         options.max_batch_tokens,
         options.segment,
         precision,
+        options.max_segment,
     )
     tagger.choice = choice
     return tagger

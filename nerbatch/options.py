@@ -31,6 +31,7 @@ class Options:
     max_length: int | None = None  # None: a document model's window; `both`: 128 (running text); else the limit
     stride: int | None = None  # None: a quarter of a window
     segment: str | None = None  # None: follow how the model was trained (see nerbatch.inference)
+    max_segment: int | None = None  # sentence view: cut longer segments; None: the model's record, 0: no cap
     precision: str = "auto"  # fp16 on a GPU, fp32 on CPU; int8 on request (CPU)
     batch_size: int | None = None  # None: inference.CPU_BATCH_WINDOWS or GPU_BATCH_WINDOWS
     max_batch_tokens: int | None = None  # None: inference.CPU_BATCH_TOKENS or GPU_BATCH_TOKENS

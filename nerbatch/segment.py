@@ -95,3 +95,77 @@ def _is_abbreviation(text: str, dot: int) -> bool:
     if "." in word and all(len(part) <= 2 for part in word.split(".")):  # "U.S", "U.K", "a.m"
         return True
     return word.lower() in ABBREVIATIONS
+
+
+# ----- a cap on a segment's length, for text without line breaks -----
+# Text extracted from HTML or PDFs runs headlines, datelines, bylines and tables into one line, and
+# the rules above (rightly) find no boundary in "... AL-AIN , United Arab Emirates 1996-12-06 Japan
+# began ...": such stretches are longer than any sentence a sentence-trained model has seen. A
+# stretch over the cap is cut at its strongest boundary, the one nearest its middle among equals,
+# until every piece fits; a stretch with no boundary of strength >= 1 is left whole (the windows'
+# overlap serves it better than a cut between two words that may be one entity).
+
+_SENTENCE_END = frozenset(".!?")
+_CLAUSE_END = frozenset(";:")
+_DASHES = frozenset({"-", "--", "\u2013", "\u2014"})
+
+
+def cut_strength(previous: str, following: str) -> int:
+    """How strongly a boundary between the words `previous` and `following` (adjacent, separated
+    by whitespace) reads as the end of a sentence-like unit: 4 sentence punctuation, 3 a clause
+    mark or a number/date before a capitalised word (datelines, table rows), 2 a spaced dash or the
+    end of an all-capitals run (headlines), 1 a comma, 0 none."""
+    if not previous or not following:
+        return 0
+    if previous[-1] in _SENTENCE_END:
+        return 4
+    starts_unit = following[0].isupper() or following[0].isdigit() or following[0] in "\"'“‘(["
+    if previous[-1] in _CLAUSE_END:
+        return 3
+    if starts_unit and any(ch.isdigit() for ch in previous):
+        return 3
+    if previous in _DASHES or following in _DASHES:
+        return 2
+    if previous.isupper() and len(previous) > 1 and following[:1].isupper() and not following.isupper():
+        return 2
+    if previous[-1] == ",":
+        return 1
+    return 0
+
+
+def cap_segments(
+    text: str, offsets: list[tuple[int, int]], segments: list[tuple[int, int]], cap: int
+) -> list[tuple[int, int]]:
+    """`segments` (subword ranges covering the text) with each one longer than `cap` subwords cut
+    at its strongest word boundaries (`cut_strength`) until every piece fits or no boundary is left."""
+    out: list[tuple[int, int]] = []
+    pending = list(reversed(segments))
+    while pending:
+        a, b = pending.pop()
+        cut = _best_cut(text, offsets, a, b) if b - a > cap else None
+        if cut is None:
+            out.append((a, b))
+        else:
+            pending += [(cut, b), (a, cut)]  # the left piece is handled first
+    return out
+
+
+def _best_cut(text: str, offsets: list[tuple[int, int]], a: int, b: int) -> int | None:
+    """The subword index in (a, b) that starts a word after the strongest boundary of the range
+    (nearest its middle among equals), or None when it has none of strength >= 1."""
+    best, best_key = None, (0, 0.0)
+    middle = (a + b) / 2
+    word_start = a  # first subword of the current word
+    for i in range(a + 1, b):
+        if offsets[i][0] == offsets[i - 1][1]:  # glued to the previous subword: same word
+            continue
+        previous = text[offsets[word_start][0] : offsets[i - 1][1]]
+        following_end = i
+        while following_end + 1 < b and offsets[following_end + 1][0] == offsets[following_end][1]:
+            following_end += 1
+        following = text[offsets[i][0] : offsets[following_end][1]]
+        key = (cut_strength(previous, following), -abs(i - middle))
+        if key[0] >= 1 and key > best_key:
+            best, best_key = i, key
+        word_start = i
+    return best

@@ -73,23 +73,44 @@ def training_features(cfg: TrainConfig, tokenizer, corpus: Corpus, label2id: dic
     return encoded
 
 
-def score_documents(accelerator, model, tokenizer, cfg: TrainConfig, corpus: Corpus, documents) -> tuple:
-    """Document-level validation scores under each way annotate may run this model: one sentence per
-    window, and (document-context models) running text in windows of the training length.
+def sentence_length_cap(tokenizer, corpus: Corpus, share: float = 0.99) -> int:
+    """The length in subwords that `share` of the training sentences do not exceed: annotate's sentence
+    view cuts longer segments (run-on text without line breaks) for this model, as longer ones are
+    outside what it learnt from."""
+    words = [s.words for s in corpus.sentences]
+    encoded = tokenizer(words, is_split_into_words=True, add_special_tokens=False)["input_ids"]
+    lengths = sorted(len(ids) for ids in encoded)
+    return max(1, lengths[min(len(lengths) - 1, int(share * len(lengths)))]) if lengths else 1
 
-    Returns the better segmentation (recorded in the model, so annotate defaults to it), its metrics
-    and the F1 of each.
+
+def score_documents(accelerator, model, tokenizer, cfg: TrainConfig, corpus: Corpus, documents: dict) -> dict:
+    """Document-level validation scores under each way annotate may run this model (one sentence
+    per window; for document-context models also running text in windows of the training length),
+    on the documents rebuilt with each join in `documents` (`nerbatch.documents.JOINS`: sentences
+    joined by newlines, as a tidy dump reads, and by spaces, as text extracted from HTML runs on).
+
+    A segmentation is judged by its lower F1 over the joins (the text users feed in may be either);
+    the best one is recorded in the model, so annotate defaults to it. Returns the record of the
+    epoch's document scores: `segment`, the metrics of each join under it, and every F1.
     """
     unwrapped = accelerator.unwrap_model(model)
     segments = ["none", "sentences"] if cfg.context == "document" else ["sentences"]
     results = {}
     for segment in segments:
         tagger = Tagger(unwrapped, tokenizer, segment=segment)
-        results[segment] = evaluate_documents(
-            tagger, corpus, documents, accelerator.process_index, accelerator.num_processes
-        )
-    best = max(segments, key=lambda s: results[s]["overall_f1"])  # a tie keeps the first
-    return best, results[best], {s: r["overall_f1"] for s, r in results.items()}
+        for join, rebuilt in documents.items():
+            results[segment, join] = evaluate_documents(
+                tagger, corpus, rebuilt, accelerator.process_index, accelerator.num_processes
+            )
+    lower = {s: min(results[s, join]["overall_f1"] for join in documents) for s in segments}
+    best = max(segments, key=lambda s: lower[s])  # a tie keeps the first
+    return {
+        "segment": best,
+        "newline": results[best, "newline"],
+        "space": results[best, "space"],
+        "f1": lower[best],
+        "f1_by_segment_and_join": {f"{s}/{join}": r["overall_f1"] for (s, join), r in results.items()},
+    }
 
 
 # What the launcher sets for a distributed process: a check in a process of its own must not inherit it.
@@ -275,11 +296,14 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     check_labels(train_corpus, label2id)
     max_length = window_length(cfg.max_length, tokenizer, model.config)
     select = selection_level(cfg, val_corpus)
-    val_documents = build_documents(val_corpus) if val_corpus.has_documents else None
+    val_documents = None
+    if val_corpus.has_documents:  # scored as users' text may come: with line breaks and without
+        val_documents = {join: build_documents(val_corpus, join) for join in ("newline", "space")}
     # How the model is trained travels in its config.json, so that annotate can follow it.
     model.config.nerbatch = {
         "context": cfg.context,
         "window": min(cfg.context_window, max_length) if cfg.context == "document" else max_length,
+        "max_segment": sentence_length_cap(tokenizer, train_corpus),
     }
     pad8 = 8 if accelerator.mixed_precision in ("fp16", "bf16") else None
     collator = DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=pad8)
@@ -367,20 +391,27 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         }
         line = f"sentence f1 {metrics['overall_f1']:.4f}"
         if val_documents is not None:
-            segment, record["document"], record["document_f1_by_segment"] = score_documents(
-                accelerator, model, tokenizer, cfg, val_corpus, val_documents
+            scores = score_documents(accelerator, model, tokenizer, cfg, val_corpus, val_documents)
+            record["document"], record["document_space"] = scores["newline"], scores["space"]
+            record["document_f1"], record["document_f1_by_segment_and_join"] = (
+                scores["f1"],
+                scores["f1_by_segment_and_join"],
             )
-            accelerator.unwrap_model(model).config.nerbatch["segment"] = segment  # annotate's default for it
-            line += f", document f1 {record['document']['overall_f1']:.4f} (segment {segment})"
+            accelerator.unwrap_model(model).config.nerbatch["segment"] = scores["segment"]  # annotate's default
+            line += (
+                f", document f1 {scores['newline']['overall_f1']:.4f} newline-joined, "
+                f"{scores['space']['overall_f1']:.4f} space-joined (segment {scores['segment']})"
+            )
         progress["history"].append(record)
         accelerator.print(f"epoch {epoch + 1}: {line}, loss {train_loss or float('nan'):.4f} ({seconds:.0f} s)")
         accelerator.log(
             {k: v for k, v in record.items() if isinstance(v, (int, float))}
-            | {"document_f1": record.get("document", {}).get("overall_f1", float("nan"))},
+            | {"document_f1": record.get("document_f1", float("nan"))},
             step=epoch + 1,
         )
         save_model(accelerator, model, tokenizer, output_dir / f"epoch_{epoch + 1}")
-        chosen = record["document"]["overall_f1"] if select == "document" else metrics["overall_f1"]
+        # document level: the lower of the two joins, so the best epoch is good on both kinds of text
+        chosen = record["document_f1"] if select == "document" else metrics["overall_f1"]
         if chosen > progress["best_f1"]:
             progress |= {"best_f1": chosen, "best_epoch": epoch + 1}
             save_model(accelerator, model, tokenizer, output_dir)

@@ -180,7 +180,12 @@ def test_annotate_prints_and_records_its_choice_and_a_requeue_keeps_it(tuned_mod
     choice = json.loads(meta[b"nerbatch.precision_choice"])
     assert choice["precision"] == "int8" and choice["cpu"] == "avx2" and choice["kernel"] == "fbgemm AVX2"
     rows = pq.read_table(out).to_pylist()
-    # requeued onto an AMX Xeon: auto alone would be bf16 there, the rerun keeps int8 and resumes
+    # requeued onto an AMX Xeon: auto alone would be bf16 there, the rerun keeps int8 and resumes; an
+    # output of 0.4.0 (no precision_choice in its config) resumes the same way
+    config = out / "_nerbatch" / "config.json"
+    older = json.loads(config.read_text())
+    del older["precision_choice"]
+    config.write_text(json.dumps(older))
     monkeypatch.setenv(FLAGS_ENV, " ".join(XEON_AMX))
     again = CliRunner().invoke(main, annotate_args(model, source, out))
     assert again.exit_code == 0 and "written at int8" in again.output

@@ -15,7 +15,7 @@ from nerbatch.cli import main
 from nerbatch.context import pack_features
 from nerbatch.data import Corpus, DataError, Sentence, load_corpus, read_conll
 from nerbatch.documents import build_documents, spans_to_word_tags, split_by_sentence
-from nerbatch.segment import is_hard_wrapped, sentence_bounds
+from nerbatch.segment import cap_segments, cut_strength, is_hard_wrapped, sentence_bounds
 from nerbatch.spans import Span
 
 from conftest import CONLL, need
@@ -222,8 +222,9 @@ def valid_docs(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_document_scores_are_the_same_on_one_and_two_processes(tuned_model_dir, valid_docs):
-    args = ["evaluate", str(tuned_model_dir), str(valid_docs), "--documents", "--max-length", "64"]
+@pytest.mark.parametrize("join", ["newline", "space"])
+def test_document_scores_are_the_same_on_one_and_two_processes(tuned_model_dir, valid_docs, join):
+    args = ["evaluate", str(tuned_model_dir), str(valid_docs), "--documents", "--max-length", "64", "--join", join]
     single, double = run(args), run(args, processes=2)
     assert "on 1 process" in single and "on 2 processes" in double and "document level" in single
     single, double = last_json(single), last_json(double)
@@ -266,6 +267,7 @@ def test_document_context_training_records_how_to_annotate(tiny_model_dir, valid
 
     from nerbatch.inference import Tagger
     from nerbatch.modeling import load_tokenizer
+    from nerbatch.train import sentence_length_cap
 
     out = tmp_path / "run"
     train = write_conll(read_conll(need(CONLL / "train.txt")).sentences[:300], tmp_path / "train.conll")
@@ -279,14 +281,76 @@ def test_document_context_training_records_how_to_annotate(tiny_model_dir, valid
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["selected_by"] == "document"
     epoch = metrics["epochs"][0]
-    assert {"overall_f1", "document"} <= epoch.keys() and "overall_f1" in epoch["document"]
-    scores = epoch["document_f1_by_segment"]
-    assert set(scores) == {"none", "sentences"} and epoch["document"]["overall_f1"] == max(scores.values())
+    assert {"overall_f1", "document", "document_space"} <= epoch.keys() and "overall_f1" in epoch["document_space"]
+    scores = epoch["document_f1_by_segment_and_join"]
+    assert set(scores) == {"none/newline", "none/space", "sentences/newline", "sentences/space"}
+    # each segmentation is judged by its lower F1 over the two joins; the best of those is recorded
+    lower = {s: min(scores[f"{s}/newline"], scores[f"{s}/space"]) for s in ("none", "sentences")}
+    assert epoch["document_f1"] == max(lower.values())
     record = json.loads((out / "config.json").read_text())["nerbatch"]
-    assert record == {"context": "document", "window": 96, "segment": max(scores, key=scores.get)}
-    tagger = Tagger(AutoModelForTokenClassification.from_pretrained(out), load_tokenizer(str(out)))
-    assert (tagger.segment, tagger.max_length) == (record["segment"], 96)
+    cap = sentence_length_cap(load_tokenizer(str(out)), read_conll(valid_docs))
+    assert record == {"context": "document", "window": 96, "segment": max(lower, key=lower.get), "max_segment": cap}
+    assert 10 < cap < 96  # CoNLL sentences: a few dozen subwords
+    assert epoch["document"]["overall_f1"] == scores[f"{record['segment']}/newline"]
+    assert epoch["document_space"]["overall_f1"] == scores[f"{record['segment']}/space"]
+    tagger = Tagger(AutoModelForTokenClassification.from_pretrained(out), load_tokenizer(str(out)), segment="sentences")
+    assert (tagger.max_length, tagger.max_segment, tagger.settings()["max_segment"]) == (96, cap, cap)
+    assert Tagger(tagger.model, load_tokenizer(str(out)), segment="sentences", max_segment=0).max_segment is None
+    tagger = Tagger(tagger.model, load_tokenizer(str(out)))
+    assert tagger.segment == record["segment"]
     assert Tagger(tagger.model, load_tokenizer(str(out)), segment="none").max_length == 96
     # training data without documents cannot give document context: refused before any work
     refused = CliRunner().invoke(main, job_args + ["--train", str(train), "--output-dir", str(tmp_path / "x")])
     assert refused.exit_code != 0 and "context = document needs documents" in refused.output
+
+
+def word_pieces(text: str, cap: int) -> list[str]:
+    """The sentence view of `text` with segments capped at `cap` words (one subword per word here),
+    as text."""
+    import re
+
+    from nerbatch.inference import subword_segments
+
+    offsets = [m.span() for m in re.finditer(r"\S+", text)]
+    segments = cap_segments(text, offsets, subword_segments(text, offsets), cap)
+    assert [a for a, _ in segments][1:] == [b for _, b in segments][:-1]  # consecutive, covering
+    assert (segments[0][0], segments[-1][1]) == (0, len(offsets))
+    return [text[offsets[a][0] : offsets[b - 1][1]] for a, b in segments]
+
+
+def test_a_dateline_run_into_the_first_sentence_is_cut_within_the_cap():
+    text = (
+        "SOCCER - JAPAN GET LUCKY WIN , CHINA IN SURPRISE DEFEAT . Nadim Ladki AL-AIN , United Arab Emirates "
+        "1996-12-06 Japan began the defence of their Asian Cup title with a lucky 2-1 win against Syria in a "
+        "Group C championship match on Friday ."
+    )
+    assert word_pieces(text, 1000) == [text[:57].strip(), text[58:]]  # no cap: the sentence rules alone
+    pieces = word_pieces(text, 30)
+    assert pieces == [
+        "SOCCER - JAPAN GET LUCKY WIN , CHINA IN SURPRISE DEFEAT .",
+        "Nadim Ladki AL-AIN , United Arab Emirates 1996-12-06",
+        text[text.index("Japan began") :],
+    ]
+    assert all(len(p.split()) <= 30 for p in pieces)
+
+
+def test_a_headline_run_is_cut_at_its_strongest_boundaries_and_a_sentence_is_never_cut_between_words():
+    text = (
+        "EU REJECTS GERMAN CALL TO BOYCOTT BRITISH LAMB Peter Blackburn BRUSSELS 1996-08-22 The European "
+        "Commission said on Thursday it disagreed with German advice"
+    )
+    pieces = word_pieces(text, 11)
+    assert pieces == [
+        "EU REJECTS GERMAN CALL TO BOYCOTT BRITISH LAMB",
+        "Peter Blackburn BRUSSELS 1996-08-22",
+        "The European Commission said on Thursday it disagreed with German advice",
+    ]
+    # below the sentence's own length there is no boundary left: it stays whole for the windows
+    assert word_pieces(text, 5)[-1] == pieces[-1]
+
+
+def test_cut_strength_orders_the_boundaries():
+    assert cut_strength(".", "The") == 4 and cut_strength("Peter", "said") == 0
+    assert cut_strength("1996-08-22", "The") == 3 and cut_strength("said:", "the") == 3
+    assert cut_strength("LAMB", "Peter") == 2 and cut_strength("-", "JAPAN") == 2
+    assert cut_strength(",", "United") == 1 and cut_strength("2-1", "win") == 0
