@@ -172,18 +172,18 @@ def evaluate_dir(
     choice = choose_precision(
         (annotate_options or {}).get("precision") or "auto", accelerator.device.type, local_model(model_dir)
     )
-    if accelerator.is_main_process:
-        print(f"nerbatch evaluate: precision {choice.precision} ({choice.kernel}): {choice.reason}", file=sys.stderr)
     annotate_options = {**(annotate_options or {}), "precision": choice.precision}
     if documents:
         from nerbatch.documents import build_documents
         from nerbatch.inference import Tagger
 
         rebuilt = build_documents(corpus, join)
+        say_choice(accelerator, choice)
         tagger = Tagger(model.to(accelerator.device), tokenizer, **(annotate_options or {}))
         return evaluate_documents(tagger, corpus, rebuilt, accelerator.process_index, accelerator.num_processes)
     from nerbatch.precision import AutocastWithFallback, autocast_dtype, cast_bf16, quantize_int8
 
+    say_choice(accelerator, choice)
     precision = choice.precision
     if precision == "int8":
         model = quantize_int8(model, tokenizer, inplace=True)  # loaded here: no copy needed
@@ -201,3 +201,9 @@ def evaluate_dir(
     if dtype is not None:
         model = AutocastWithFallback(model, dtype)
     return evaluate_features(accelerator, model, loader, encoded.features, gold, id2label)
+
+
+def say_choice(accelerator, choice) -> None:
+    """Print the precision evaluation runs at and why (main process), once the data is checked."""
+    if accelerator.is_main_process:
+        print(f"nerbatch evaluate: precision {choice.precision} ({choice.kernel}): {choice.reason}", file=sys.stderr)
