@@ -178,18 +178,18 @@ def evaluate_dir(
         from nerbatch.inference import Tagger
 
         rebuilt = build_documents(corpus, join)
-        say_choice(accelerator, choice)
         tagger = Tagger(model.to(accelerator.device), tokenizer, **(annotate_options or {}))
+        say_choice(accelerator, choice)  # once the data and the options are checked
         return evaluate_documents(tagger, corpus, rebuilt, accelerator.process_index, accelerator.num_processes)
     from nerbatch.precision import AutocastWithFallback, autocast_dtype, cast_bf16, quantize_int8
 
-    say_choice(accelerator, choice)
     precision = choice.precision
     if precision == "int8":
         model = quantize_int8(model, tokenizer, inplace=True)  # loaded here: no copy needed
     elif precision == "bf16" and accelerator.device.type == "cpu":
         model = cast_bf16(model, inplace=True)
     length = window_length(max_length, tokenizer, model.config)
+    say_choice(accelerator, choice)
     encoded, loader = eval_loader(
         tokenizer, corpus.sentences, label2id, length, DataCollatorForTokenClassification(tokenizer), batch_size
     )

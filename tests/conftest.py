@@ -71,8 +71,14 @@ def _audit(event: str, args: tuple) -> None:
     elif event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
         path = os.fsdecode(args[0])
         for root, what in _GUARDED:
-            if path.startswith(root) or os.path.realpath(path).startswith(root):
+            if _inside(path, root) or _inside(os.path.realpath(path), root):
                 _refuse_in_fast_test(f"{what} ({path})")
+
+
+def _inside(path: str, root: str) -> bool:
+    """Whether `path` is `root` or under it (not merely a name that starts like it: the encoder's
+    package directory and its `...-0.1.0.dist-info` beside it, which any entry-point scan reads)."""
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 sys.addaudithook(_audit)

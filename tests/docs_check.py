@@ -726,6 +726,23 @@ _H100 = "benchmarks/results/gpu-h100.json"
 _H100_GLOO = "benchmarks/results/gpu-h100-gloo-barrier.json"
 _ENGINES = "benchmarks/results/engines-epyc.json"
 _BERT_RUNS = "annotation/bert_base_random/annotate"
+_CPU_PRECISION = "benchmarks/results/cpu-precision-epyc-zen4.json"
+_CPU_KERNELS = "benchmarks/results/cpu-kernels-epyc-zen4.json"
+_SEGMENT_CAP = "benchmarks/results/segment-cap-epyc.json"
+# annotate, CPU, per precision: in the README's table and in docs/annotate.md
+_CPU_PRECISION_FIGURES = [
+    Figure(text, _CPU_PRECISION, f"sizes/{size}/{method}/{key}", fmt)
+    for size, method, key, fmt, text in [
+        ("800", "pipeline batch 1", "median_seconds", "{:.1f} s", "34.2 s"),
+        ("800", "annotate auto", "median_seconds", "{:.1f} s", "12.8 s"),
+        ("800", "annotate auto", "over_pipeline", "{:.2f}x", "2.82x"),
+        ("800", "annotate fp32", "over_pipeline", "{:.2f}x", "1.53x"),
+        ("4000", "pipeline batch 1", "median_seconds", "{:.1f} s", "151.4 s"),
+        ("4000", "annotate auto", "median_seconds", "{:.1f} s", "47.1 s"),
+        ("4000", "annotate auto", "over_pipeline", "{:.2f}x", "3.33x"),
+        ("4000", "annotate fp32", "over_pipeline", "{:.2f}x", "1.44x"),
+    ]
+]
 # annotate, Ray vs torchrun ranks: in the README's table and in docs/running-at-scale.md
 _ENGINE_FIGURES = [
     Figure("1.33x", _ENGINES, "stragglers/ray_sooner_by", "{:.2f}x"),
@@ -764,12 +781,32 @@ FIGURES = [
     Figure("17.6 s", _P800, "processes/seconds/annotate fp32", "{:.1f} s"),
     Figure("1.37x", _P800, "processes/fp32_over_pipeline", "{:.2f}x"),
     *_ENGINE_FIGURES,
+    *_CPU_PRECISION_FIGURES,
 ]
 
 
 # Figures in the guide pages: page -> figures shown in its prose or tables. Each must be what its file
 # holds, and the page must link that file.
 PAGE_FIGURES = {
+    "docs/annotate.md": [
+        *_CPU_PRECISION_FIGURES,
+        Figure("2.19x", _CPU_PRECISION, "sizes/800/annotate bf16/over_pipeline", "{:.2f}x"),
+        Figure("2.76x", _CPU_PRECISION, "sizes/800/annotate int8/over_pipeline", "{:.2f}x"),
+        Figure("2.29x", _CPU_PRECISION, "sizes/4000/annotate bf16/over_pipeline", "{:.2f}x"),
+        Figure("3.21x", _CPU_PRECISION, "sizes/4000/annotate int8/over_pipeline", "{:.2f}x"),
+        Figure("1.27x", _CPU_PRECISION, "memory/fp32/ratio", "{:.2f}x"),
+        Figure("1.25x", _CPU_PRECISION, "memory/bf16/ratio", "{:.2f}x"),
+        Figure("1.08x", _CPU_PRECISION, "memory/int8/ratio", "{:.2f}x"),
+        Figure("1.66x", _CPU_KERNELS, "over_fp32/bf16 cast once (annotate)", "{:.2f}x"),
+        Figure("1.54x", _CPU_KERNELS, "over_fp32/bf16 autocast", "{:.2f}x"),
+        Figure("2.34x", _CPU_KERNELS, "over_fp32/int8 fbgemm (annotate)", "{:.2f}x"),
+        Figure("2.36x", _CPU_KERNELS, "over_fp32/int8 onednn", "{:.2f}x"),
+        # the segment-cap table: space-joined, then newline-joined, caps none/54/96/162
+        *[
+            Figure(text, _SEGMENT_CAP, f"results/{index}/f1", "{:.4f}")
+            for index, text in enumerate(["0.8881", "0.8904", "0.8943", "0.8945", "0.9042", "0.9025", "0.9040"])
+        ],
+    ],
     "docs/running-at-scale.md": [
         *_ENGINE_FIGURES,
         Figure("479,551", _H100_GLOO, f"{_BERT_RUNS}/like_pipeline/steady/subwords_per_s", "{:,.0f}"),

@@ -62,9 +62,9 @@ def annotate_units(
     else:
         plan = probe.node_view(plan)
     choice = agree_on_precision(plan, rank, device, gather)
+    tagger = load_tagger(options, device, choice)  # a model that cannot annotate fails here, before any work
     if rank == 0:
         say_choice(choice)
-    tagger = load_tagger(options, device, choice)  # a model that cannot annotate fails here, before any work
     config, schema = describe_run(plan, tagger)
     out = plan.out
     if rank == 0:

@@ -88,8 +88,8 @@ def annotate_with_ray(options: Options, settings: RayOptions) -> Tally:
         pending = len(plan.units) if options.overwrite else len(plan.todo())
         workers = start_actors(ray, plan, sizes, min(count, max(pending, 1)))
         choice = agree_on_precision(ray, workers, plan)
+        config, schema = agree_on_config(ray, workers, plan, choice)  # the actors load (and check) the model
         say_choice(choice)
-        config, schema = agree_on_config(ray, workers, plan, choice)
         plan.out.prepare(config, options.overwrite)
         plan.out.refresh_driver(token)  # --overwrite cleared the claim with the rest
         probe_nodes(ray, workers, plan, token)
