@@ -180,6 +180,8 @@ def check_model(
     split: str = "validation",
     document_column: str | None = None,
     batch_size: int = 32,
+    tokens_column: str = "tokens",
+    tags_column: str = "ner_tags",
 ) -> dict:
     """Score `model` on `data` at fp32 and at each of `precisions`, at sentence level and (where the
     data has documents) document level, on CPU; write the result into the model directory's
@@ -191,7 +193,7 @@ def check_model(
     directory = Path(model)
     if not (directory / "config.json").is_file():
         raise OptionError(f"{model}: check-precision needs a local model directory (it writes its record there)")
-    has_documents = load_corpus(data, split, document_column=document_column).has_documents
+    has_documents = load_corpus(data, split, tokens_column, tags_column, document_column).has_documents
     levels = ["sentence", "document"] if has_documents else ["sentence"]
     scores: dict[str, dict[str, float]] = {}
     for precision in ["fp32", *precisions]:
@@ -202,12 +204,15 @@ def check_model(
                 data,
                 split,
                 batch_size,
+                tokens_column=tokens_column,
+                tags_column=tags_column,
                 documents=level == "document",
                 document_column=document_column,
                 annotate_options={"precision": precision},
             )
             scores[precision][level] = round(metrics["overall_f1"], 6)
-    record = read_record(model) or {"checks": {}}
+    record = read_record(model) or {}
+    record.setdefault("checks", {})
     record |= {"model_fingerprint": model_fingerprint(model), "nerbatch": __version__}
     for precision in precisions:
         loss = min(scores[precision][level] - scores["fp32"][level] for level in levels)

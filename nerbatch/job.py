@@ -283,8 +283,10 @@ def choose_run_precision(
     from nerbatch.modeling import resolve_model
 
     previous = None if plan.options.overwrite else plan.out.recorded_precision()
-    model = resolve_model(plan.options.model)
-    local = model if evidence is None and os.path.isdir(model) else None
+    local = None
+    if evidence is None:  # else read where the model is (a Ray driver's node may not hold it)
+        model = resolve_model(plan.options.model)
+        local = model if os.path.isdir(model) else None
     return choose_precision(plan.options.precision, device_type, local, flags, previous, evidence)
 
 

@@ -87,7 +87,11 @@ def _is_abbreviation(text: str, dot: int) -> bool:
     match = _LAST_WORD.search(text, max(0, dot - 40), dot)  # bounded: a 1M-character text has many dots
     if match is None:
         return False
-    word = match.group(1).lstrip("\"'“‘([")
+    return _abbreviated(match.group(1).lstrip("\"'“‘(["))
+
+
+def _abbreviated(word: str) -> bool:
+    """True when `word` (without its final dot) is an abbreviation or an initial."""
     if not word:  # a dot after a space: tokenized text such as "... Monday ." ends a sentence
         return False
     if len(word) == 1 and word.isalpha():  # an initial: "J. Smith"
@@ -118,7 +122,9 @@ def cut_strength(previous: str, following: str) -> int:
     if not previous or not following:
         return 0
     if previous[-1] in _SENTENCE_END:
-        return 4
+        word = previous.rstrip(".!?")
+        abbreviated = previous[-1] == "." and _abbreviated(word.lstrip("\"'“‘(["))
+        return 1 if abbreviated else 4  # "U.S. Army", "Mr. Smith": rather not there
     starts_unit = following[0].isupper() or following[0].isdigit() or following[0] in "\"'“‘(["
     if previous[-1] in _CLAUSE_END:
         return 3

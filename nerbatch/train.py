@@ -124,12 +124,14 @@ def check_int8(accelerator, cfg: TrainConfig) -> None:
     """The best model's int8 check (`nerbatch check-precision`), recorded beside its weights so that
     annotate's `--precision auto` may run it at int8. It runs on CPU in a process of its own, started
     by the main process (the training processes hold the GPUs and the process group); a check that
-    fails is a warning: the model is saved and fine at fp32."""
+    fails is a warning: the model is saved and fine at fp32. The other processes do not wait for it
+    (a long check must not run into the process group's timeout after training is done)."""
     if accelerator.is_main_process:
         env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV and not k.startswith(LAUNCHER_PREFIXES)}
         env["CUDA_VISIBLE_DEVICES"] = ""
         command = [sys.executable, "-m", "nerbatch", "check-precision", cfg.output_dir, cfg.validation]
-        command += ["--precision", "int8"] + (["--document-column", cfg.document_column] if cfg.document_column else [])
+        command += ["--precision", "int8", "--tokens-column", cfg.tokens_column, "--tags-column", cfg.tags_column]
+        command += ["--document-column", cfg.document_column] if cfg.document_column else []
         accelerator.print("int8 check of the best model (on CPU):")
         if subprocess.run(command, env=env).returncode != 0:
             print(
@@ -137,7 +139,6 @@ def check_int8(accelerator, cfg: TrainConfig) -> None:
                 f"this model at int8 until `nerbatch check-precision {cfg.output_dir} VALIDATION` passes",
                 file=sys.stderr,
             )
-    accelerator.wait_for_everyone()
 
 
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -427,7 +428,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         progress |= {"epoch": epoch + 1, "batches_done": 0}
         save_checkpoint(accelerator, output_dir, progress, cfg.keep_checkpoints)
     bar.close()
+    accelerator.end_training()
     if cfg.check_int8 and progress["best_epoch"]:
         check_int8(accelerator, cfg)
-    accelerator.end_training()
     return progress["history"][progress["best_epoch"] - 1] if progress["best_epoch"] else {}

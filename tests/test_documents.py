@@ -354,3 +354,4 @@ def test_cut_strength_orders_the_boundaries():
     assert cut_strength("1996-08-22", "The") == 3 and cut_strength("said:", "the") == 3
     assert cut_strength("LAMB", "Peter") == 2 and cut_strength("-", "JAPAN") == 2
     assert cut_strength(",", "United") == 1 and cut_strength("2-1", "win") == 0
+    assert cut_strength("U.S.", "Army") == 1 and cut_strength("Mr.", "Smith") == 1  # abbreviations: weak

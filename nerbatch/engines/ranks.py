@@ -109,6 +109,8 @@ def agree_on_precision(plan: Plan, rank: int, device: str | None, gather: Callab
             choice = choose_run_precision(plan, device_type, agreed_flags(flags))
         except NerbatchError as exc:
             error = str(exc)
+        except Exception as exc:  # anything else too: the other ranks wait in the gather below
+            error = f"choosing the precision failed: {type(exc).__name__}: {exc}"
     choice, error = gather((choice, error))[0]
     if error:
         raise OptionError(error)
