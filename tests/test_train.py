@@ -53,7 +53,10 @@ def train_args(model, splits, out, *extra):
 @pytest.mark.slow
 def test_two_process_training_evaluates_exactly_like_one_and_three(tiny_model_dir, splits, tmp_path):
     out = tmp_path / "run"
-    assert "on 2 processes" in run(train_args(tiny_model_dir, splits, out, "--epochs", "2"), processes=2)
+    # best epoch by sentence F1, the level compared below (a weakly trained epoch has near-ties that
+    # another batch padding may flip)
+    args = train_args(tiny_model_dir, splits, out, "--epochs", "2", "--select-by", "sentence")
+    assert "on 2 processes" in run(args, processes=2)
     metrics = json.loads((out / "metrics.json").read_text())
     trained = metrics["epochs"][metrics["best_epoch"] - 1]  # the saved model's epoch
     assert trained["overall_f1"] > 0.05  # it learned something, so equality below is not trivial
