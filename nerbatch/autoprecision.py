@@ -30,8 +30,6 @@ TOLERANCE = 0.003  # the most F1 (sentence or document level) a lossy precision 
 # weights, full-range dynamic activations, 8 outlier input channels of the first down-projection in
 # fp32. A check of another scheme does not count. Here, not there: reading a record needs no torch.
 INT8_SCHEME = "pc-split8-full"
-# How much slower than fp32 emulated bf16 ran (a CPU without bf16 units), for the warning.
-EMULATED_BF16_SLOWDOWN = "several times"
 
 
 @dataclass(frozen=True)
@@ -99,7 +97,7 @@ def _explicit_cpu_choice(requested: str, kind, flags) -> Choice:
     if requested == "bf16" and not has_native_bf16(flags):
         print(
             f"nerbatch: warning: --precision bf16 on a CPU without bf16 units ({kind.name}): bf16 is emulated "
-            f"here, {EMULATED_BF16_SLOWDOWN} slower than fp32",
+            "here, slower than fp32",
             file=sys.stderr,
         )
         return Choice("bf16", "asked for (emulated on this CPU)", "ATen emulated bf16", kind.name, requested)
