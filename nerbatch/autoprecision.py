@@ -45,6 +45,10 @@ class Choice:
     def record(self) -> dict:
         return asdict(self)
 
+    def describe(self) -> str:
+        """One line for the log: the precision, what runs it and why."""
+        return f"precision {self.precision} ({self.kernel}): {self.reason}"
+
 
 def choose_precision(
     requested: str,

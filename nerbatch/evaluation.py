@@ -206,4 +206,4 @@ def evaluate_dir(
 def say_choice(accelerator, choice) -> None:
     """Print the precision evaluation runs at and why (main process), once the data is checked."""
     if accelerator.is_main_process:
-        print(f"nerbatch evaluate: precision {choice.precision} ({choice.kernel}): {choice.reason}", file=sys.stderr)
+        print(f"nerbatch evaluate: {choice.describe()}", file=sys.stderr)

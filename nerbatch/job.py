@@ -279,20 +279,17 @@ def choose_run_precision(
     """The one precision of the whole run (`nerbatch.autoprecision`): `flags` are the CPU flags all
     its workers share, `evidence` the model's precision record where this process cannot read the
     model; a rerun keeps the precision OUT_DIR's run was written at."""
-    from nerbatch.autoprecision import choose_precision
-    from nerbatch.modeling import resolve_model
+    from nerbatch.autoprecision import choose_precision, local_model
 
     previous = None if plan.options.overwrite else plan.out.recorded_precision()
-    local = None
-    if evidence is None:  # else read where the model is (a Ray driver's node may not hold it)
-        model = resolve_model(plan.options.model)
-        local = model if os.path.isdir(model) else None
+    # with `evidence`, the record was read where the model is (a Ray driver's node may not hold it)
+    local = local_model(plan.options.model) if evidence is None else None
     return choose_precision(plan.options.precision, device_type, local, flags, previous, evidence)
 
 
 def say_choice(choice: Choice) -> None:
     """Print the run's precision and why, once."""
-    print(f"nerbatch annotate: precision {choice.precision} ({choice.kernel}): {choice.reason}", file=sys.stderr)
+    print(f"nerbatch annotate: {choice.describe()}", file=sys.stderr)
 
 
 def carried_fields(units: list[Unit], options: Options) -> list:

@@ -356,11 +356,10 @@ class UnitWorker:
         actor has a GPU, and the model's precision record."""
         import torch
 
-        from nerbatch.autoprecision import read_record
-        from nerbatch.modeling import resolve_model
+        from nerbatch.autoprecision import local_model, read_record
 
-        model = resolve_model(self.plan.options.model)
-        evidence = read_record(model) if os.path.isdir(model) else None
+        model = local_model(self.plan.options.model)
+        evidence = read_record(model) if model else None
         return {"flags": sorted(cpu_flags()), "cuda": torch.cuda.is_available(), "evidence": evidence}
 
     def load(self, choice: Choice):
