@@ -1,78 +1,106 @@
-"""Start-up, measured as whole processes (start to exit) on one Parquet file:
+"""Start-up of whole `nerbatch annotate` processes: from launch to the first document, and the wall
+time, per way of loading the model, interleaved rounds, medians:
 
-- `nerbatch annotate` as shipped (the console entry point: full garbage collections held back until
-  the model is loaded, then everything frozen; frozen again at exit);
-- the same command through the CLI's `main`, with Python's default collector;
+- `plain torch`: as shipped (a BERT checkpoint runs as `nerbatch.encoder`, transformers not imported);
+- `transformers`: the same command with the model and tokenizer loaded by transformers' Auto
+  classes (the path of releases before 0.5.0, and of non-BERT models today);
+- `default collector`: as shipped but through the CLI's `main`, with Python's default collector.
 
-at each `--precision`, interleaved rounds, best round each, with the seconds inside the job (from
-the run's stats.json) so that start-up and exit are the rest.
+    python -m benchmarks.startup MODEL_DIR ../shared/data/reuters21578/reuters21578.parquet --docs 50 \
+        --precision auto --rounds 7 --json-out benchmarks/results/startup-KIND.json
 
-    python -m benchmarks.startup MODEL_DIR ../shared/data/reuters21578/reuters21578.parquet --docs 800 \
-        --repeats 3 --json-out benchmarks/results/startup-epyc.json
-
-The documents are bench.py's (the first DOCS non-empty texts that fit one window).
+Start-up is the rank's `work_started_at` (stats/rank-*.json) less the launch time. The documents are
+bench.py's (the first DOCS non-empty texts that fit one window). The CPU's name and features are
+printed with the table and recorded.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import click
 
-from benchmarks.common import best_times, machine, window_documents, write_documents
+from benchmarks.common import machine, window_documents, write_documents
+from nerbatch.cpu import cpu_kind, describe_cpu
 
+_MAIN = "from nerbatch.cli import main; sys.argv[0] = 'nerbatch'; main()"
 VARIANTS = {
-    "shipped": ["-m", "nerbatch"],
-    "default collector": ["-c", "import sys; from nerbatch.cli import main; sys.argv[0] = 'nerbatch'; main()"],
+    "plain torch": ["-m", "nerbatch"],
+    "transformers": ["-c", "import sys, nerbatch.modeling as m; m._load_plain = lambda *a: None; " + _MAIN],
+    "default collector": ["-c", "import sys; " + _MAIN],
 }
 
 
-def runner(variant: str, model_dir: str, source: Path, out: Path, precision: str):
-    """A whole `nerbatch annotate` process of `variant`; returns the seconds spent inside the job."""
-    import subprocess
-
+def run_once(variant: str, model_dir: str, source: Path, out: Path, precision: str) -> dict:
+    """One whole `nerbatch annotate` process of `variant`: its wall time, start-up and precision."""
     cmd = [sys.executable, *VARIANTS[variant], "annotate", model_dir, str(source), "--output", str(out)]
     cmd += ["--id-column", "doc_id", "--precision", precision, "--overwrite", "--no-progress"]
-
-    def run() -> float:
-        subprocess.run(cmd, check=True, capture_output=True)
-        return json.loads((out / "_nerbatch" / "stats.json").read_text())["seconds"]
-
-    return run
+    launched, started = time.time(), time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise click.ClickException(f"{variant} failed:\n{done.stderr[-2000:]}")
+    rank = json.loads(next((out / "_nerbatch" / "stats").glob("rank-*.json")).read_text())
+    stats = json.loads((out / "_nerbatch" / "stats.json").read_text())
+    return {
+        "wall": wall,
+        "start_up": rank["work_started_at"] - launched,
+        "in_job": stats["seconds"],
+        "precision": stats["options"]["precision"],
+    }
 
 
 @click.command()
 @click.argument("model_dir")
 @click.argument("corpus", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--docs", default=800, show_default=True)
-@click.option("--precision", "precisions", default="fp32,int8", show_default=True)
+@click.option("--docs", default=50, show_default=True)
+@click.option("--precision", "precisions", default="auto", show_default=True, help="Comma-separated.")
 @click.option("--variants", default=",".join(VARIANTS), show_default=True, help="Which of the variants to run.")
-@click.option("--repeats", default=3, show_default=True)
+@click.option("--rounds", default=7, show_default=True)
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path))
 def main(
-    model_dir: str, corpus: Path, docs: int, precisions: str, variants: str, repeats: int, json_out: Path | None
+    model_dir: str, corpus: Path, docs: int, precisions: str, variants: str, rounds: int, json_out: Path | None
 ) -> None:
     texts, _ = window_documents(model_dir, corpus, docs)
+    names = [(v, p) for p in precisions.split(",") for v in variants.split(",")]
+    runs: dict[tuple[str, str], list[dict]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
         source = write_documents(texts, Path(tmp) / "docs.parquet")
-        methods = {
-            f"{variant}, {precision}": runner(
-                variant, model_dir, source, Path(tmp) / f"{variant}-{precision}", precision
-            )
-            for precision in precisions.split(",")
-            for variant in variants.split(",")
+        for round_ in range(rounds):
+            order = names[round_ % len(names) :] + names[: round_ % len(names)]  # each goes first in turn
+            for variant, precision in order:
+                out = Path(tmp) / f"{variant}-{precision}".replace(" ", "-")
+                runs[variant, precision].append(run_once(variant, model_dir, source, out, precision))
+    rows = {}
+    for (variant, precision), records in runs.items():
+        rows[f"{variant}, {precision}"] = {
+            "precision": records[0]["precision"],
+            **{f"{key}_seconds": statistics.median(r[key] for r in records) for key in ("start_up", "wall", "in_job")},
+            "start_up_each": [round(r["start_up"], 3) for r in records],
         }
-        seconds, in_job = best_times(methods, repeats)
-    report = {"machine": machine(), "command": " ".join(sys.argv), "model": model_dir, "docs": len(texts)}
-    report["seconds"] = seconds
-    report["in_job_seconds"] = in_job
-    click.echo(f"machine: {report['machine']['cores']} cores, {report['machine']['cpu']}; {len(texts)} docs")
-    for name, whole in seconds.items():
-        inside = in_job[name]
-        click.echo(f"  {name:28s} {whole:6.2f} s   ({inside:.2f} s in the job, {whole - inside:.2f} s start-up/exit)")
+    click.echo(f"{describe_cpu()}\n{len(texts)} documents, {rounds} rounds, medians:")
+    click.echo(f"{'variant':<30}{'start-up':>10}{'wall':>9}{'in job':>9}  precision")
+    for name, row in rows.items():
+        click.echo(
+            f"{name:<30}{row['start_up_seconds']:>9.2f}s{row['wall_seconds']:>8.2f}s"
+            f"{row['in_job_seconds']:>8.2f}s  {row['precision']}"
+        )
+    report = {
+        "machine": machine(),
+        "cpu": describe_cpu(),
+        "cpu_kind": cpu_kind().name,
+        "command": " ".join(["python -m benchmarks.startup", *sys.argv[1:]]),
+        "model": model_dir,
+        "docs": len(texts),
+        "rounds": rounds,
+        "variants": rows,
+    }
     if json_out:
         json_out.write_text(json.dumps(report, indent=1) + "\n")
         click.echo(f"written: {json_out}")

@@ -264,7 +264,7 @@ def predict_cmd(model_dir, text, aggregation, segment, max_length, precision):
     from nerbatch.inference import tag_texts
     from nerbatch.modeling import load_token_classifier
 
-    model, tokenizer = load_token_classifier(model_dir)
+    model, tokenizer = load_token_classifier(model_dir, rust_tokenizer=True)
     if torch.cuda.is_available():  # as annotate: the GPU when there is one
         model.to("cuda")
     choice = choose_precision(precision, model.device.type, local_model(model_dir))

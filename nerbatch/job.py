@@ -249,7 +249,7 @@ def load_tagger(options: Options, device: str | None = None, choice: Choice | No
     from nerbatch.modeling import load_token_classifier
     from nerbatch.precision import cast_bf16, quantize_int8, resolve_precision
 
-    model, tokenizer = load_token_classifier(options.model)
+    model, tokenizer = load_token_classifier(options.model, rust_tokenizer=True)
     if device:
         model.to(device)
     precision = resolve_precision(choice.precision if choice else options.precision, model.device)

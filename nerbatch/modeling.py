@@ -6,9 +6,8 @@ import re
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokenizer
 
-from nerbatch import gc_tuning
+from nerbatch import encoder, gc_tuning
 from nerbatch.errors import NerbatchError, OptionError
 
 # Byte-level BPE tokenizers need a leading space on every word for `is_split_into_words=True`.
@@ -48,6 +47,8 @@ def resolve_model(name: str) -> str:
 
 def load_config(name: str):
     """The model config of `name`; an unreachable hub id or a wrong path is a one-line `ModelError`."""
+    from transformers import AutoConfig
+
     name = resolve_model(name)
     try:
         return AutoConfig.from_pretrained(name)
@@ -59,6 +60,8 @@ def load_config(name: str):
 
 def load_tokenizer(name: str):
     """Load the fast tokenizer of `name` (hub id or local dir); a slow tokenizer is an error."""
+    from transformers import AutoTokenizer
+
     name = resolve_model(name)
     config = load_config(name)
     kwargs = {"add_prefix_space": True} if config.model_type in PREFIX_SPACE_MODELS else {}
@@ -66,14 +69,7 @@ def load_tokenizer(name: str):
         tokenizer = AutoTokenizer.from_pretrained(name, use_fast=True, **kwargs)
     except (OSError, ValueError) as exc:  # no tokenizer files in the directory, an unknown tokenizer class
         raise ModelError(f"{name}: could not load its tokenizer ({str(exc).splitlines()[0]})") from exc
-    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
-        # transformers builds a tokenizer of special tokens alone from a directory without tokenizer
-        # files: every word would be [UNK], and training, scoring and predicting would all "work"
-        raise ModelError(
-            f"{name}: no tokenizer files (tokenizer.json, vocab.txt...): its tokenizer has only the "
-            f"{len(tokenizer)} special tokens. Save the tokenizer beside the model (tokenizer.save_pretrained), "
-            "or pass the directory `nerbatch train` wrote"
-        )
+    check_not_specials_only(name, len(tokenizer), len(set(tokenizer.all_special_ids)))
     if not tokenizer.is_fast:
         raise ModelError(
             f"{name}: {type(tokenizer).__name__} is a slow (pure Python) tokenizer; nerbatch needs a "
@@ -81,6 +77,18 @@ def load_tokenizer(name: str):
             "model that ships tokenizer.json"
         )
     return tokenizer
+
+
+def check_not_specials_only(name: str, size: int, specials: int) -> None:
+    """Refuse a tokenizer of `size` tokens of which `specials` are special tokens, when that is all."""
+    if size <= specials:
+        # transformers builds a tokenizer of special tokens alone from a directory without tokenizer
+        # files: every word would be [UNK], and training, scoring and predicting would all "work"
+        raise ModelError(
+            f"{name}: no tokenizer files (tokenizer.json, vocab.txt...): its tokenizer has only the "
+            f"{size} special tokens. Save the tokenizer beside the model (tokenizer.save_pretrained), "
+            "or pass the directory `nerbatch train` wrote"
+        )
 
 
 def max_model_length(tokenizer, config) -> int:
@@ -154,19 +162,53 @@ def check_classifier_config(name: str, config) -> None:
         )
 
 
-def load_token_classifier(name: str):
+def load_token_classifier(name: str, rust_tokenizer: bool = False):
     """The `(model, tokenizer)` of a trained entity tagger, in eval mode, checked before use.
 
     The config is checked first (`check_classifier_config`); then no weight of the model may be
     missing from the checkpoint: transformers would initialise it at random and warn in a log line
     that scrolls past, and a whole night of annotation would be garbage.
+
+    A local BERT checkpoint of the form `nerbatch.encoder` builds is loaded as that plain-torch
+    module (the same weights and arithmetic, without transformers' import time); with
+    `rust_tokenizer` its tokenizer is then an `encoder.RustTokenizer` too, which is all a `Tagger`
+    needs, and transformers is not imported at all. Other models load through transformers.
     """
     name = resolve_model(name)
     with gc_tuning.collection_paused():
-        config = load_config(name)
-        check_classifier_config(name, config)
-        tokenizer = load_tokenizer(name)
-        model, info = _load_weights(name)
+        loaded = _load_plain(name, rust_tokenizer)
+        if loaded is None:
+            loaded = _load_with_transformers(name)
+    gc_tuning.end()
+    return loaded
+
+
+def _load_plain(name: str, rust_tokenizer: bool):
+    """`(model, tokenizer)` through `nerbatch.encoder`, or None when it does not build this model."""
+    directory = Path(name)
+    if not (directory / "config.json").is_file():
+        return None
+    config = encoder.read_config(directory)
+    check_classifier_config(name, config)
+    if encoder.unsupported(directory, config):
+        return None
+    model = encoder.load_classifier(directory, config)
+    if model is None:
+        return None
+    if not rust_tokenizer:
+        return model, load_tokenizer(name)
+    tokenizer = encoder.RustTokenizer(directory)
+    specials = [t for t in tokenizer.backend_tokenizer.get_added_tokens_decoder().values() if t.special]
+    check_not_specials_only(name, len(tokenizer), len(specials))
+    return model, tokenizer
+
+
+def _load_with_transformers(name: str):
+    """`(model, tokenizer)` through transformers' Auto classes, with the missing-weights check."""
+    config = load_config(name)
+    check_classifier_config(name, config)
+    tokenizer = load_tokenizer(name)
+    model, info = _load_weights(name)
     parameters = {n for n, _ in model.named_parameters()}
     missing = sorted(k for k in info.get("missing_keys", ()) if k in parameters)
     if missing:
@@ -175,7 +217,6 @@ def load_token_classifier(name: str):
             "checkpoint and would be initialised at random (no trained token-classification head: "
             "the base encoder, not a fine-tuned output?); pass the directory `nerbatch train` wrote"
         )
-    gc_tuning.end()
     return model.eval(), tokenizer
 
 
@@ -198,6 +239,7 @@ def _from_pretrained(name: str, **kwargs):
     """`AutoModelForTokenClassification.from_pretrained` in fp32; a missing, truncated or foreign
     weights file is a one-line `ModelError`."""
     from safetensors import SafetensorError
+    from transformers import AutoModelForTokenClassification
 
     try:
         # fp32 whatever dtype the checkpoint was saved in (transformers 5 keeps the saved one): the

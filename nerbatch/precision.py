@@ -155,13 +155,25 @@ def split_first_down_projection(model, tokenizer, k: int) -> None:
 
 
 def calibration_batches(tokenizer, batch_size: int = 32) -> list[dict]:
-    """The shipped calibration sentences, tokenized as the model's input in padded batches."""
+    """The shipped calibration sentences, tokenized as the model's input in padded batches (by the
+    Rust tokenizer alone, so that any fast tokenizer will do)."""
+    from tokenizers import Tokenizer
+
     from nerbatch.data import read_conll
 
     with resources.as_file(CALIBRATION_TEXT) as path:
         sentences = [s.words for s in read_conll(path).sentences[:CALIBRATION_SENTENCES]]
-    encode = dict(is_split_into_words=True, truncation=True, padding=True, return_tensors="pt")
-    return [dict(tokenizer(sentences[i : i + batch_size], **encode)) for i in range(0, len(sentences), batch_size)]
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())  # a copy: padding is set below
+    backend.no_truncation()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    backend.enable_padding(pad_id=pad_id)
+    batches = []
+    for i in range(0, len(sentences), batch_size):
+        encodings = backend.encode_batch(sentences[i : i + batch_size], is_pretokenized=True)
+        ids = torch.tensor([e.ids for e in encodings])
+        mask = torch.tensor([e.attention_mask for e in encodings])
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
 
 
 class _Captured(Exception):

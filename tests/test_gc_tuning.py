@@ -11,20 +11,27 @@ from nerbatch.modeling import ModelError, load_token_classifier
 
 @pytest.mark.slow
 def test_loading_pauses_the_collector_and_restores_it(tiny_model_dir, tmp_path, monkeypatch):
-    """The collector is off while transformers builds the model (start-up time), and comes back on
+    """The collector is off while the model is built (start-up time), and comes back on
     afterwards, also when loading fails; the console script is `run` (see `nerbatch.gc_tuning`)."""
     import gc
     from importlib.metadata import entry_points
 
+    import nerbatch.encoder
     import nerbatch.modeling
 
-    during, load = [], nerbatch.modeling._load_weights
+    during = []
 
-    def spy(name):
-        during.append(gc.isenabled())
-        return load(name)
+    def spy(module, name):
+        real = getattr(module, name)
 
-    monkeypatch.setattr(nerbatch.modeling, "_load_weights", spy)
+        def loading(*args):
+            during.append(gc.isenabled())
+            return real(*args)
+
+        monkeypatch.setattr(module, name, loading)
+
+    spy(nerbatch.encoder, "load_classifier")  # the plain-torch BERT path
+    spy(nerbatch.modeling, "_load_weights")  # transformers' path
     assert gc.isenabled()
     load_token_classifier(str(tiny_model_dir))
     assert during == [False] and gc.isenabled()
