@@ -79,6 +79,12 @@ def main() -> None:
 @click.option("--max-eval-samples", type=int, help="Use only the first N validation sentences.")
 @click.option("--gradient-accumulation-steps", type=int)
 @click.option(
+    "--micro-batch-tokens",
+    type=int,
+    help="Run a batch of more subwords (rows x padded length) in slices: the same gradient, less peak memory "
+    "(0: whole batches).",
+)
+@click.option(
     "--label-all-subwords/--label-first-subword",
     default=None,
     help="Label continuation subwords with I- (reference) or ignore them.",

@@ -45,6 +45,9 @@ class TrainConfig:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     gradient_accumulation_steps: int = 1
+    # a batch of more subwords (rows x padded length) runs in row slices: the same gradient, the
+    # activations of a slice at a time (peak memory); 0: whole batches
+    micro_batch_tokens: int = 0
     label_all_subwords: bool = True  # False: continuation subwords get -100
     group_by_length: bool = False  # batches of similar length (less padding)
     checkpoint_every: int = 0  # optimizer steps between mid-epoch checkpoints; 0: epoch ends only
@@ -101,7 +104,8 @@ def check_ranges(cfg: TrainConfig, source: str) -> None:
         value = getattr(cfg, key)
         if value is not None and value < 1:
             raise ConfigError(f"{source}: {key} = {value} must be at least 1")
-    for key, value in [("checkpoint_every", cfg.checkpoint_every), ("weight_decay", cfg.weight_decay)]:
+    negatives = [("checkpoint_every", cfg.checkpoint_every), ("weight_decay", cfg.weight_decay)]
+    for key, value in negatives + [("micro_batch_tokens", cfg.micro_batch_tokens)]:
         if value < 0:
             raise ConfigError(f"{source}: {key} = {value} must not be negative")
     choices = {"context": ("sentence", "document"), "select_by": ("auto", "document", "sentence")}

@@ -7,6 +7,7 @@ never reads a rank itself.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -34,7 +35,14 @@ from nerbatch.inference import Tagger, special_tokens_around
 from nerbatch.modeling import load_model, load_tokenizer, window_length
 
 # Keys that may change between a checkpoint and its resumption without changing the run.
-RESUMABLE_CHANGES = {"output_dir", "eval_batch_size", "checkpoint_every", "keep_checkpoints", "report_to"}
+RESUMABLE_CHANGES = {
+    "output_dir",
+    "eval_batch_size",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "report_to",
+    "micro_batch_tokens",  # the same gradients, in slices
+}
 
 
 def load_splits(cfg: TrainConfig) -> tuple[Corpus, Corpus]:
@@ -138,6 +146,36 @@ def check_int8(accelerator, cfg: TrainConfig) -> None:
                 f"this model at int8 until `nerbatch check-precision {cfg.output_dir} VALIDATION` passes",
                 file=sys.stderr,
             )
+
+
+def forward_backward(accelerator, model, batch: dict, max_tokens: int = 0) -> torch.Tensor:
+    """The batch's loss, its gradients accumulated into the model's.
+
+    A batch of more than `max_tokens` subwords (rows x padded length) runs in slices of rows, each
+    slice's loss weighted by its share of the batch's labelled subwords: the gradients add up to the
+    whole batch's (only the dropout draws differ), while the activations held for the backward pass
+    are one slice's. Those dominate training memory for long inputs: a batch of 32 windows of 256
+    subwords keeps 12 attention maps of 256 x 256 per window and layer (benchmarks/README.md).
+    """
+    rows, width = batch["input_ids"].shape
+    if not max_tokens or rows * width <= max_tokens or rows == 1:
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        return loss.detach()
+    step = max(1, max_tokens // width)
+    labelled = batch["labels"].ne(-100).sum(dim=1).tolist()
+    total = sum(labelled)
+    slices = [(start, min(start + step, rows)) for start in range(0, rows, step)]
+    slices = [(a, b) for a, b in slices if sum(labelled[a:b])]  # no labels, no gradient (and no 0/0 loss)
+    loss_sum = torch.zeros((), device=batch["input_ids"].device)
+    for i, (a, b) in enumerate(slices):
+        # gradients are synchronised across processes once, with the batch's last slice
+        syncing = contextlib.nullcontext() if i == len(slices) - 1 else accelerator.no_sync(model)
+        with syncing:
+            loss = model(**{k: v[a:b] for k, v in batch.items()}).loss * (sum(labelled[a:b]) / total)
+            accelerator.backward(loss)
+        loss_sum += loss.detach()
+    return loss_sum
 
 
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -363,8 +401,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         started, loss_sum = time.perf_counter(), torch.zeros((), device=accelerator.device)
         for batch_index, batch in enumerate(batches, start=skip):
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
+                loss = forward_backward(accelerator, model, batch, cfg.micro_batch_tokens)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)

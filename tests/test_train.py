@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -55,7 +56,10 @@ def test_two_process_training_evaluates_exactly_like_one_and_three(tiny_model_di
     out = tmp_path / "run"
     # best epoch by sentence F1, the level compared below (a weakly trained epoch has near-ties that
     # another batch padding may flip)
-    args = train_args(tiny_model_dir, splits, out, "--epochs", "2", "--select-by", "sentence")
+    # with batches run in slices, whose gradients are synchronised once per batch
+    args = train_args(
+        tiny_model_dir, splits, out, "--epochs", "2", "--select-by", "sentence", "--micro-batch-tokens", "200"
+    )
     assert "on 2 processes" in run(args, processes=2)
     metrics = json.loads((out / "metrics.json").read_text())
     trained = metrics["epochs"][metrics["best_epoch"] - 1]  # the saved model's epoch
@@ -84,6 +88,44 @@ def test_two_process_training_evaluates_exactly_like_one_and_three(tiny_model_di
         (e["entity_group"], e["start"], e["end"]) for e in expected
     ]
     assert all(text[e["start"] : e["end"]] == e["word"] for e in predicted)
+
+
+class _OneProcess:
+    """What `forward_backward` asks of an Accelerator, for one process."""
+
+    def backward(self, loss):
+        loss.backward()
+
+    def no_sync(self, model):
+        return contextlib.nullcontext()
+
+
+def test_a_batch_in_slices_has_the_whole_batch_gradient(tiny_model_dir):
+    """Sliced by micro_batch_tokens, a batch gives the loss and gradients of the whole batch (dropout
+    off), weighting slices by labelled subwords; a slice without labels adds nothing."""
+    from nerbatch.modeling import load_model
+    from nerbatch.train import forward_backward
+
+    model, labels = load_model(
+        str(tiny_model_dir), ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
+    )
+    model.eval()  # no dropout: the sums must agree
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 500, (6, 12), generator=generator)
+    labels = torch.randint(0, len(labels), (6, 12), generator=generator)
+    labels[1] = -100  # a row without labels
+    labels[2, 4:] = -100  # rows with different label counts: slices weigh differently
+    labels[0, [0, 5]] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    results = []
+    for max_tokens in (0, 24, 12):  # whole; slices of 2 rows; of 1 row
+        model.zero_grad()
+        loss = forward_backward(_OneProcess(), model, batch, max_tokens)
+        results.append((loss, [p.grad.clone() for p in model.parameters()]))
+    (whole_loss, whole_grads), *sliced = results
+    for loss, grads in sliced:
+        assert torch.allclose(loss, whole_loss, atol=1e-6)
+        assert all(torch.allclose(g, w, atol=1e-6, rtol=1e-4) for g, w in zip(grads, whole_grads))
 
 
 @pytest.mark.slow
