@@ -2,11 +2,13 @@
 
 Importing transformers' BERT classes takes longer than importing torch itself (they pull in
 torch.distributed.tensor, torch._dynamo and scipy), and a short annotate process spends most of its
-start-up there. So for checkpoints of the form `nerbatch train` writes from a BERT encoder
-(`BertForTokenClassification`, absolute positions, exact GELU, `model.safetensors` and
-`tokenizer.json`), annotate builds this module instead: the same parameters under the same names,
-the same arithmetic (scaled dot-product attention, post-LayerNorm). `unsupported` says why a model
-is not of that form; such a model is loaded by transformers as before (`nerbatch.modeling`).
+start-up there. So for BERT token classifiers (`BertForTokenClassification`, absolute positions,
+exact GELU, weights in `model.safetensors`) nerbatch builds this module instead: the same parameters
+under the same names, the same arithmetic (scaled dot-product attention, post-LayerNorm). For the
+outputs of `nerbatch train` the tokenizer is read from tokenizer.json by the `tokenizers` library
+alone (`RustTokenizer`, `tokenizer_as_saved`), so annotate never imports transformers.
+`unsupported` says why a model is not of that form; such a model is loaded by transformers as
+before (`nerbatch.modeling`).
 """
 
 from __future__ import annotations
@@ -27,18 +29,27 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 # buffer older transformers saved.
 IGNORED_WEIGHTS = ("bert.pooler.", "bert.embeddings.position_ids")
 NO_LENGTH_LIMIT = int(1e30)  # transformers' model_max_length when the tokenizer config names none
-# tokenizer_config.json keys that transformers applies to the Rust normalizer when they disagree with it
-NORMALIZER_KEYS = {
-    "do_lower_case": "lowercase",
-    "strip_accents": "strip_accents",
-    "tokenize_chinese_chars": "handle_chinese_chars",
+
+
+# transformers' BertConfig defaults, for config.json files that leave a field out
+BERT_DEFAULTS = {
+    "architectures": None,
+    "vocab_size": 30522,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "hidden_act": "gelu",
+    "max_position_embeddings": 512,
+    "type_vocab_size": 2,
+    "layer_norm_eps": 1e-12,
 }
 
 
 def read_config(directory: Path) -> SimpleNamespace:
-    """config.json as attributes, `id2label` keyed by int and `num_labels` set, as transformers reads it."""
-    values = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    values.setdefault("architectures", None)
+    """config.json as attributes, with BertConfig's defaults, `id2label` keyed by int and `num_labels`
+    set, as transformers reads it. A file that is not JSON raises ValueError."""
+    values = {**BERT_DEFAULTS, **json.loads((directory / "config.json").read_text(encoding="utf-8"))}
     id2label = {int(k): v for k, v in (values.get("id2label") or {}).items()}
     values.update(id2label=id2label, label2id={v: k for k, v in id2label.items()}, num_labels=len(id2label))
     return SimpleNamespace(**values)
@@ -53,28 +64,21 @@ def unsupported(directory: Path, config: SimpleNamespace) -> str | None:
         return "position embeddings or activation other than BERT's"
     if get("is_decoder") or get("add_cross_attention"):
         return "a decoder"
-    for name in (WEIGHTS, TOKENIZER):
-        if not (directory / name).is_file():
-            return f"no {name}"
-    return _tokenizer_settings_differ(directory)
-
-
-def _tokenizer_settings_differ(directory: Path) -> str | None:
-    """transformers rewrites a BERT tokenizer's normalizer where tokenizer_config.json disagrees with
-    tokenizer.json, and adds the tokens the config lists: either way the Rust tokenizer alone would
-    not be the tokenizer transformers builds."""
-    path = directory / TOKENIZER_CONFIG
-    settings = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    backend = json.loads((directory / TOKENIZER).read_text(encoding="utf-8"))
-    normalizer = backend.get("normalizer") or {}
-    for key, field in NORMALIZER_KEYS.items():
-        if key in settings and (normalizer.get("type") != "BertNormalizer" or normalizer.get(field) != settings[key]):
-            return f"tokenizer_config.json's {key} differs from tokenizer.json"
-    known = {(t["id"], t["content"]) for t in backend.get("added_tokens", [])}
-    listed = settings.get("added_tokens_decoder") or {}
-    if any((int(i), t.get("content")) not in known for i, t in listed.items()):
-        return "tokens added in tokenizer_config.json"
+    if not config.id2label:
+        return "no labels in config.json"
+    if not (directory / WEIGHTS).is_file():
+        return f"no {WEIGHTS}"
     return None
+
+
+def tokenizer_as_saved(directory: Path, config: SimpleNamespace) -> bool:
+    """Whether tokenizer.json alone is the tokenizer transformers builds for this model.
+
+    transformers does not take a BERT tokenizer.json as it is: it keeps the vocabulary and rebuilds
+    the normalizer, pre-tokenizer and post-processor from tokenizer_config.json and its own defaults.
+    What `nerbatch train` saved is the tokenizer transformers built (and rebuilds the same way), so
+    for its outputs (`config.nerbatch`) the file is exact; other checkpoints get transformers' own."""
+    return bool(getattr(config, "nerbatch", None)) and (directory / TOKENIZER).is_file()
 
 
 @dataclass

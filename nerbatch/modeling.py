@@ -170,9 +170,10 @@ def load_token_classifier(name: str, rust_tokenizer: bool = False):
     that scrolls past, and a whole night of annotation would be garbage.
 
     A local BERT checkpoint of the form `nerbatch.encoder` builds is loaded as that plain-torch
-    module (the same weights and arithmetic, without transformers' import time); with
-    `rust_tokenizer` its tokenizer is then an `encoder.RustTokenizer` too, which is all a `Tagger`
-    needs, and transformers is not imported at all. Other models load through transformers.
+    module (the same weights and arithmetic, without transformers' import time). With
+    `rust_tokenizer`, the tokenizer of a model `nerbatch train` wrote is an `encoder.RustTokenizer`,
+    which is all a `Tagger` needs, and transformers is not imported at all. Other models, and the
+    tokenizers of other checkpoints, load through transformers.
     """
     name = resolve_model(name)
     with gc_tuning.collection_paused():
@@ -184,20 +185,25 @@ def load_token_classifier(name: str, rust_tokenizer: bool = False):
 
 
 def _load_plain(name: str, rust_tokenizer: bool):
-    """`(model, tokenizer)` through `nerbatch.encoder`, or None when it does not build this model."""
+    """`(model, tokenizer)` through `nerbatch.encoder`, or None when it does not build this model (or
+    cannot read its files: transformers' loader then says what is wrong with them)."""
     directory = Path(name)
-    if not (directory / "config.json").is_file():
+    try:
+        config = encoder.read_config(directory)
+    except (OSError, ValueError):  # no config.json (a hub id), or not JSON
         return None
-    config = encoder.read_config(directory)
     check_classifier_config(name, config)
     if encoder.unsupported(directory, config):
         return None
     model = encoder.load_classifier(directory, config)
     if model is None:
         return None
-    if not rust_tokenizer:
+    if not (rust_tokenizer and encoder.tokenizer_as_saved(directory, config)):
         return model, load_tokenizer(name)
-    tokenizer = encoder.RustTokenizer(directory)
+    try:
+        tokenizer = encoder.RustTokenizer(directory)
+    except Exception:  # noqa: BLE001 - tokenizers raises a bare Exception for a file it cannot parse
+        return model, load_tokenizer(name)
     specials = [t for t in tokenizer.backend_tokenizer.get_added_tokens_decoder().values() if t.special]
     check_not_specials_only(name, len(tokenizer), len(specials))
     return model, tokenizer

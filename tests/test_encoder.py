@@ -22,6 +22,13 @@ TEXTS = [
 ]
 
 
+def as_written_by_train(source, target):
+    """A copy of a checkpoint with the record `nerbatch train` writes into config.json."""
+    shutil.copytree(source, target)
+    edit_json(target / "config.json", nerbatch={"context": "sentence", "segment": "sentences", "window": 128})
+    return target
+
+
 def both_loaders(model_dir):
     """(plain-torch model, Rust tokenizer) and (transformers model, transformers tokenizer) of one checkpoint."""
     plain = modeling.load_token_classifier(str(model_dir), rust_tokenizer=True)
@@ -36,10 +43,10 @@ def padded_batch(tokenizer):
     return tokenizer(words, is_split_into_words=True, padding=True, return_tensors="pt")
 
 
-def test_same_logits_spans_and_tokenizer_as_transformers(tiny_model_dir):
+def test_same_logits_spans_and_tokenizer_as_transformers(tiny_model_dir, tmp_path):
     """fp32 logits (padded batch) agree to float rounding, the int8 and bf16 models built from each
     agree too, and the spans of whole texts are the same; the Rust tokenizer is transformers' own."""
-    (model, rust), (reference, tokenizer) = both_loaders(tiny_model_dir)
+    (model, rust), (reference, tokenizer) = both_loaders(as_written_by_train(tiny_model_dir, tmp_path / "m"))
     assert rust.backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
     assert (rust.pad_token_id, rust.model_max_length, len(rust)) == (
         tokenizer.pad_token_id,
@@ -69,9 +76,9 @@ def test_a_real_encoder_classifier_matches(minilm_dir, tmp_path):
     classifier = BertForTokenClassification.from_pretrained(
         str(minilm_dir), num_labels=len(labels), id2label=dict(enumerate(labels))
     )
-    classifier.save_pretrained(tmp_path)
-    AutoTokenizer.from_pretrained(str(minilm_dir)).save_pretrained(tmp_path)
-    (model, rust), (reference, tokenizer) = both_loaders(tmp_path)
+    classifier.save_pretrained(tmp_path / "saved")
+    AutoTokenizer.from_pretrained(str(minilm_dir)).save_pretrained(tmp_path / "saved")
+    (model, rust), (reference, tokenizer) = both_loaders(as_written_by_train(tmp_path / "saved", tmp_path / "m"))
     assert rust.backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
     batch = padded_batch(tokenizer)
     with torch.inference_mode():
@@ -102,9 +109,21 @@ def test_other_forms_load_through_transformers(tiny_model_dir, tmp_path):
     model, _ = modeling.load_token_classifier(str(directory), rust_tokenizer=True)
     assert type(model).__name__ == "BertForTokenClassification"
 
-    lowered = copy_model(tiny_model_dir, tmp_path / "lowercase")
-    edit_json(lowered / "tokenizer_config.json", do_lower_case=True)  # the saved normalizer keeps case
-    assert "do_lower_case" in encoder.unsupported(lowered, encoder.read_config(lowered))
+    # a checkpoint nerbatch did not write: the plain model, with transformers' tokenizer (which
+    # rebuilds a BERT tokenizer.json from its own defaults rather than take it as it is)
+    model, tokenizer = modeling.load_token_classifier(str(tiny_model_dir), rust_tokenizer=True)
+    assert type(model).__name__ == "BertTokenClassifier" and type(tokenizer).__module__.startswith("transformers")
+
+    sparse = copy_model(tiny_model_dir, tmp_path / "sparse-config")  # BertConfig's defaults fill the gaps
+    values = json.loads((sparse / "config.json").read_text())
+    assert values.pop("layer_norm_eps") == 1e-12 and values.pop("type_vocab_size") == 2
+    (sparse / "config.json").write_text(json.dumps(values))
+    assert type(modeling.load_token_classifier(str(sparse))[0]).__name__ == "BertTokenClassifier"
+
+    broken = copy_model(tiny_model_dir, tmp_path / "broken-config")  # transformers' one-line error, as before
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(modeling.ModelError, match="could not load model"):
+        modeling.load_token_classifier(str(broken), rust_tokenizer=True)
 
     extra = copy_model(tiny_model_dir, tmp_path / "extra-weight")
     from safetensors.torch import load_file, save_file
@@ -129,7 +148,8 @@ def test_annotating_imports_no_transformers(tiny_model_dir, tmp_path):
         "try:\n    main()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
         "print(sorted(m for m in sys.modules if m.partition('.')[0] == 'transformers' or m == 'torch._dynamo'))"
     )
-    args = ["annotate", str(tiny_model_dir), str(tmp_path / "in.parquet"), "-o", str(tmp_path / "out"), "--no-progress"]
+    model = as_written_by_train(tiny_model_dir, tmp_path / "m")
+    args = ["annotate", str(model), str(tmp_path / "in.parquet"), "-o", str(tmp_path / "out"), "--no-progress"]
     done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "[]"
     assert len(list((tmp_path / "out").glob("*.parquet"))) == 1

@@ -220,9 +220,10 @@ def reuters_texts(path: str, count: int) -> list[str]:
 
 def model_shape(model) -> str:
     c = model.config
+    parameters = sum(p.numel() for p in model.parameters())
     return (
         f"{type(model).__name__}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} "
-        f"heads, FFN {c.intermediate_size}, vocab {c.vocab_size}, {model.num_parameters() / 1e6:.1f}M parameters"
+        f"heads, FFN {c.intermediate_size}, vocab {c.vocab_size}, {parameters / 1e6:.1f}M parameters"
     )
 
 
