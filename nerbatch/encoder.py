@@ -4,7 +4,8 @@ Importing transformers' BERT classes takes longer than importing torch itself (t
 torch.distributed.tensor, torch._dynamo and scipy), and a short annotate process spends most of its
 start-up there. So for BERT token classifiers (`BertForTokenClassification`, absolute positions,
 exact GELU, weights in `model.safetensors`) nerbatch builds this module instead: the same parameters
-under the same names, the same arithmetic (scaled dot-product attention, post-LayerNorm). For the
+under the same names (query, key and value fused into one projection), the same arithmetic (scaled
+dot-product attention, post-LayerNorm). For the
 outputs of `nerbatch train` the tokenizer is read from tokenizer.json by the `tokenizers` library
 alone (`RustTokenizer`, `tokenizer_as_saved`), so annotate never imports transformers.
 `unsupported` says why a model is not of that form; such a model is loaded by transformers as
@@ -110,17 +111,33 @@ def _embedding(rows: int, width: int) -> nn.Embedding:
 
 
 class BertSelfAttention(nn.Module):
+    """Multi-head self-attention with query, key and value in one projection: one matrix product
+    (and, at int8, one quantization of its input) instead of three; the checkpoint's three are
+    concatenated on loading (`fuse_qkv`)."""
+
     def __init__(self, c: SimpleNamespace):
         super().__init__()
         self.heads = c.num_attention_heads
-        self.query = nn.Linear(c.hidden_size, c.hidden_size)
-        self.key = nn.Linear(c.hidden_size, c.hidden_size)
-        self.value = nn.Linear(c.hidden_size, c.hidden_size)
+        self.qkv = nn.Linear(c.hidden_size, 3 * c.hidden_size)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
-        q, k, v = (p(x).view(batch, length, self.heads, -1).transpose(1, 2) for p in (self.query, self.key, self.value))
+        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(batch, length, width)
+
+
+def fuse_qkv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint's `...self.query/key/value` weights and biases as one `...self.qkv` (rows in that
+    order, as `BertSelfAttention` splits them); other entries unchanged."""
+    fused = dict(state)
+    for name in [k for k in state if k.endswith(".self.query.weight")]:
+        prefix = name[: -len("query.weight")]
+        for kind in ("weight", "bias"):
+            parts = [fused.pop(f"{prefix}{p}.{kind}", None) for p in ("query", "key", "value")]
+            if any(part is None for part in parts):
+                return state  # not BERT's layout: the shape check in `load_classifier` refuses it
+            fused[f"{prefix}qkv.{kind}"] = torch.cat(parts)
+    return fused
 
 
 class BertAddNorm(nn.Module):
@@ -177,7 +194,8 @@ class Bert(nn.Module):
 
 
 class BertTokenClassifier(nn.Module):
-    """BERT with a token-classification head, its parameters named as transformers names them."""
+    """BERT with a token-classification head, its parameters named as transformers names them
+    (but for `BertSelfAttention.qkv`)."""
 
     def __init__(self, config: SimpleNamespace):
         super().__init__()
@@ -213,7 +231,7 @@ def load_classifier(directory: Path, config: SimpleNamespace) -> BertTokenClassi
         saved = load_file(directory / WEIGHTS)
     except (OSError, SafetensorError):  # a truncated or foreign file: transformers' loader reports it
         return None
-    state = {k: v for k, v in saved.items() if not k.startswith(IGNORED_WEIGHTS)}
+    state = fuse_qkv({k: v for k, v in saved.items() if not k.startswith(IGNORED_WEIGHTS)})
     with torch.device("meta"):  # no random initialisation: every tensor comes from the checkpoint
         model = BertTokenClassifier(config)
     expected = {name: p.shape for name, p in model.state_dict().items()}
