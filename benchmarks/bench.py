@@ -130,7 +130,7 @@ def run_annotation(model_dir: str, corpus: Path, docs: int, batch_sizes: list[in
     from nerbatch.modeling import load_token_classifier, max_model_length
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_token_classifier(model_dir)
+    model, tokenizer = load_token_classifier(model_dir, transformers_only=True)  # the pipeline runs it
     model = model.to(device)
     texts = load_documents(corpus, docs, tokenizer, max_model_length(tokenizer, model.config))
     tokens = sum(len(ids) for ids in tokenizer(texts)["input_ids"])

@@ -67,7 +67,7 @@ def pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
 @click.command()
 @click.argument("data")
 @click.option("--model", "models", multiple=True, required=True, help="NAME=MODEL_DIR, repeatable.")
-@click.option("--options", "options", multiple=True, help="NAME=\"evaluate options\" for that model's documents.")
+@click.option("--options", "options", multiple=True, help='NAME="evaluate options" for that model\'s documents.')
 @click.option("--train-log", "logs", multiple=True, help="NAME=PATH of /usr/bin/time -v output of its training.")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path))
 def main(data, models, options, logs, json_out) -> None:
@@ -83,7 +83,8 @@ def main(data, models, options, logs, json_out) -> None:
         rows[name] = row
         click.echo(f"{name}: {row}")
     click.echo(f"\n{describe_cpu()}\nvalidation F1 (fp32, annotate defaults per model):")
-    click.echo(f"{'recipe':<12}{'sentence':>10}{'newline':>10}{'space':>10}{'space-nl':>10}{'train s':>10}{'peak MiB':>10}")
+    header = ["sentence", "newline", "space", "space-nl", "train s", "peak MiB"]
+    click.echo(f"{'recipe':<12}" + "".join(f"{h:>10}" for h in header))
     for name, row in rows.items():
         rss = row.get("train_peak_rss_mib", "-")
         click.echo(

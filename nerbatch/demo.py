@@ -124,7 +124,10 @@ def run_demo(model: str | None, dataset: str | None, output_dir: Path, epochs: i
             "0.1",
             "--group-by-length",
             "--overwrite",
-        ],
+        ]
+        # the offline recipe's document context, where the data has documents (the shipped sample's
+        # -DOCSTART- lines; the hub's CoNLL-2003 copies drop them)
+        + ([] if dataset else ["--context", "document"]),
     )
     step("evaluate the best epoch", python + ["evaluate", str(model_dir), validation])
     write_documents(DEMO_DATA / "documents.jsonl", documents)

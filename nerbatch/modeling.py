@@ -162,7 +162,7 @@ def check_classifier_config(name: str, config) -> None:
         )
 
 
-def load_token_classifier(name: str, rust_tokenizer: bool = False):
+def load_token_classifier(name: str, rust_tokenizer: bool = False, transformers_only: bool = False):
     """The `(model, tokenizer)` of a trained entity tagger, in eval mode, checked before use.
 
     The config is checked first (`check_classifier_config`); then no weight of the model may be
@@ -173,11 +173,12 @@ def load_token_classifier(name: str, rust_tokenizer: bool = False):
     module (the same weights and arithmetic, without transformers' import time). With
     `rust_tokenizer`, the tokenizer of a model `nerbatch train` wrote is an `encoder.RustTokenizer`,
     which is all a `Tagger` needs, and transformers is not imported at all. Other models, and the
-    tokenizers of other checkpoints, load through transformers.
+    tokenizers of other checkpoints, load through transformers, as every model does with
+    `transformers_only` (for transformers' own `pipeline()` or `save_pretrained`).
     """
     name = resolve_model(name)
     with gc_tuning.collection_paused():
-        loaded = _load_plain(name, rust_tokenizer)
+        loaded = None if transformers_only else _load_plain(name, rust_tokenizer)
         if loaded is None:
             loaded = _load_with_transformers(name)
     gc_tuning.end()

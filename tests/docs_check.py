@@ -720,27 +720,30 @@ class Figure:
 
 
 _P800 = "benchmarks/results/processes-800-docs-epyc.json"
-_INT8 = "benchmarks/results/int8-schemes-epyc.jsonl"
 _XEON = "benchmarks/results/all-sections-xeon.json"
 _H100 = "benchmarks/results/gpu-h100.json"
 _H100_GLOO = "benchmarks/results/gpu-h100-gloo-barrier.json"
 _ENGINES = "benchmarks/results/engines-epyc.json"
 _BERT_RUNS = "annotation/bert_base_random/annotate"
 _CPU_PRECISION = "benchmarks/results/cpu-precision-epyc-zen4.json"
+_CPU_PRECISION_4000 = "benchmarks/results/cpu-precision-4000-epyc-zen4.json"
+_STARTUP = "benchmarks/results/startup-epyc-zen4.json"
+_TRAIN_MEMORY = "benchmarks/results/train-memory-epyc-zen4.json"
 _CPU_KERNELS = "benchmarks/results/cpu-kernels-epyc-zen4.json"
 _SEGMENT_CAP = "benchmarks/results/segment-cap-epyc.json"
+_RECIPES = "benchmarks/results/recipes-epyc-zen4.json"
 # annotate, CPU, per precision: in the README's table and in docs/annotate.md
 _CPU_PRECISION_FIGURES = [
-    Figure(text, _CPU_PRECISION, f"sizes/{size}/{method}/{key}", fmt)
+    Figure(text, _CPU_PRECISION if size == "800" else _CPU_PRECISION_4000, f"sizes/{size}/{method}/{key}", fmt)
     for size, method, key, fmt, text in [
-        ("800", "pipeline batch 1", "median_seconds", "{:.1f} s", "34.2 s"),
-        ("800", "annotate auto", "median_seconds", "{:.1f} s", "12.8 s"),
-        ("800", "annotate auto", "over_pipeline", "{:.2f}x", "2.82x"),
-        ("800", "annotate fp32", "over_pipeline", "{:.2f}x", "1.53x"),
-        ("4000", "pipeline batch 1", "median_seconds", "{:.1f} s", "151.4 s"),
-        ("4000", "annotate auto", "median_seconds", "{:.1f} s", "47.1 s"),
-        ("4000", "annotate auto", "over_pipeline", "{:.2f}x", "3.33x"),
-        ("4000", "annotate fp32", "over_pipeline", "{:.2f}x", "1.44x"),
+        ("800", "pipeline batch 1", "median_seconds", "{:.1f} s", "37.6 s"),
+        ("800", "annotate auto", "median_seconds", "{:.1f} s", "10.2 s"),
+        ("800", "annotate auto", "over_pipeline", "{:.2f}x", "3.76x"),
+        ("800", "annotate fp32", "over_pipeline", "{:.2f}x", "1.76x"),
+        ("4000", "pipeline batch 1", "median_seconds", "{:.1f} s", "151.5 s"),
+        ("4000", "annotate auto", "median_seconds", "{:.1f} s", "39.2 s"),
+        ("4000", "annotate auto", "over_pipeline", "{:.2f}x", "3.86x"),
+        ("4000", "annotate fp32", "over_pipeline", "{:.2f}x", "1.61x"),
     ]
 ]
 # annotate, Ray vs torchrun ranks: in the README's table and in docs/running-at-scale.md
@@ -752,14 +755,18 @@ _ENGINE_FIGURES = [
     Figure("7.0 s", _ENGINES, "overhead/ray_start_up_extra_seconds", "{:.1f} s"),
 ]
 FIGURES = [
-    # F1, offline recipe
-    Figure("0.9056", _P800, "precision/f1/sentence/fp32", "{:.4f}"),
-    Figure("0.9042", _P800, "precision/f1/document/fp32", "{:.4f}"),
-    Figure("0.9052", _P800, "precision/f1/sentence/int8", "{:.4f}"),
-    Figure("0.9043", _P800, "precision/f1/document/int8", "{:.4f}"),
-    # F1, document-context recipe (line 11: runs/minilm-conll2003-document, fp32)
-    Figure("0.9079", _INT8, "11/sentence", "{:.4f}"),
-    Figure("0.9062", _INT8, "11/document", "{:.4f}"),
+    # F1, offline recipe (document context) and the sentence recipe before 0.5.0
+    *[
+        Figure(text, _RECIPES, f"recipes/{recipe}/{level}", "{:.4f}")
+        for recipe, level, text in [
+            ("document", "sentence", "0.9079"),
+            ("document", "newline", "0.9068"),
+            ("document", "space", "0.9029"),
+            ("sentence", "sentence", "0.9056"),
+            ("sentence", "newline", "0.9042"),
+            ("sentence", "space", "0.8955"),
+        ]
+    ],
     # training, one epoch, CPU
     Figure("134.8 s", _XEON, "training/nerbatch/train_seconds", "{:.1f} s"),
     Figure("0.836", _XEON, "training/nerbatch/f1", "{:.3f}"),
@@ -790,13 +797,17 @@ FIGURES = [
 PAGE_FIGURES = {
     "docs/annotate.md": [
         *_CPU_PRECISION_FIGURES,
-        Figure("2.19x", _CPU_PRECISION, "sizes/800/annotate bf16/over_pipeline", "{:.2f}x"),
-        Figure("2.76x", _CPU_PRECISION, "sizes/800/annotate int8/over_pipeline", "{:.2f}x"),
-        Figure("2.29x", _CPU_PRECISION, "sizes/4000/annotate bf16/over_pipeline", "{:.2f}x"),
-        Figure("3.21x", _CPU_PRECISION, "sizes/4000/annotate int8/over_pipeline", "{:.2f}x"),
-        Figure("1.27x", _CPU_PRECISION, "memory/fp32/ratio", "{:.2f}x"),
-        Figure("1.25x", _CPU_PRECISION, "memory/bf16/ratio", "{:.2f}x"),
-        Figure("1.08x", _CPU_PRECISION, "memory/int8/ratio", "{:.2f}x"),
+        Figure("3.05x", _CPU_PRECISION, "sizes/800/annotate bf16/over_pipeline", "{:.2f}x"),
+        Figure("3.48x", _CPU_PRECISION, "sizes/800/annotate int8/over_pipeline", "{:.2f}x"),
+        Figure("2.67x", _CPU_PRECISION_4000, "sizes/4000/annotate bf16/over_pipeline", "{:.2f}x"),
+        Figure("3.47x", _CPU_PRECISION_4000, "sizes/4000/annotate int8/over_pipeline", "{:.2f}x"),
+        Figure("1.37x", _CPU_PRECISION, "memory/fp32/ratio", "{:.2f}x"),
+        Figure("1.31x", _CPU_PRECISION, "memory/bf16/ratio", "{:.2f}x"),
+        Figure("1.19x", _CPU_PRECISION, "memory/int8/ratio", "{:.2f}x"),
+        Figure("1.68 s", _STARTUP, "variants/plain torch, auto/start_up_seconds", "{:.2f} s"),
+        Figure("3.97 s", _STARTUP, "variants/transformers, auto/start_up_seconds", "{:.2f} s"),
+        Figure("1.39 s", _STARTUP, "variants/plain torch, fp32/start_up_seconds", "{:.2f} s"),
+        Figure("3.71 s", _STARTUP, "variants/transformers, fp32/start_up_seconds", "{:.2f} s"),
         Figure("1.66x", _CPU_KERNELS, "over_fp32/bf16 cast once (annotate)", "{:.2f}x"),
         Figure("1.54x", _CPU_KERNELS, "over_fp32/bf16 autocast", "{:.2f}x"),
         Figure("2.34x", _CPU_KERNELS, "over_fp32/int8 fbgemm (annotate)", "{:.2f}x"),
@@ -805,6 +816,25 @@ PAGE_FIGURES = {
         *[
             Figure(text, _SEGMENT_CAP, f"results/{index}/f1", "{:.4f}")
             for index, text in enumerate(["0.8881", "0.8946", "0.8957", "0.8955", "0.9042", "0.9028", "0.9040"])
+        ],
+    ],
+    "docs/training.md": [
+        *[
+            Figure(text, _RECIPES, f"recipes/{recipe}/{key}", fmt)
+            for recipe, key, fmt, text in [
+                ("document", "sentence", "{:.4f}", "0.9079"),
+                ("document", "newline", "{:.4f}", "0.9068"),
+                ("document", "space", "{:.4f}", "0.9029"),
+                ("document", "train_seconds", "{:,.0f} s", "3,661 s"),
+                ("document", "train_peak_rss_mib", "{:,} MiB", "5,529 MiB"),
+                ("sentence", "sentence", "{:.4f}", "0.9056"),
+                ("sentence", "space", "{:.4f}", "0.8955"),
+                ("sentence", "train_seconds", "{:,.0f} s", "1,656 s"),
+            ]
+        ],
+        *[
+            Figure(text, _TRAIN_MEMORY, f"steps/{index}/peak_rss_mib", "{:,.0f} MiB")
+            for index, text in enumerate(["4,445 MiB", "3,114 MiB", "2,025 MiB", "1,469 MiB"])
         ],
     ],
     "docs/running-at-scale.md": [

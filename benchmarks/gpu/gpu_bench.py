@@ -462,7 +462,7 @@ def annotate_model(ctx: Context, entry: dict, name: str, model_dir: str, reuters
     from benchmarks.common import load_documents
     from nerbatch.modeling import load_token_classifier, max_model_length
 
-    model, tokenizer = load_token_classifier(model_dir)
+    model, tokenizer = load_token_classifier(model_dir, transformers_only=True)  # the pipeline runs it
     pool = load_documents(Path(reuters), ctx.sizes.pool_docs, tokenizer, max_model_length(tokenizer, model.config))
     corpus = write_corpus(ctx.workdir / f"{name}-corpus.parquet", pool, ctx.sizes.copies)
     shared = {}  # N: the corpus of the runs where N processes do the CPU side, written once

@@ -66,9 +66,9 @@ def save_bf16_model(model_dir: Path, carry: Path) -> Path:
     """The model, checked as annotate checks it, saved with bf16 weights beside its tokenizer files."""
     import torch
 
-    from nerbatch.modeling import _load_with_transformers, resolve_model
+    from nerbatch.modeling import load_token_classifier
 
-    model, _ = _load_with_transformers(resolve_model(str(model_dir)))  # save_pretrained needs transformers' class
+    model, _ = load_token_classifier(str(model_dir), transformers_only=True)  # for save_pretrained
     target = carry / "minilm"
     model.to(torch.bfloat16).save_pretrained(target)
     for name in TOKENIZER_FILES:
