@@ -42,6 +42,28 @@ def machine() -> dict:
     }
 
 
+def report_header(module: str) -> dict:
+    """The fields every result file starts with: the machine, the CPU with its kind and deciding
+    flags, and the command that ran (`python -m benchmarks.MODULE ARGS`)."""
+    import shlex
+
+    from nerbatch.cpu import cpu_kind, describe_cpu
+
+    command = " ".join([f"python -m benchmarks.{module}", *map(shlex.quote, sys.argv[1:])])
+    return {"machine": machine(), "cpu": describe_cpu(), "cpu_kind": cpu_kind().name, "command": command}
+
+
+def write_report(report: dict, json_out: Path | None) -> None:
+    """`report` as indented JSON at `json_out`, if given, saying where."""
+    import json
+
+    import click
+
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=1) + "\n")
+        click.echo(f"written: {json_out}")
+
+
 def load_documents(corpus: Path, count: int, tokenizer, max_length: int) -> list[str]:
     """The first `count` non-null texts that fit in one window (so the pipeline sees them whole)."""
     import pyarrow.parquet as pq

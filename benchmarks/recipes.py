@@ -24,7 +24,7 @@ from pathlib import Path
 
 import click
 
-from benchmarks.common import machine
+from benchmarks.common import report_header, write_report
 from nerbatch.cpu import describe_cpu
 
 LEVELS = {"sentence": [], "newline": ["--documents", "--join", "newline"], "space": ["--documents", "--join", "space"]}
@@ -92,15 +92,11 @@ def main(data, models, options, logs, json_out) -> None:
             f"{row['space'] - row['newline']:>+10.4f}{row['train_seconds']:>10.0f}{rss:>10}"
         )
     report = {
-        "machine": machine(),
-        "cpu": describe_cpu(),
-        "command": " ".join(["python -m benchmarks.recipes", *map(shlex.quote, sys.argv[1:])]),
+        **report_header("recipes"),
         "data": data,
         "recipes": rows,
     }
-    if json_out:
-        json_out.write_text(json.dumps(report, indent=1) + "\n")
-        click.echo(f"written: {json_out}")
+    write_report(report, json_out)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import click
 
-from benchmarks.common import machine, window_documents, write_documents
-from nerbatch.cpu import cpu_kind, describe_cpu
+from benchmarks.common import report_header, window_documents, write_documents, write_report
+from nerbatch.cpu import describe_cpu
 
 _MAIN = "from nerbatch.cli import main; sys.argv[0] = 'nerbatch'; main()"
 VARIANTS = {
@@ -92,18 +92,13 @@ def main(
             f"{row['in_job_seconds']:>8.2f}s  {row['precision']}"
         )
     report = {
-        "machine": machine(),
-        "cpu": describe_cpu(),
-        "cpu_kind": cpu_kind().name,
-        "command": " ".join(["python -m benchmarks.startup", *sys.argv[1:]]),
+        **report_header("startup"),
         "model": model_dir,
         "docs": len(texts),
         "rounds": rounds,
         "variants": rows,
     }
-    if json_out:
-        json_out.write_text(json.dumps(report, indent=1) + "\n")
-        click.echo(f"written: {json_out}")
+    write_report(report, json_out)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from benchmarks.common import machine
+from benchmarks.common import report_header, write_report
 from nerbatch.cpu import describe_cpu
 
 STEP = """
@@ -71,15 +71,11 @@ def main(model_dir: str, shapes: tuple[str, ...], tokens: str, json_out: Path | 
             sliced = f"{limit} tok" if limit and count * length > limit else "whole"
             click.echo(f"{shape:<10}{sliced:>12}{result['peak_rss_mib']:>8.0f} MiB{result['step_seconds']:>8.2f}s")
     report = {
-        "machine": machine(),
-        "cpu": describe_cpu(),
-        "command": " ".join(["python -m benchmarks.train_memory", *sys.argv[1:]]),
+        **report_header("train_memory"),
         "model": model_dir,
         "steps": rows,
     }
-    if json_out:
-        json_out.write_text(json.dumps(report, indent=1) + "\n")
-        click.echo(f"written: {json_out}")
+    write_report(report, json_out)
 
 
 if __name__ == "__main__":
