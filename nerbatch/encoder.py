@@ -5,11 +5,10 @@ torch.distributed.tensor, torch._dynamo and scipy), and a short annotate process
 start-up there. So for BERT token classifiers (`BertForTokenClassification`, absolute positions,
 exact GELU, weights in `model.safetensors`) nerbatch builds this module instead: the same parameters
 under the same names (query, key and value fused into one projection), the same arithmetic (scaled
-dot-product attention, post-LayerNorm). For the
-outputs of `nerbatch train` the tokenizer is read from tokenizer.json by the `tokenizers` library
-alone (`RustTokenizer`, `tokenizer_as_saved`), so annotate never imports transformers.
-`unsupported` says why a model is not of that form; such a model is loaded by transformers as
-before (`nerbatch.modeling`).
+dot-product attention, post-LayerNorm). For the outputs of `nerbatch train` the tokenizer is read
+from tokenizer.json by the `tokenizers` library alone (`RustTokenizer`, `tokenizer_as_saved`), so
+annotate never imports transformers. `unsupported` says why a model is not of that form; such a
+model is loaded by transformers as before (`nerbatch.modeling`).
 """
 
 from __future__ import annotations
