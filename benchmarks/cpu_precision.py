@@ -10,7 +10,9 @@ median over rounds of its time, and of the pipeline's time in the same round div
 paired ratio: both saw the same machine). annotate runs with default options except `--aggregation
 simple`, the pipeline's work. Its start-up is the whole process less the seconds inside the job (its
 stats.json), and its peak RSS is read for the corpus and for ten copies of it. The model's F1 at each
-precision is its precision record (`nerbatch check-precision`), copied into the report.
+precision is its precision record (`nerbatch check-precision`), copied into the report. Where tcmalloc
+or jemalloc is installed (annotate then runs on it: nerbatch.allocator), `auto` runs once more on
+glibc's malloc, and the memory check runs on both.
 
 The documents are the first DOCS non-empty Reuters texts that fit one window (bench.py's), so the
 pipeline sees each whole.
@@ -31,16 +33,19 @@ import click
 
 from benchmarks.common import machine, peak_rss_mb, window_documents, write_documents
 from benchmarks.engines import commit
-from nerbatch import __version__
+from nerbatch import __version__, allocator
 from nerbatch.autoprecision import PRECISION_RECORD
 from nerbatch.cpu import cpu_kind, describe_cpu, has_native_bf16
 
 HERE = Path(__file__).resolve().parent
 PIPELINE = "pipeline batch 1"
+GLIBC_AUTO = "annotate auto, glibc malloc"
 
 
-def annotate_command(model_dir: str, source: Path, out: Path, precision: str) -> list[str]:
-    command = [sys.executable, "-m", "nerbatch", "annotate", model_dir, str(source), "--output", str(out)]
+def annotate_command(model_dir: str, source: Path, out: Path, precision: str, glibc: bool = False) -> list[str]:
+    """annotate as users run it: on tcmalloc or jemalloc where installed, or with `glibc` on glibc's malloc."""
+    command = ["env", f"{allocator.ENV}=system"] if glibc else []
+    command += [sys.executable, "-m", "nerbatch", "annotate", model_dir, str(source), "--output", str(out)]
     command += ["--id-column", "doc_id", "--aggregation", "simple", "--precision", precision]
     return command + ["--overwrite", "--no-progress"]
 
@@ -51,6 +56,8 @@ def methods(model_dir: str, source: Path, tmp: Path) -> dict[str, list[str]]:
     precisions = ["fp32", "bf16", "int8", "auto"] if has_native_bf16() else ["fp32", "int8", "auto"]
     for precision in precisions:
         found[f"annotate {precision}"] = annotate_command(model_dir, source, tmp / precision, precision)
+    if allocator.find_library():  # what the allocator costs or saves in time
+        found[GLIBC_AUTO] = annotate_command(model_dir, source, tmp / "auto-glibc", "auto", glibc=True)
     return found
 
 
@@ -97,26 +104,39 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
 
 
 def memory(model_dir: str, texts: list[str], precisions: list[str], tmp: Path) -> dict:
-    """Peak RSS of annotate on the corpus and on ten copies of it, at each precision."""
+    """Peak RSS of annotate on the corpus and on ten copies of it, at each precision: on the
+    allocator annotate picks (`allocator`), and under "glibc" on glibc's malloc where that is another."""
     one = write_documents(texts, tmp / "one.parquet")
     ten = write_documents(texts * 10, tmp / "ten.parquet")
     found = {}
     for precision in precisions:
         out = tmp / f"memory-{precision}"
-        rss = [peak_rss_mb(annotate_command(model_dir, source, out, precision)) for source in (one, ten)]
-        found[precision] = {"1x_mb": rss[0], "10x_mb": rss[1], "ratio": rss[1] / rss[0]}
+        rows = {}
+        for glibc in [False, True] if allocator.find_library() else [False]:
+            command = [annotate_command(model_dir, source, out, precision, glibc) for source in (one, ten)]
+            rss = [peak_rss_mb(c) for c in command]
+            rows[glibc] = {"1x_mb": rss[0], "10x_mb": rss[1], "ratio": rss[1] / rss[0]}
+        found[precision] = {**rows[False], "allocator": default_allocator()}
+        if True in rows:
+            found[precision]["glibc"] = rows[True]
     return found
+
+
+def default_allocator() -> str:
+    """The allocator annotate runs on here: tcmalloc, jemalloc or glibc."""
+    library = allocator.find_library() or ""
+    return next((name for name in allocator.KNOWN if name in library), "glibc")
 
 
 def print_table(docs: int, summary: dict) -> None:
     click.echo(f"\n{describe_cpu()}\n{docs} documents, whole processes, medians over rounds:")
-    click.echo(f"{'method':<18}{'runs':>6}{'seconds':>10}{'x pipeline':>12}{'start-up':>10}  precision")
+    click.echo(f"{'method':<28}{'runs':>6}{'seconds':>10}{'x pipeline':>12}{'start-up':>10}  precision")
     for name, row in summary.items():
         ratio = f"{row['over_pipeline']:.2f}x" if "over_pipeline" in row else "1.00x"
         start = f"{row['start_up_seconds']:.2f} s" if "start_up_seconds" in row else "-"
         runs = len(row["seconds"])
         seconds, precision = row["median_seconds"], row.get("precision", "")
-        click.echo(f"{name:<18}{runs:>6}{seconds:>9.1f}s{ratio:>12}{start:>10}  {precision}")
+        click.echo(f"{name:<28}{runs:>6}{seconds:>9.1f}s{ratio:>12}{start:>10}  {precision}")
 
 
 @click.command()
@@ -144,6 +164,7 @@ def main(model_dir, corpus, docs, pairs, memory_check, json_out) -> None:
         "command": " ".join(["python -m benchmarks.cpu_precision", *sys.argv[1:]]),
         "cpu": describe_cpu(),
         "cpu_kind": cpu_kind().name,
+        "allocator": default_allocator(),
         "model": model_dir,
         "pairs": pairs,
         "sizes": {},
@@ -165,7 +186,10 @@ def main(model_dir, corpus, docs, pairs, memory_check, json_out) -> None:
             report["memory"] = memory(model_dir, texts, precisions, Path(tmp))
             click.echo(f"\n{describe_cpu()}\npeak RSS, {sizes[0]} documents and ten copies:")
             for precision, row in report["memory"].items():
-                click.echo(f"{precision:<6}{row['1x_mb']:>8.0f} -> {row['10x_mb']:.0f} MiB ({row['ratio']:.2f}x)")
+                for name, found in [(row["allocator"], row), ("glibc", row.get("glibc"))]:
+                    if found:
+                        line = f"{found['1x_mb']:>8.0f} -> {found['10x_mb']:.0f} MiB ({found['ratio']:.2f}x)"
+                        click.echo(f"{precision:<6}{name:<10}{line}")
     if json_out:
         json_out.write_text(json.dumps(report, indent=1) + "\n")
 

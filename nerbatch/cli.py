@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from nerbatch import __version__, gc_tuning
+from nerbatch import __version__, allocator, gc_tuning
 from nerbatch.errors import NerbatchError
 from nerbatch.options import AGGREGATIONS, PRECISIONS, SEGMENTS, Options
 
@@ -540,9 +540,11 @@ def demo_cmd(model, dataset, output_dir, epochs, lr, show):
 
 
 def run() -> None:
-    """The console entry point (`nerbatch`, `python -m nerbatch`): the CLI, with the garbage
-    collector set for a process that starts big and exits at once (`nerbatch.gc_tuning`). In-process
-    callers, such as tests, call `main` and keep the default collector."""
+    """The console entry point (`nerbatch`, `python -m nerbatch`): the CLI, on tcmalloc or jemalloc
+    where installed (`nerbatch.allocator`), with the garbage collector set for a process that starts
+    big and exits at once (`nerbatch.gc_tuning`). In-process callers, such as tests, call `main` and
+    keep the default allocator and collector."""
+    allocator.use_fast_allocator()
     gc_tuning.begin()
     try:
         main()
