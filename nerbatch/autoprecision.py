@@ -126,6 +126,21 @@ def _resumed_choice(previous: str, kind, flags) -> Choice:
     return Choice(previous, why, kernel, kind.name)
 
 
+def warn_of_another_kernel(previous: dict | None, choice: Choice) -> None:
+    """Warn when a rerun into an OUT_DIR runs its precision on another kernel than the pieces already
+    written (`previous`: their recorded choice): int8 or bf16 spans on a near tie may differ between
+    kernels, so the output would hold both."""
+    if not previous or previous.get("precision") != choice.precision or choice.precision == "fp32":
+        return
+    if previous.get("kernel") and previous["kernel"] != choice.kernel:
+        print(
+            f"nerbatch: warning: OUT_DIR's earlier pieces ran {choice.precision} on {previous['kernel']} "
+            f"({previous.get('cpu', 'another CPU')}), these run on {choice.kernel} ({choice.cpu}): a span on a near "
+            f"tie may come out differently on the two. Pass --overwrite to write the whole output on one kernel",
+            file=sys.stderr,
+        )
+
+
 def local_model(name: str) -> str | None:
     """The directory of model `name` (which may hold a precision record), or None for a hub id."""
     from nerbatch.modeling import resolve_model

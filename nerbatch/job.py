@@ -279,12 +279,15 @@ def choose_run_precision(
     """The one precision of the whole run (`nerbatch.autoprecision`): `flags` are the CPU flags all
     its workers share, `evidence` the model's precision record where this process cannot read the
     model; a rerun keeps the precision OUT_DIR's run was written at."""
-    from nerbatch.autoprecision import choose_precision, local_model
+    from nerbatch.autoprecision import choose_precision, local_model, warn_of_another_kernel
 
+    recorded = None if plan.options.overwrite else plan.out.recorded_choice()
     previous = None if plan.options.overwrite else plan.out.recorded_precision()
     # with `evidence`, the record was read where the model is (a Ray driver's node may not hold it)
     local = local_model(plan.options.model) if evidence is None else None
-    return choose_precision(plan.options.precision, device_type, local, flags, previous, evidence)
+    choice = choose_precision(plan.options.precision, device_type, local, flags, previous, evidence)
+    warn_of_another_kernel(recorded, choice)
+    return choice
 
 
 def say_choice(choice: Choice) -> None:

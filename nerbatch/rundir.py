@@ -396,6 +396,11 @@ class RunDir:
             return None
         return path.read_json().get("options", {}).get("precision")
 
+    def recorded_choice(self) -> dict | None:
+        """How the run in OUT_DIR chose its precision and which kernel ran it, or None."""
+        path = self.meta / "config.json"
+        return path.read_json().get("precision_choice") if path.exists() else None
+
     def check(self, config: dict) -> None:
         """Fail if OUT_DIR's config is not `config` (non-main ranks, after the main rank prepared it)."""
         previous = (self.meta / "config.json").read_json()

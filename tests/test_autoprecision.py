@@ -20,6 +20,7 @@ from nerbatch.autoprecision import (
     choose_precision,
     passing_check,
     read_record,
+    warn_of_another_kernel,
 )
 from nerbatch.cli import main
 from nerbatch.cpu import FLAGS_ENV, cpu_flags, cpu_kind, cpu_model
@@ -110,6 +111,17 @@ def test_a_rerun_keeps_the_recorded_precision_where_this_cpu_runs_it():
         choose_precision("auto", "cpu", flags=XEON_AMX, previous="fp16")
 
 
+def test_a_rerun_on_another_kernel_is_told_so(capsys):
+    written = choose_precision("int8", "cpu", flags=EPYC_AVX2).record()
+    warn_of_another_kernel(written, choose_precision("int8", "cpu", flags=EPYC_AVX2))
+    warn_of_another_kernel(None, choose_precision("int8", "cpu", flags=EPYC_ZEN4))
+    fp32 = choose_precision("fp32", "cpu", flags=EPYC_AVX2).record()
+    warn_of_another_kernel(fp32 | {"kernel": "CUDA"}, choose_precision("fp32", "cpu", flags=EPYC_ZEN4))
+    assert capsys.readouterr().err == ""
+    warn_of_another_kernel(written, choose_precision("int8", "cpu", flags=EPYC_ZEN4))
+    assert "ran int8 on fbgemm AVX2 (avx2), these run on fbgemm AVX512-VNNI (avx512-bf16)" in capsys.readouterr().err
+
+
 def test_workers_on_different_cpus_agree_on_what_all_of_them_run():
     shared = agreed_flags([sorted(XEON_AMX), sorted(EPYC_ZEN4), sorted(EPYC_AVX2)])
     assert cpu_kind(shared).name == "avx2"
@@ -180,15 +192,20 @@ def test_annotate_prints_and_records_its_choice_and_a_requeue_keeps_it(tuned_mod
     choice = json.loads(meta[b"nerbatch.precision_choice"])
     assert choice["precision"] == "int8" and choice["cpu"] == "avx2" and choice["kernel"] == "fbgemm AVX2"
     rows = pq.read_table(out).to_pylist()
-    # requeued onto an AMX Xeon: auto alone would be bf16 there, the rerun keeps int8 and resumes; an
-    # output of 0.4.0 (no precision_choice in its config) resumes the same way
+    # requeued onto an AMX Xeon: auto alone would be bf16 there, the rerun keeps int8 and resumes, and
+    # says that its int8 runs on another kernel than the pieces already written
+    monkeypatch.setenv(FLAGS_ENV, " ".join(XEON_AMX))
+    again = CliRunner().invoke(main, annotate_args(model, source, out))
+    assert again.exit_code == 0 and "written at int8" in again.output
+    assert "earlier pieces ran int8 on fbgemm AVX2 (avx2), these run on fbgemm AVX512-VNNI (amx)" in again.output
+    assert pq.read_table(out).to_pylist() == rows
+    # an output of 0.4.0 (no precision_choice in its config) resumes the same way, with no kernel to compare
     config = out / "_nerbatch" / "config.json"
     older = json.loads(config.read_text())
     del older["precision_choice"]
     config.write_text(json.dumps(older))
-    monkeypatch.setenv(FLAGS_ENV, " ".join(XEON_AMX))
     again = CliRunner().invoke(main, annotate_args(model, source, out))
-    assert again.exit_code == 0 and "written at int8" in again.output
+    assert again.exit_code == 0 and "written at int8" in again.output and "earlier pieces" not in again.output
     assert pq.read_table(out).to_pylist() == rows
     # a run written at bf16, requeued on a CPU without bf16: refused before any work, saying what to pass
     bf16_out = tmp_path / "bf16"
