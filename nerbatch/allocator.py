@@ -65,7 +65,7 @@ def use_fast_allocator() -> None:
     """Re-execute this process with tcmalloc or jemalloc preloaded, where installed and not already
     in use; otherwise return and run on glibc's allocator. Call it before anything is imported."""
     env = dict(os.environ)
-    if not sys.platform.startswith("linux") or _ACTIVE in env or preloaded(env):
+    if not sys.platform.startswith("linux") or not sys.executable or _ACTIVE in env or preloaded(env):
         return
     library = find_library()
     if library is None:
