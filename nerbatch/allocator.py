@@ -1,12 +1,13 @@
-"""The memory allocator of a nerbatch process: tcmalloc or jemalloc where one is installed.
+"""The memory allocator of a nerbatch process: tcmalloc where it is installed.
 
 glibc's malloc hands the memory of freed activations back to later requests badly: batches of
 many shapes leave holes between the small objects that outlive them (tokenizer output, spans), later
 requests do not fit the holes, and the heap grows for as long as the job runs, freed yet resident.
-tcmalloc and jemalloc keep sizes apart and hold peak RSS flat at the same speed
-(benchmarks/README.md, "Memory"). A library can only replace malloc before the process starts, so
-the console entry point re-executes itself once, first thing, with the library in `LD_PRELOAD`, as
-torch's CPU launcher does; the process (and its PID, which launchers watch) stays the same.
+tcmalloc keeps sizes apart, and peak RSS stays flat at the same speed; jemalloc is only used when
+named, as it ran the int8 model slower (benchmarks/README.md, "Memory"). A library can only replace
+malloc before the process starts, so the console entry point re-executes itself once, first thing,
+with the library in `LD_PRELOAD`, as torch's CPU launcher does; the process (and its PID, which
+launchers watch) stays the same.
 
 `NERBATCH_MALLOC=system` keeps glibc's allocator; `NERBATCH_MALLOC=/path/to/lib.so` names a library.
 """
@@ -18,9 +19,9 @@ import sys
 from pathlib import Path
 
 ENV = "NERBATCH_MALLOC"
-# tcmalloc first: jemalloc measured as lean but slower on the annotate job
-LIBRARIES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4", "libjemalloc.so.2")
-KNOWN = ("tcmalloc", "jemalloc")
+# gperftools' tcmalloc, without and with its profiler
+LIBRARIES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
+KNOWN = ("tcmalloc", "jemalloc")  # allocators an LD_PRELOAD may already name
 _ACTIVE = "NERBATCH_MALLOC_ACTIVE"  # set in the re-executed process: never re-execute twice
 
 
@@ -62,8 +63,9 @@ def preload_env(env: dict[str, str], library: str) -> dict[str, str]:
 
 
 def use_fast_allocator() -> None:
-    """Re-execute this process with tcmalloc or jemalloc preloaded, where installed and not already
-    in use; otherwise return and run on glibc's allocator. Call it before anything is imported."""
+    """Re-execute this process with tcmalloc (or `NERBATCH_MALLOC`'s library) preloaded, where
+    installed and no allocator is preloaded yet; otherwise return and run on glibc's allocator. Call
+    it before anything is imported."""
     env = dict(os.environ)
     if not sys.platform.startswith("linux") or not sys.executable or _ACTIVE in env or preloaded(env):
         return
