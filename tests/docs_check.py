@@ -553,6 +553,7 @@ def child(request, fds):
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    os.environ["NERBATCH_MALLOC"] = "system"  # a forked child keeps the server's allocator: no re-execution
     sys.argv = ["nerbatch", *request["argv"]]
     code = 0
     try:
