@@ -3,11 +3,11 @@
 glibc's malloc hands the memory of freed activations back to later requests badly: batches of
 many shapes leave holes between the small objects that outlive them (tokenizer output, spans), later
 requests do not fit the holes, and the heap grows for as long as the job runs, freed yet resident.
-tcmalloc keeps sizes apart, and peak RSS stays flat at the same speed; jemalloc is only used when
-named, as it ran the int8 model slower (benchmarks/README.md, "Memory"). A library can only replace
-malloc before the process starts, so the console entry point re-executes itself once, first thing,
-with the library in `LD_PRELOAD`, as torch's CPU launcher does; the process (and its PID, which
-launchers watch) stays the same.
+tcmalloc keeps sizes apart, and peak RSS stays nearly flat at the same speed; jemalloc is only used
+when named, as it ran the int8 model slower (benchmarks/README.md, "Memory allocator"). A library can
+only replace malloc before the process starts, so the console entry point re-executes itself once,
+first thing, with the library in `LD_PRELOAD`, as torch's CPU launcher does; the process (and its
+PID, which launchers watch) stays the same.
 
 `NERBATCH_MALLOC=system` keeps glibc's allocator; `NERBATCH_MALLOC=/path/to/lib.so` names a library.
 """

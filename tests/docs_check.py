@@ -726,24 +726,24 @@ _H100 = "benchmarks/results/gpu-h100.json"
 _H100_GLOO = "benchmarks/results/gpu-h100-gloo-barrier.json"
 _ENGINES = "benchmarks/results/engines-epyc.json"
 _BERT_RUNS = "annotation/bert_base_random/annotate"
-_CPU_PRECISION = "benchmarks/results/cpu-precision-epyc-zen4.json"
-_CPU_PRECISION_4000 = "benchmarks/results/cpu-precision-4000-epyc-zen4.json"
+_CPU_PRECISION = "benchmarks/results/cpu-precision-tcmalloc-epyc-zen4.json"
 _STARTUP = "benchmarks/results/startup-epyc-zen4.json"
 _TRAIN_MEMORY = "benchmarks/results/train-memory-epyc-zen4.json"
+_TRAIN_ALLOCATOR = "benchmarks/results/train-allocator-epyc-zen4.json"
 _CPU_KERNELS = "benchmarks/results/cpu-kernels-epyc-zen4.json"
 _SEGMENT_CAP = "benchmarks/results/segment-cap-epyc.json"
 _RECIPES = "benchmarks/results/recipes-epyc-zen4.json"
 # annotate, CPU, per precision: in the README's table and in docs/annotate.md
 _CPU_PRECISION_FIGURES = [
-    Figure(text, _CPU_PRECISION if size == "800" else _CPU_PRECISION_4000, f"sizes/{size}/{method}/{key}", fmt)
+    Figure(text, _CPU_PRECISION, f"sizes/{size}/{method}/{key}", fmt)
     for size, method, key, fmt, text in [
-        ("800", "pipeline batch 1", "median_seconds", "{:.1f} s", "37.6 s"),
-        ("800", "annotate auto", "median_seconds", "{:.1f} s", "10.2 s"),
-        ("800", "annotate auto", "over_pipeline", "{:.2f}x", "3.76x"),
-        ("800", "annotate fp32", "over_pipeline", "{:.2f}x", "1.76x"),
-        ("4000", "pipeline batch 1", "median_seconds", "{:.1f} s", "151.5 s"),
-        ("4000", "annotate auto", "median_seconds", "{:.1f} s", "39.2 s"),
-        ("4000", "annotate auto", "over_pipeline", "{:.2f}x", "3.86x"),
+        ("800", "pipeline batch 1", "median_seconds", "{:.1f} s", "35.3 s"),
+        ("800", "annotate auto", "median_seconds", "{:.1f} s", "10.6 s"),
+        ("800", "annotate auto", "over_pipeline", "{:.2f}x", "3.22x"),
+        ("800", "annotate fp32", "over_pipeline", "{:.2f}x", "1.63x"),
+        ("4000", "pipeline batch 1", "median_seconds", "{:.1f} s", "148.7 s"),
+        ("4000", "annotate auto", "median_seconds", "{:.1f} s", "39.5 s"),
+        ("4000", "annotate auto", "over_pipeline", "{:.2f}x", "3.72x"),
         ("4000", "annotate fp32", "over_pipeline", "{:.2f}x", "1.61x"),
     ]
 ]
@@ -790,6 +790,11 @@ FIGURES = [
     Figure("1.37x", _P800, "processes/fp32_over_pipeline", "{:.2f}x"),
     *_ENGINE_FIGURES,
     *_CPU_PRECISION_FIGURES,
+    Figure("1.14x", _CPU_PRECISION, "memory/fp32/ratio", "{:.2f}x"),
+    Figure("557 MiB", _CPU_PRECISION, "memory/fp32/10x_mb", "{:.0f} MiB"),
+    Figure("1.15x", _CPU_PRECISION, "memory/int8/ratio", "{:.2f}x"),
+    Figure("1.26x", _CPU_PRECISION, "memory/fp32/glibc/ratio", "{:.2f}x"),
+    Figure("894 MiB", _CPU_PRECISION, "memory/fp32/glibc/10x_mb", "{:.0f} MiB"),
 ]
 
 
@@ -798,13 +803,18 @@ FIGURES = [
 PAGE_FIGURES = {
     "docs/annotate.md": [
         *_CPU_PRECISION_FIGURES,
-        Figure("3.05x", _CPU_PRECISION, "sizes/800/annotate bf16/over_pipeline", "{:.2f}x"),
-        Figure("3.48x", _CPU_PRECISION, "sizes/800/annotate int8/over_pipeline", "{:.2f}x"),
-        Figure("2.67x", _CPU_PRECISION_4000, "sizes/4000/annotate bf16/over_pipeline", "{:.2f}x"),
-        Figure("3.47x", _CPU_PRECISION_4000, "sizes/4000/annotate int8/over_pipeline", "{:.2f}x"),
-        Figure("1.37x", _CPU_PRECISION, "memory/fp32/ratio", "{:.2f}x"),
-        Figure("1.31x", _CPU_PRECISION, "memory/bf16/ratio", "{:.2f}x"),
-        Figure("1.19x", _CPU_PRECISION, "memory/int8/ratio", "{:.2f}x"),
+        Figure("2.58x", _CPU_PRECISION, "sizes/800/annotate bf16/over_pipeline", "{:.2f}x"),
+        Figure("3.33x", _CPU_PRECISION, "sizes/800/annotate int8/over_pipeline", "{:.2f}x"),
+        Figure("2.74x", _CPU_PRECISION, "sizes/4000/annotate bf16/over_pipeline", "{:.2f}x"),
+        Figure("3.42x", _CPU_PRECISION, "sizes/4000/annotate int8/over_pipeline", "{:.2f}x"),
+        Figure("3.16x", _CPU_PRECISION, "sizes/800/annotate auto, glibc malloc/over_pipeline", "{:.2f}x"),
+        Figure("3.83x", _CPU_PRECISION, "sizes/4000/annotate auto, glibc malloc/over_pipeline", "{:.2f}x"),
+        Figure("1.14x", _CPU_PRECISION, "memory/fp32/ratio", "{:.2f}x"),
+        Figure("1.23x", _CPU_PRECISION, "memory/bf16/ratio", "{:.2f}x"),
+        Figure("1.15x", _CPU_PRECISION, "memory/int8/ratio", "{:.2f}x"),
+        Figure("1.26x", _CPU_PRECISION, "memory/fp32/glibc/ratio", "{:.2f}x"),
+        Figure("1.25x", _CPU_PRECISION, "memory/bf16/glibc/ratio", "{:.2f}x"),
+        Figure("1.08x", _CPU_PRECISION, "memory/int8/glibc/ratio", "{:.2f}x"),
         Figure("1.68 s", _STARTUP, "variants/plain torch, auto/start_up_seconds", "{:.2f} s"),
         Figure("3.97 s", _STARTUP, "variants/transformers, auto/start_up_seconds", "{:.2f} s"),
         Figure("1.39 s", _STARTUP, "variants/plain torch, fp32/start_up_seconds", "{:.2f} s"),
@@ -820,6 +830,10 @@ PAGE_FIGURES = {
         ],
     ],
     "docs/training.md": [
+        Figure("2,479 MiB", _TRAIN_ALLOCATOR, "runs/tcmalloc (as shipped)/peak_rss_mib", "{:,.0f} MiB"),
+        Figure("3,565 MiB", _TRAIN_ALLOCATOR, "runs/glibc (NERBATCH_MALLOC=system)/peak_rss_mib", "{:,.0f} MiB"),
+        Figure("113 s", _TRAIN_ALLOCATOR, "runs/tcmalloc (as shipped)/wall_seconds", "{:.0f} s"),
+        Figure("120 s", _TRAIN_ALLOCATOR, "runs/glibc (NERBATCH_MALLOC=system)/wall_seconds", "{:.0f} s"),
         *[
             Figure(text, _RECIPES, f"recipes/{recipe}/{key}", fmt)
             for recipe, key, fmt, text in [
@@ -840,6 +854,10 @@ PAGE_FIGURES = {
     ],
     "docs/running-at-scale.md": [
         *_ENGINE_FIGURES,
+        Figure("1.14x", _CPU_PRECISION, "memory/fp32/ratio", "{:.2f}x"),
+        Figure("1.15x", _CPU_PRECISION, "memory/int8/ratio", "{:.2f}x"),
+        Figure("1.23x", _CPU_PRECISION, "memory/bf16/ratio", "{:.2f}x"),
+        Figure("1.26x", _CPU_PRECISION, "memory/fp32/glibc/ratio", "{:.2f}x"),
         Figure("479,551", _H100_GLOO, f"{_BERT_RUNS}/like_pipeline/steady/subwords_per_s", "{:,.0f}"),
         Figure("891,726", _H100_GLOO, f"{_BERT_RUNS}/like_pipeline_4proc/steady/subwords_per_s", "{:,.0f}"),
         Figure("903,419", _H100_GLOO, f"{_BERT_RUNS}/like_pipeline_8proc/steady/subwords_per_s", "{:,.0f}"),
