@@ -281,8 +281,7 @@ def choose_run_precision(
     model; a rerun keeps the precision OUT_DIR's run was written at."""
     from nerbatch.autoprecision import choose_precision, local_model, warn_of_another_kernel
 
-    recorded = None if plan.options.overwrite else plan.out.recorded_choice()
-    previous = None if plan.options.overwrite else plan.out.recorded_precision()
+    previous, recorded = (None, None) if plan.options.overwrite else plan.out.recorded_precision()
     # with `evidence`, the record was read where the model is (a Ray driver's node may not hold it)
     local = local_model(plan.options.model) if evidence is None else None
     choice = choose_precision(plan.options.precision, device_type, local, flags, previous, evidence)

@@ -389,17 +389,14 @@ class RunDir:
                     child.remove_tree()
         self.meta.remove_tree()
 
-    def recorded_precision(self) -> str | None:
-        """The precision the run in OUT_DIR was written at, or None when there is none yet."""
+    def recorded_precision(self) -> tuple[str | None, dict | None]:
+        """The precision the run in OUT_DIR was written at and the record of how it was chosen and
+        which kernel ran it (None for a run before 0.5.0); (None, None) when there is no run yet."""
         path = self.meta / "config.json"
         if not path.exists():
-            return None
-        return path.read_json().get("options", {}).get("precision")
-
-    def recorded_choice(self) -> dict | None:
-        """How the run in OUT_DIR chose its precision and which kernel ran it, or None."""
-        path = self.meta / "config.json"
-        return path.read_json().get("precision_choice") if path.exists() else None
+            return None, None
+        config = path.read_json()
+        return config.get("options", {}).get("precision"), config.get("precision_choice")
 
     def check(self, config: dict) -> None:
         """Fail if OUT_DIR's config is not `config` (non-main ranks, after the main rank prepared it)."""
