@@ -124,8 +124,7 @@ def memory(model_dir: str, texts: list[str], precisions: list[str], tmp: Path) -
 
 def default_allocator() -> str:
     """The allocator annotate runs on here: tcmalloc, jemalloc or glibc."""
-    library = allocator.find_library() or ""
-    return next((name for name in allocator.KNOWN if name in library), "glibc")
+    return allocator.name_of(allocator.find_library() or "")
 
 
 def print_table(docs: int, summary: dict) -> None:

@@ -53,7 +53,7 @@ def find_library() -> str | None:
 
 def preloaded(env: dict[str, str]) -> bool:
     """Whether `env`'s LD_PRELOAD already names an allocator (the user's or ours)."""
-    return any(name in env.get("LD_PRELOAD", "") for name in KNOWN)
+    return name_of(env.get("LD_PRELOAD", "")) != "glibc"
 
 
 def preload_env(env: dict[str, str], library: str) -> dict[str, str]:
@@ -77,7 +77,12 @@ def use_fast_allocator() -> None:
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], preload_env(env, library))
 
 
+def name_of(libraries: str) -> str:
+    """The allocator that `libraries` (an LD_PRELOAD value, or a library path) names: tcmalloc,
+    jemalloc, or glibc for none."""
+    return next((name for name in KNOWN if name in libraries), "glibc")
+
+
 def active() -> str:
-    """The allocator this process runs on, by name: tcmalloc, jemalloc or glibc."""
-    preload = os.environ.get("LD_PRELOAD", "")
-    return next((name for name in KNOWN if name in preload), "glibc")
+    """The allocator this process runs on, by name."""
+    return name_of(os.environ.get("LD_PRELOAD", ""))

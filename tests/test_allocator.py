@@ -57,7 +57,7 @@ def test_the_process_runs_on_the_installed_allocator():
     library = allocator.find_library()
     if library is None:
         pytest.skip("no tcmalloc or jemalloc installed (apt install libtcmalloc-minimal4)")
-    name = next(n for n in allocator.KNOWN if n in library)
+    name = allocator.name_of(library)
     found = report()
     assert found.startswith(name) and os.path.realpath(library) in found, found
     assert report(NERBATCH_MALLOC="system") == "glibc []"
