@@ -31,7 +31,7 @@ from pathlib import Path
 
 import click
 
-from benchmarks.common import machine, peak_rss_mb, window_documents, write_documents
+from benchmarks.common import machine, peak_rss_mb, window_documents, write_documents, write_report
 from benchmarks.engines import commit
 from nerbatch import __version__, allocator
 from nerbatch.autoprecision import PRECISION_RECORD
@@ -189,8 +189,7 @@ def main(model_dir, corpus, docs, pairs, memory_check, json_out) -> None:
                     if found:
                         line = f"{found['1x_mb']:>8.0f} -> {found['10x_mb']:.0f} MiB ({found['ratio']:.2f}x)"
                         click.echo(f"{precision:<6}{name:<10}{line}")
-    if json_out:
-        json_out.write_text(json.dumps(report, indent=1) + "\n")
+    write_report(report, json_out)
 
 
 if __name__ == "__main__":
