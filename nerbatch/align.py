@@ -35,6 +35,7 @@ class Feature:
 class Encoded:
     features: list[Feature]
     split_sentences: int  # sentences too long for max_length, split into several features
+    lone: int = 0  # document context: the first `lone` features are sentences on their own (nerbatch.context)
 
 
 def b_to_i_map(labels: list[str]) -> list[int]:

@@ -54,6 +54,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     context: str = "sentence"  # "document": also train on windows of neighbouring sentences (nerbatch.context)
     context_window: int = 256  # document context: longest window, special tokens included; annotate's default
+    # document context: the share of sentences also trained on their own in an epoch, drawn anew
+    # each epoch; every sentence is in a window every epoch
+    lone_share: float = 1.0
     select_by: str = "auto"  # best epoch by "document" or "sentence" validation F1; auto: document when possible
     tokens_column: str = "tokens"
     tags_column: str = "ner_tags"
@@ -116,6 +119,10 @@ def check_ranges(cfg: TrainConfig, source: str) -> None:
     if cfg.context_window < 16 or too_long:
         limit = f" and at most max_length ({cfg.max_length})" if too_long else ""
         raise ConfigError(f"{source}: context_window = {cfg.context_window} must be at least 16{limit}")
+    if not 0 <= cfg.lone_share <= 1:
+        raise ConfigError(f"{source}: lone_share = {cfg.lone_share} must be between 0 and 1")
+    if cfg.lone_share < 1 and cfg.context != "document":
+        raise ConfigError(f"{source}: lone_share = {cfg.lone_share} needs context = document (sentences are all alone)")
     if not 0 < cfg.lr < math.inf:
         raise ConfigError(f"{source}: lr = {cfg.lr} must be positive and finite")
     if not 0 <= cfg.seed < 2**32:  # numpy's seeds

@@ -3,11 +3,13 @@
 `annotate` shows a document-context model running text cut into windows of the length it was
 trained on, and such a model must also tag a lone sentence (a short document, a headline). So with
 `context = "document"` the training set holds every sentence on its own, as in sentence mode, plus
-every sentence once more inside a window of its neighbours: each document's sentence features are
-packed in order into windows whose length is drawn uniformly between `MIN_WINDOW` subwords and the
-configured window, so the model sees every window size annotate may use, and a subword sees from
-no context to a few hundred subwords on either side. Every subword of a window is labelled, as every
-subword of an annotate window is predicted. Windows never cross a document boundary.
+every sentence once more inside a window of its neighbours (with `lone_share` below 1, an epoch
+trains on that share of the lone sentences, drawn anew each epoch, and on every window). Each
+document's sentence features are packed in order into windows whose length is drawn uniformly
+between `MIN_WINDOW` subwords and the configured window, so the model sees every window size
+annotate may use, and a subword sees from no context to a few hundred subwords on either side.
+Every subword of a window is labelled, as every subword of an annotate window is predicted. Windows
+never cross a document boundary.
 """
 
 from __future__ import annotations

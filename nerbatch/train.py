@@ -77,6 +77,7 @@ def training_features(cfg: TrainConfig, tokenizer, corpus: Corpus, label2id: dic
         encoded = Encoded(
             document_features(encoded.features, corpus.sentences, len(prefix), len(suffix), window, cfg.seed),
             encoded.split_sentences,
+            lone=len(encoded.features),
         )
     return encoded
 
@@ -348,11 +349,13 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     pad8 = 8 if accelerator.mixed_precision in ("fp16", "bf16") else None
     collator = DataCollatorForTokenClassification(tokenizer, pad_to_multiple_of=pad8)
     train_enc = training_features(cfg, tokenizer, train_corpus, label2id, max_length)
-    train_dl = make_loader(train_enc, collator, cfg.batch_size, cfg.seed, train=True, group=cfg.group_by_length)
+    train_dl = make_loader(
+        train_enc, collator, cfg.batch_size, cfg.seed, train=True, group=cfg.group_by_length, lone_share=cfg.lone_share
+    )
     val_enc, val_dl = eval_loader(tokenizer, val_corpus.sentences, label2id, max_length, collator, cfg.eval_batch_size)
     accelerator.print(
-        f"train: {len(train_corpus)} sentences -> {len(train_enc.features)} features, {cfg.context} "
-        f"context "
+        f"train: {len(train_corpus)} sentences -> {len(train_enc.features)} features "
+        f"({train_dl.batch_sampler.epoch_size()} per epoch), {cfg.context} context "
         f"({train_enc.split_sentences} longer than {max_length} subwords, split between words); "
         f"validation: {len(val_corpus)} sentences ({val_enc.split_sentences} split); labels: {labels}; "
         f"training on {describe(accelerator.num_processes)} ({accelerator.device.type}); best epoch by "

@@ -23,3 +23,22 @@ def test_eval_loader_keeps_order():
     features = [Feature(list(range(n)), [0] * n, k, 0, n, list(range(n))) for k, n in enumerate([5, 3, 8])]
     loader = make_loader(Encoded(features, 0), lambda items: items, 2, 0, train=False, group=False)
     assert [[len(x["input_ids"]) for x in batch] for batch in loader] == [[5, 3], [8]]
+
+
+def test_a_share_of_the_lone_sentences_is_drawn_anew_each_epoch():
+    """`sampled`/`share`: each epoch uses the same number of the sampled indices (a different draw
+    each epoch, the same for a seed and epoch) and every other index once."""
+    lengths = [(i * 37) % 50 + 1 for i in range(1000)]
+    sampler = LengthGroupedBatches(lengths, 16, seed=7, sampled=600, share=0.5)
+    epochs = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        used = sorted(i for batch in batches for i in batch)
+        assert len(used) == len(set(used)) == 700 == sampler.epoch_size()
+        assert len(batches) == len(sampler) == 44
+        assert [i for i in used if i >= 600] == list(range(600, 1000))  # the windows, every epoch
+        assert batches == list(sampler)  # the same draw and order on a resume
+        epochs.append({i for i in used if i < 600})
+    assert len({frozenset(s) for s in epochs}) == 3
+    assert len(epochs[0] | epochs[1] | epochs[2]) > 500  # over epochs, most lone sentences are seen

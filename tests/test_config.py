@@ -64,6 +64,8 @@ def test_bad_keys_and_types_are_errors(tmp_path, text, message):
         ({"seed": -1}, "seed = -1 must be between 0 and 2\\*\\*32 - 1"),
         ({"seed": 2**32}, "must be between 0 and"),
         ({"report_to": "bogus"}, "report_to = 'bogus' must be one of .*tensorboard"),
+        ({"context": "document", "lone_share": 1.5}, "lone_share = 1.5 must be between 0 and 1"),
+        ({"lone_share": 0.5}, "lone_share = 0.5 needs context = document"),
     ],
 )
 def test_values_that_cannot_work_are_errors(override, message):
