@@ -104,6 +104,12 @@ def main() -> None:
     help="With --context document: the longest window, special tokens "
     "included; annotate's default window for the model.",
 )
+@click.option(
+    "--lone-share",
+    type=float,
+    help="With --context document: the share of sentences also trained on their own in an epoch, drawn "
+    "anew each epoch (every sentence is in a window every epoch) [default: 1].",
+)
 @choice_option(
     "--select-by",
     ["auto", "document", "sentence"],

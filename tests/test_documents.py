@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -275,9 +276,15 @@ def test_document_context_training_records_how_to_annotate(tiny_model_dir, valid
     job.write_text('context = "document"\ncontext_window = 96\n')
     job_args = ["train", "--config", str(job), "--model", str(tiny_model_dir), "--validation", str(valid_docs)]
     stdout = run(
-        job_args + ["--train", str(valid_docs), "--output-dir", str(out), "--epochs", "1", "--batch-size", "16"]
+        job_args
+        + ["--train", str(valid_docs), "--output-dir", str(out), "--epochs", "1", "--batch-size", "16"]
+        + ["--lone-share", "0.5"]
     )
     assert "document context" in stdout and "best epoch by document-level" in stdout
+    # an epoch: every window and half of the lone sentences (none was split: each is one feature)
+    counts = re.search(r"train: (\d+) sentences -> (\d+) features \((\d+) per epoch\).*\((\d+) longer", stdout)
+    sentences, features, per_epoch, split = map(int, counts.groups())
+    assert split == 0 and features > sentences and per_epoch == features - sentences + round(sentences / 2)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["selected_by"] == "document"
     epoch = metrics["epochs"][0]
