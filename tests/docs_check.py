@@ -733,6 +733,7 @@ _TRAIN_ALLOCATOR = "benchmarks/results/train-allocator-epyc-zen4.json"
 _CPU_KERNELS = "benchmarks/results/cpu-kernels-epyc-zen4.json"
 _SEGMENT_CAP = "benchmarks/results/segment-cap-epyc.json"
 _RECIPES = "benchmarks/results/recipes-epyc-zen4.json"
+_LONE_SHARE = "benchmarks/results/lone-share-epyc-zen4.json"
 # annotate, CPU, per precision: in the README's table and in docs/annotate.md
 _CPU_PRECISION_FIGURES = [
     Figure(text, _CPU_PRECISION, f"sizes/{size}/{method}/{key}", fmt)
@@ -845,6 +846,15 @@ PAGE_FIGURES = {
                 ("sentence", "sentence", "{:.4f}", "0.9056"),
                 ("sentence", "space", "{:.4f}", "0.8955"),
                 ("sentence", "train_seconds", "{:,.0f} s", "1,656 s"),
+            ]
+        ],
+        # the third epoch of the recipe, of lone_share = 0.5 and of the sentence recipe
+        *[
+            Figure(text, _LONE_SHARE, f"runs/{run}/epochs/2/sentence_f1", "{:.4f}")
+            for run, text in [
+                ("lone_share 1 (the recipe)", "0.9055"),
+                ("lone_share 0.5", "0.8880"),
+                ("sentence recipe", "0.8983"),
             ]
         ],
         *[
