@@ -119,41 +119,10 @@ class BertSelfAttention(nn.Module):
         self.heads = c.num_attention_heads
         self.qkv = nn.Linear(c.hidden_size, 3 * c.hidden_size)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        if use_matmul_attention(q):
-            out = matmul_attention(q, k, v, bias)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return out.transpose(1, 2).reshape(batch, length, width)
-
-
-# On CPU, for fp32 windows up to this many tokens, attention as two batched matrix products is
-# faster than torch's fused kernel, which is tiled for long sequences; annotate's sentence
-# segments are mostly far shorter (benchmarks/attention.py measures the crossover).
-MATMUL_ATTENTION_MAX_LENGTH = 96
-
-
-def use_matmul_attention(q: torch.Tensor) -> bool:
-    """Whether `matmul_attention` runs this batch: fp32 on CPU, windows of at most
-    `MATMUL_ATTENTION_MAX_LENGTH` tokens. (In bf16 the fused kernel keeps its scores in fp32, which
-    the matrix products would round.)"""
-    return q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[2] <= MATMUL_ATTENTION_MAX_LENGTH
-
-
-def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Scaled dot-product attention written out: softmax(q k^T / sqrt(d) + bias) v, for q, k, v of
-    shape (batch, heads, length, head width) and an additive `bias` broadcastable to (batch, 1, 1,
-    length), as `F.scaled_dot_product_attention` computes it."""
-    batch, heads, length, width = q.shape
-    rows = batch * heads
-    scores = torch.bmm(q.reshape(rows, length, width), k.reshape(rows, length, width).transpose(1, 2))
-    scores = scores.view(batch, heads, length, length).mul_(width**-0.5)
-    if bias is not None:
-        scores += bias
-    weights = torch.softmax(scores, dim=-1).view(rows, length, length)
-    return torch.bmm(weights, v.reshape(rows, length, width)).view(batch, heads, length, width)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(batch, length, width)
 
 
 def fuse_qkv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -188,8 +157,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(c)  # transformers' name, kept for the checkpoint's keys
         self.output = BertAddNorm(c.hidden_size, c)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return self.output(self.self(x, bias), x)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.output(self.self(x, mask), x)
 
 
 class BertIntermediate(nn.Module):
@@ -208,8 +177,8 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(c)
         self.output = BertAddNorm(c.intermediate_size, c)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x = self.attention(x, bias)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.attention(x, mask)
         return self.output(self.intermediate(x), x)
 
 
@@ -244,17 +213,11 @@ class BertTokenClassifier(nn.Module):
         token_type_ids: torch.Tensor | None = None,
     ) -> TokenClassifierOutput:
         x = self.bert.embeddings(input_ids, token_type_ids)
-        bias = None if attention_mask is None else attention_bias(attention_mask, x.dtype)
+        # keys a query may attend to: True on real tokens; broadcast over heads and queries
+        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         for layer in self.bert.encoder.layer:
-            x = layer(x, bias)
+            x = layer(x, mask)
         return TokenClassifierOutput(self.classifier(x))
-
-
-def attention_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """What attention adds to its scores: 0 for the keys a query may attend to (1 in
-    `attention_mask`), the dtype's lowest value for padding; shaped to broadcast over heads and queries."""
-    keep = attention_mask.bool()[:, None, None, :]
-    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, torch.finfo(dtype).min)
 
 
 def load_classifier(directory: Path, config: SimpleNamespace) -> BertTokenClassifier | None:

@@ -43,13 +43,9 @@ def padded_batch(tokenizer):
     return tokenizer(words, is_split_into_words=True, padding=True, return_tensors="pt")
 
 
-def test_same_logits_spans_and_tokenizer_as_transformers(tiny_model_dir, tmp_path, monkeypatch):
+def test_same_logits_spans_and_tokenizer_as_transformers(tiny_model_dir, tmp_path):
     """fp32 logits (padded batch) agree to float rounding, the int8 and bf16 models built from each
-    agree too, and the spans of whole texts are the same; the Rust tokenizer is transformers' own.
-
-    The spans are compared with the fused attention kernel transformers runs too: this random model's
-    label scores are near ties, which the rounding of `matmul_attention` may tip either way (its
-    logits are compared with transformers' above)."""
+    agree too, and the spans of whole texts are the same; the Rust tokenizer is transformers' own."""
     (model, rust), (reference, tokenizer) = both_loaders(as_written_by_train(tiny_model_dir, tmp_path / "m"))
     assert rust.backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
     assert (rust.pad_token_id, rust.model_max_length, len(rust)) == (
@@ -60,13 +56,11 @@ def test_same_logits_spans_and_tokenizer_as_transformers(tiny_model_dir, tmp_pat
     batch = padded_batch(tokenizer)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     assert batch["attention_mask"].min() == 0  # some rows are padded
-    assert batch["input_ids"].shape[1] <= encoder.MATMUL_ATTENTION_MAX_LENGTH  # the matrix-product path
     with torch.inference_mode():
         for build in (lambda m: m, lambda m: quantize_int8(m, rust), cast_bf16):
             mine, theirs = build(model)(**inputs).logits, build(reference)(**inputs).logits
             real = batch["attention_mask"].bool()
             assert torch.allclose(mine[real].float(), theirs[real].float(), atol=1e-5, rtol=1e-4)
-    monkeypatch.setattr(encoder, "MATMUL_ATTENTION_MAX_LENGTH", 0)
     spans = tag_texts(TEXTS, model, rust, precision="fp32")
     assert spans == tag_texts(TEXTS, reference, tokenizer, precision="fp32")
     assert sum(map(len, spans)) > 0  # a random model tags something: the comparison is not of empties
@@ -159,20 +153,3 @@ def test_annotating_imports_no_transformers(tiny_model_dir, tmp_path):
     done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "[]"
     assert len(list((tmp_path / "out").glob("*.parquet"))) == 1
-
-
-def test_short_windows_attend_by_matrix_products_as_the_fused_kernel_does():
-    """`matmul_attention` (fp32 windows up to the threshold) gives the fused kernel's output, padding
-    masked; longer windows and bf16 keep the fused kernel."""
-    torch.manual_seed(0)
-    for length in (1, 7, encoder.MATMUL_ATTENTION_MAX_LENGTH):
-        q, k, v = torch.randn(3, 3, 4, length, 8).unbind(0)
-        mask = torch.ones(3, length, dtype=torch.long)
-        mask[1, length // 2 + 1 :] = 0  # a padded row
-        bias = encoder.attention_bias(mask, torch.float32)
-        assert encoder.use_matmul_attention(q)
-        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.bool()[:, None, None, :])
-        torch.testing.assert_close(encoder.matmul_attention(q, k, v, bias), expected)
-    longer = torch.randn(1, 2, encoder.MATMUL_ATTENTION_MAX_LENGTH + 1, 8)
-    assert not encoder.use_matmul_attention(longer)
-    assert not encoder.use_matmul_attention(torch.randn(1, 2, 8, 8, dtype=torch.bfloat16))
