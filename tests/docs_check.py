@@ -734,6 +734,7 @@ _CPU_KERNELS = "benchmarks/results/cpu-kernels-epyc-zen4.json"
 _SEGMENT_CAP = "benchmarks/results/segment-cap-epyc.json"
 _RECIPES = "benchmarks/results/recipes-epyc-zen4.json"
 _LONE_SHARE = "benchmarks/results/lone-share-epyc-zen4.json"
+_CPU_PRECISION_RERUN = "benchmarks/results/cpu-precision-attention-epyc-zen4.json"
 # annotate, CPU, per precision: in the README's table and in docs/annotate.md
 _CPU_PRECISION_FIGURES = [
     Figure(text, _CPU_PRECISION, f"sizes/{size}/{method}/{key}", fmt)
@@ -810,6 +811,11 @@ PAGE_FIGURES = {
         Figure("3.42x", _CPU_PRECISION, "sizes/4000/annotate int8/over_pipeline", "{:.2f}x"),
         Figure("3.16x", _CPU_PRECISION, "sizes/800/annotate auto, glibc malloc/over_pipeline", "{:.2f}x"),
         Figure("3.83x", _CPU_PRECISION, "sizes/4000/annotate auto, glibc malloc/over_pipeline", "{:.2f}x"),
+        *[
+            Figure(text, _CPU_PRECISION_RERUN, f"sizes/{size}/annotate {method}/over_pipeline", "{:.2f}x")
+            for size, method, text in [("800", "auto", "3.84x"), ("4000", "auto", "3.47x"), ("800", "bf16", "2.85x")]
+            + [("4000", "bf16", "2.87x")]
+        ],
         Figure("1.14x", _CPU_PRECISION, "memory/fp32/ratio", "{:.2f}x"),
         Figure("1.23x", _CPU_PRECISION, "memory/bf16/ratio", "{:.2f}x"),
         Figure("1.15x", _CPU_PRECISION, "memory/int8/ratio", "{:.2f}x"),
