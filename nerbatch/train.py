@@ -352,16 +352,16 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
     train_dl = make_loader(
         train_enc, collator, cfg.batch_size, cfg.seed, train=True, group=cfg.group_by_length, lone_share=cfg.lone_share
     )
+    sampler = train_dl.batch_sampler
     val_enc, val_dl = eval_loader(tokenizer, val_corpus.sentences, label2id, max_length, collator, cfg.eval_batch_size)
     accelerator.print(
         f"train: {len(train_corpus)} sentences -> {len(train_enc.features)} features "
-        f"({train_dl.batch_sampler.epoch_size()} per epoch), {cfg.context} context "
+        f"({sampler.epoch_size()} per epoch), {cfg.context} context "
         f"({train_enc.split_sentences} longer than {max_length} subwords, split between words); "
         f"validation: {len(val_corpus)} sentences ({val_enc.split_sentences} split); labels: {labels}; "
         f"training on {describe(accelerator.num_processes)} ({accelerator.device.type}); best epoch by "
         f"{select}-level validation F1"
     )
-    sampler = train_dl.batch_sampler
     optimizer = make_optimizer(model, cfg)
     model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
     # Sized on this process's share of the batches; the prepared scheduler advances once per
