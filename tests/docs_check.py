@@ -813,8 +813,12 @@ PAGE_FIGURES = {
         Figure("3.83x", _CPU_PRECISION, "sizes/4000/annotate auto, glibc malloc/over_pipeline", "{:.2f}x"),
         *[
             Figure(text, _CPU_PRECISION_RERUN, f"sizes/{size}/annotate {method}/over_pipeline", "{:.2f}x")
-            for size, method, text in [("800", "auto", "3.84x"), ("4000", "auto", "3.47x"), ("800", "bf16", "2.85x")]
-            + [("4000", "bf16", "2.87x")]
+            for size, method, text in [
+                ("800", "auto", "3.84x"),
+                ("4000", "auto", "3.47x"),
+                ("800", "bf16", "2.85x"),
+                ("4000", "bf16", "2.87x"),
+            ]
         ],
         Figure("1.14x", _CPU_PRECISION, "memory/fp32/ratio", "{:.2f}x"),
         Figure("1.23x", _CPU_PRECISION, "memory/bf16/ratio", "{:.2f}x"),
