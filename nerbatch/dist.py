@@ -28,6 +28,38 @@ def use_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
+THREADS_ENV = "NERBATCH_CPU_THREADS"
+
+
+def cpu_threads() -> int | None:
+    """Torch threads for this process on a CPU-only machine, or None to leave torch's choice.
+
+    Launchers set `OMP_NUM_THREADS=1` for their processes unless it is set already: accelerate's
+    for any process count without `--cpu`, torchrun for several. On a GPU that is right; on a CPU it
+    leaves all but one core idle (a single-process training run on 2 cores used 85% of one core).
+    So under a launcher, a 1 counts as the launcher's default and each process gets its share of
+    the cores it may run on. Any other value, and `NERBATCH_CPU_THREADS`, are the user's choice.
+    """
+    if THREADS_ENV in os.environ:
+        value = os.environ[THREADS_ENV]
+        if not value.isdigit() or int(value) < 1:
+            raise NerbatchError(f"{THREADS_ENV}={value!r}: expected a whole number of threads, at least 1")
+        return int(value)
+    launched = "ACCELERATE_MIXED_PRECISION" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
+    if not use_cpu() or not launched or os.environ.get("OMP_NUM_THREADS", "1") != "1":
+        return None
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // local)
+
+
+def share_cpu_cores() -> None:
+    """Apply `cpu_threads` to torch (intra-op threads; nothing to do where it returns None)."""
+    threads = cpu_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
 def check_world(processes: int) -> None:
     """Refuse to run when the launcher started more processes than accelerate joined into one group."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -43,6 +75,7 @@ def make_accelerator(**kwargs):
 
     accelerator = Accelerator(cpu=use_cpu(), **kwargs)
     check_world(accelerator.num_processes)
+    share_cpu_cores()
     stop_with_launcher()
     return accelerator
 
@@ -66,6 +99,7 @@ def process_state(backend: str | None = None):
     launched = int(os.environ.get("LOCAL_RANK", "-1")) != -1
     state = PartialState(cpu=use_cpu(), backend=backend if launched else None)
     check_world(state.num_processes)
+    share_cpu_cores()
     stop_with_launcher()
     return state
 
@@ -144,6 +178,14 @@ def shut_down() -> None:
 def describe(processes: int) -> str:
     """'1 process' / 'N processes', for log lines the tests read."""
     return f"{processes} process{'es' if processes > 1 else ''}"
+
+
+def on_device(device: torch.device) -> str:
+    """'cuda' / 'cpu, 4 threads': where a process computes, for log lines."""
+    if device.type != "cpu":
+        return device.type
+    threads = torch.get_num_threads()
+    return f"cpu, {threads} thread{'s' if threads > 1 else ''}"
 
 
 def launch_command(processes: int, port: int | None = None) -> list[str]:

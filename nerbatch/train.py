@@ -28,7 +28,7 @@ from nerbatch.batching import make_loader
 from nerbatch.config import ConfigError, TrainConfig
 from nerbatch.context import document_features
 from nerbatch.data import Corpus, build_label_list, check_labels, load_corpus
-from nerbatch.dist import describe, make_accelerator
+from nerbatch.dist import describe, make_accelerator, on_device
 from nerbatch.documents import build_documents
 from nerbatch.evaluation import eval_loader, evaluate_documents, evaluate_features
 from nerbatch.inference import Tagger, special_tokens_around
@@ -359,7 +359,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> di
         f"({sampler.epoch_size()} per epoch), {cfg.context} context "
         f"({train_enc.split_sentences} longer than {max_length} subwords, split between words); "
         f"validation: {len(val_corpus)} sentences ({val_enc.split_sentences} split); labels: {labels}; "
-        f"training on {describe(accelerator.num_processes)} ({accelerator.device.type}); best epoch by "
+        f"training on {describe(accelerator.num_processes)} ({on_device(accelerator.device)}); best epoch by "
         f"{select}-level validation F1"
     )
     optimizer = make_optimizer(model, cfg)

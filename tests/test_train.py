@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,8 @@ def test_two_process_training_evaluates_exactly_like_one_and_three(tiny_model_di
     args = train_args(
         tiny_model_dir, splits, out, "--epochs", "2", "--select-by", "sentence", "--micro-batch-tokens", "200"
     )
-    assert "on 2 processes" in run(args, processes=2)
+    cores = len(os.sched_getaffinity(0))
+    assert f"on 2 processes (cpu, {max(1, cores // 2)} thread" in run(args, processes=2)
     metrics = json.loads((out / "metrics.json").read_text())
     trained = metrics["epochs"][metrics["best_epoch"] - 1]  # the saved model's epoch
     assert trained["overall_f1"] > 0.05  # it learned something, so equality below is not trivial
@@ -100,6 +102,19 @@ class _OneProcess:
 
     def no_sync(self, model):
         return contextlib.nullcontext()
+
+
+@pytest.mark.slow
+def test_a_lone_process_under_accelerate_launch_trains_on_every_core(tiny_model_dir, splits, tmp_path):
+    # accelerate's launcher without --cpu gives its process OMP_NUM_THREADS=1; on a CPU the job
+    # takes the cores back (nerbatch.dist.cpu_threads)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
+    launcher += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "nerbatch"]
+    args = train_args(tiny_model_dir, splits, tmp_path / "run", "--epochs", "1", "--max-train-samples", "32")
+    done = subprocess.run(launcher + args, env=environment(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cores = len(os.sched_getaffinity(0))
+    assert f"on 1 process (cpu, {cores} thread{'s' if cores > 1 else ''})" in done.stdout
 
 
 def test_a_batch_in_slices_has_the_whole_batch_gradient(tiny_model_dir):
