@@ -50,11 +50,14 @@ BOTH_CONTEXT_WINDOW = 128
 
 @dataclass
 class Document:
-    """One tokenized text: content subwords, their windows, and (after `Tagger.forward`) probabilities."""
+    """One tokenized text: content subwords, their windows, and (after `Tagger.forward`) probabilities.
 
-    offsets: list[tuple[int, int]]
-    word_ids: list[int | None]
-    ids: list[int]
+    The per-subword fields are arrays, not the tokenizer's Python lists: documents wait in the
+    read-ahead queue, and lists of Python ints and tuples take over ten times the memory."""
+
+    offsets: np.ndarray  # (subwords, 2) int32 character offsets into the text
+    word_ids: np.ndarray  # (subwords,) int32 word index, -1 for a subword of no word
+    ids: np.ndarray  # (subwords,) int32 vocabulary ids
     windows: list[tuple[int, int]]  # content subword ranges [s, e) fed to the model
     keeps: list[tuple[int, int]]  # the part of each window whose predictions are kept
     views: int = 1  # how many window plans cover each subword once (`both`: 2, averaged)
@@ -266,7 +269,9 @@ class Tagger:
                     planned = plan_segment_windows(segments, self.length, self.stride)
                 windows += planned[0]
                 keeps += planned[1]
-            docs.append(Document(offsets, word_ids, ids, windows, keeps, len(views)))
+            docs.append(
+                Document(_int32(offsets).reshape(-1, 2), _word_array(word_ids), _int32(ids), windows, keeps, len(views))
+            )
         return docs
 
     def batches(self, docs: list[Document]) -> list[list[tuple[int, int]]]:
@@ -326,13 +331,17 @@ class Tagger:
 
     def _tensors(self, docs: list[Document], batch: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded input ids and attention mask of one batch of windows."""
-        rows = [self.prefix + docs[d].ids[slice(*docs[d].windows[k])] + self.suffix for d, k in batch]
-        width = max(map(len, rows))
-        ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(rows), width), dtype=np.int64)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = row
-            mask[i, : len(row)] = 1
+        front, back = len(self.prefix), len(self.suffix)
+        width = front + max(_width(docs[d].windows[k]) for d, k in batch) + back
+        ids = np.full((len(batch), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(batch), width), dtype=np.int64)
+        for i, (d, k) in enumerate(batch):
+            s, e = docs[d].windows[k]
+            end = front + e - s
+            ids[i, :front] = self.prefix
+            ids[i, front:end] = docs[d].ids[s:e]
+            ids[i, end : end + back] = self.suffix
+            mask[i, : end + back] = 1
         return torch.from_numpy(ids), torch.from_numpy(mask)
 
     @torch.inference_mode()
@@ -376,8 +385,11 @@ class Tagger:
         best = doc.probs.argmax(axis=1)
         scores = doc.probs[np.arange(len(best)), best]
         probs = doc.probs if self.aggregation == "average" else None
+        word_ids = doc.word_ids.tolist()
+        if doc.word_ids.min() < 0:
+            word_ids = [None if w < 0 else w for w in word_ids]
         return decode_spans(
-            text, doc.offsets, doc.word_ids, best.tolist(), scores.tolist(), self.labels, self.aggregation, probs
+            text, doc.offsets.tolist(), word_ids, best.tolist(), scores.tolist(), self.labels, self.aggregation, probs
         )
 
     def annotate(self, texts: list[str]) -> list[list[Span]]:
@@ -389,6 +401,18 @@ class Tagger:
 
 def _width(window: tuple[int, int]) -> int:
     return window[1] - window[0]
+
+
+def _int32(values: list) -> np.ndarray:
+    return np.array(values, dtype=np.int32)
+
+
+def _word_array(word_ids: list[int | None]) -> np.ndarray:
+    """Word ids as int32, -1 for None (a subword of no word: rare without special tokens)."""
+    try:
+        return _int32(word_ids)
+    except TypeError:
+        return _int32([-1 if w is None else w for w in word_ids])
 
 
 def tag_texts(texts: list[str], model, tokenizer, **options) -> list[list[Span]]:
