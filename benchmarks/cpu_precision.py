@@ -142,7 +142,9 @@ def print_table(docs: int, summary: dict) -> None:
 @click.argument("model_dir")
 @click.argument("corpus", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--docs", default="800,4000", show_default=True, help="Corpus sizes, comma-separated.")
-@click.option("--pairs", default=5, show_default=True, help="Rounds: each method runs once per round.")
+@click.option(
+    "--pairs", default=5, show_default=True, help="Rounds: each method runs once per round (0: memory check only)."
+)
 @click.option(
     "--memory/--no-memory",
     "memory_check",
@@ -173,7 +175,7 @@ def main(model_dir, corpus, docs, pairs, memory_check, json_out) -> None:
     click.echo(describe_cpu())
     sizes = [int(d) for d in docs.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        for size in sizes:
+        for size in sizes if pairs else []:
             texts, _ = window_documents(model_dir, corpus, size)
             source = write_documents(texts, Path(tmp) / f"docs-{size}.parquet")
             summary = summarize(time_rounds(methods(model_dir, source, Path(tmp)), pairs))
