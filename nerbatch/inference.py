@@ -53,7 +53,7 @@ class Document:
     """One tokenized text: content subwords, their windows, and (after `Tagger.forward`) probabilities.
 
     The per-subword fields are arrays, not the tokenizer's Python lists: documents wait in the
-    read-ahead queue, and lists of Python ints and tuples take over ten times the memory."""
+    read-ahead queue, and lists of Python ints and tuples take several times the memory."""
 
     offsets: np.ndarray  # (subwords, 2) int32 character offsets into the text
     word_ids: np.ndarray  # (subwords,) int32 word index, -1 for a subword of no word
