@@ -736,6 +736,20 @@ _RECIPES = "benchmarks/results/recipes-epyc-zen4.json"
 _RECIPES_THREADS = "benchmarks/results/recipes-threads-epyc-zen4.json"
 _LONE_SHARE = "benchmarks/results/lone-share-epyc-zen4.json"
 _CPU_PRECISION_RERUN = "benchmarks/results/cpu-precision-attention-epyc-zen4.json"
+_MEMORY = "benchmarks/results/memory-arrays-epyc-zen4.json"
+# annotate, CPU, peak RSS for ten times the corpus: ratios at each precision and allocator
+_MEMORY_FIGURES = [
+    Figure(text, _MEMORY, f"memory/{path}", fmt)
+    for path, fmt, text in [
+        ("fp32/ratio", "{:.2f}x", "1.06x"),
+        ("bf16/ratio", "{:.2f}x", "1.14x"),
+        ("int8/ratio", "{:.2f}x", "1.08x"),
+        ("fp32/glibc/ratio", "{:.2f}x", "1.28x"),
+        ("int8/glibc/ratio", "{:.2f}x", "1.26x"),
+        ("fp32/10x_mb", "{:.0f} MiB", "499 MiB"),
+        ("fp32/glibc/10x_mb", "{:.0f} MiB", "897 MiB"),
+    ]
+]
 # annotate, CPU, per precision: in the README's table and in docs/annotate.md
 _CPU_PRECISION_FIGURES = [
     Figure(text, _CPU_PRECISION, f"sizes/{size}/{method}/{key}", fmt)
@@ -793,11 +807,7 @@ FIGURES = [
     Figure("1.37x", _P800, "processes/fp32_over_pipeline", "{:.2f}x"),
     *_ENGINE_FIGURES,
     *_CPU_PRECISION_FIGURES,
-    Figure("1.14x", _CPU_PRECISION, "memory/fp32/ratio", "{:.2f}x"),
-    Figure("557 MiB", _CPU_PRECISION, "memory/fp32/10x_mb", "{:.0f} MiB"),
-    Figure("1.15x", _CPU_PRECISION, "memory/int8/ratio", "{:.2f}x"),
-    Figure("1.26x", _CPU_PRECISION, "memory/fp32/glibc/ratio", "{:.2f}x"),
-    Figure("894 MiB", _CPU_PRECISION, "memory/fp32/glibc/10x_mb", "{:.0f} MiB"),
+    *_MEMORY_FIGURES,
 ]
 
 
@@ -821,12 +831,7 @@ PAGE_FIGURES = {
                 ("4000", "bf16", "2.87x"),
             ]
         ],
-        Figure("1.14x", _CPU_PRECISION, "memory/fp32/ratio", "{:.2f}x"),
-        Figure("1.23x", _CPU_PRECISION, "memory/bf16/ratio", "{:.2f}x"),
-        Figure("1.15x", _CPU_PRECISION, "memory/int8/ratio", "{:.2f}x"),
-        Figure("1.26x", _CPU_PRECISION, "memory/fp32/glibc/ratio", "{:.2f}x"),
-        Figure("1.25x", _CPU_PRECISION, "memory/bf16/glibc/ratio", "{:.2f}x"),
-        Figure("1.08x", _CPU_PRECISION, "memory/int8/glibc/ratio", "{:.2f}x"),
+        *_MEMORY_FIGURES,
         Figure("1.68 s", _STARTUP, "variants/plain torch, auto/start_up_seconds", "{:.2f} s"),
         Figure("3.97 s", _STARTUP, "variants/transformers, auto/start_up_seconds", "{:.2f} s"),
         Figure("1.39 s", _STARTUP, "variants/plain torch, fp32/start_up_seconds", "{:.2f} s"),
@@ -886,10 +891,7 @@ PAGE_FIGURES = {
     ],
     "docs/running-at-scale.md": [
         *_ENGINE_FIGURES,
-        Figure("1.14x", _CPU_PRECISION, "memory/fp32/ratio", "{:.2f}x"),
-        Figure("1.15x", _CPU_PRECISION, "memory/int8/ratio", "{:.2f}x"),
-        Figure("1.23x", _CPU_PRECISION, "memory/bf16/ratio", "{:.2f}x"),
-        Figure("1.26x", _CPU_PRECISION, "memory/fp32/glibc/ratio", "{:.2f}x"),
+        *_MEMORY_FIGURES[:4],
         Figure("479,551", _H100_GLOO, f"{_BERT_RUNS}/like_pipeline/steady/subwords_per_s", "{:,.0f}"),
         Figure("891,726", _H100_GLOO, f"{_BERT_RUNS}/like_pipeline_4proc/steady/subwords_per_s", "{:,.0f}"),
         Figure("903,419", _H100_GLOO, f"{_BERT_RUNS}/like_pipeline_8proc/steady/subwords_per_s", "{:,.0f}"),
