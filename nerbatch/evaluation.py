@@ -175,12 +175,16 @@ def evaluate_dir(
     annotate_options = {**(annotate_options or {}), "precision": choice.precision}
     if documents:
         from nerbatch.documents import build_documents
-        from nerbatch.inference import Tagger
+        from nerbatch.inference import Tagger, cpu_lanes
 
         rebuilt = build_documents(corpus, join)
-        tagger = Tagger(model.to(accelerator.device), tokenizer, **(annotate_options or {}))
+        lanes = cpu_lanes(accelerator.device)  # as annotate runs (the probabilities are the same)
+        tagger = Tagger(model.to(accelerator.device), tokenizer, **(annotate_options or {}), lanes=lanes)
         say_choice(accelerator, choice)  # once the data and the options are checked
-        return evaluate_documents(tagger, corpus, rebuilt, accelerator.process_index, accelerator.num_processes)
+        try:
+            return evaluate_documents(tagger, corpus, rebuilt, accelerator.process_index, accelerator.num_processes)
+        finally:
+            tagger.close()
     from nerbatch.precision import AutocastWithFallback, autocast_dtype, cast_bf16, quantize_int8
 
     precision = choice.precision

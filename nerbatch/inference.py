@@ -15,6 +15,7 @@ config (`config.nerbatch`); models without that record (hub checkpoints) are tak
 from __future__ import annotations
 
 from bisect import bisect_left
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -76,6 +77,12 @@ class InFlight:
     batches: list[list[tuple[int, int]]]
     results: list[Pending]
 
+    def cancel(self) -> None:
+        """Drop the batches that have not started (CPU lanes): a failed unit stops its model work."""
+        for pending in self.results:
+            if isinstance(pending, LaneBatch):
+                pending.future.cancel()
+
 
 class Pending(Protocol):
     """One batch's probabilities on their way (a GPU's copy back, a model process's reply)."""
@@ -110,6 +117,27 @@ class LocalBatch:
         if self.tagger.autocast_dtype is not None and not np.isfinite(probs).all():
             return self.tagger.fp32_probabilities(self.ids, self.mask), True
         return probs, False
+
+
+@dataclass
+class LaneBatch:
+    """A batch queued to the CPU lanes (`Tagger.lanes`): its probabilities once a lane has run it."""
+
+    future: Future
+
+    def result(self) -> tuple[np.ndarray, bool]:
+        return self.future.result()
+
+
+def cpu_lanes(device) -> int:
+    """How many lanes a process runs its CPU batches in: one per torch thread (1 on a GPU)."""
+    return torch.get_num_threads() if torch.device(device).type == "cpu" else 1
+
+
+def _one_torch_thread() -> None:
+    # Run in each lane as it starts: its own OpenMP team becomes one thread. torch also stores 1 as
+    # the process's default for threads made later (and MKL's), which `Tagger.close` gives back.
+    torch.set_num_threads(1)
 
 
 def plan_windows(n: int, length: int, stride: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -176,6 +204,7 @@ class Tagger:
         segment: str | None = None,
         precision: str = "auto",
         max_segment: int | None = None,
+        lanes: int = 1,
     ):
         if aggregation not in AGGREGATIONS:
             raise OptionError(f"unknown aggregation {aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
@@ -232,6 +261,14 @@ class Tagger:
         if self.segment == "none":
             self.max_segment = None
         self.fp32_batches = 0  # batches whose autocast outputs were not finite, run again in fp32
+        # CPU lanes: `lanes` threads, each running whole batches on one torch thread. The model's
+        # small matrix products and the quantization passes around int8 ones split poorly over
+        # cores; batches side by side keep every core busy, and `launch` returns at once, so the
+        # caller decodes one chunk while the lanes run the next. The probabilities are the same.
+        self.lane_count = lanes if lanes > 1 and self.device.type == "cpu" else 1
+        self.lanes = None
+        if self.lane_count > 1:
+            self.lanes = ThreadPoolExecutor(lanes, thread_name_prefix="nerbatch-lane", initializer=_one_torch_thread)
 
     def settings(self) -> dict:
         """The options that determine the output (for run configs and Parquet metadata)."""
@@ -303,9 +340,23 @@ class Tagger:
 
         On a GPU every batch is queued before any result is read back, and the caller may decode
         the previous chunk while these run (`nerbatch.job` does): the GPU never waits for the
-        CPU's span decoding. On a CPU the passes simply run here, in turn."""
+        CPU's span decoding. On a CPU with lanes the batches are queued to them in the same way;
+        without, the passes simply run here, in turn."""
         batches = self.batches(docs)
+        if self.lanes is not None:
+            results = [LaneBatch(self.lanes.submit(self._lane, *self._tensors(docs, b))) for b in batches]
+            return InFlight(docs, batches, results)
         return InFlight(docs, batches, [self.run_batch(*self._tensors(docs, batch)) for batch in batches])
+
+    def _lane(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[np.ndarray, bool]:
+        return self.run_batch(ids, mask).result()
+
+    def close(self) -> None:
+        """Stop the CPU lanes (dropping queued batches) and give the process its torch threads back."""
+        if self.lanes is not None:
+            self.lanes.shutdown(wait=True, cancel_futures=True)
+            torch.set_num_threads(self.lane_count)
+            self.lanes, self.lane_count = None, 1
 
     def collect(self, flight: InFlight) -> int:
         """Wait for a launch's results and store each document's kept probabilities in `doc.probs`.

@@ -204,11 +204,11 @@ def annotate_unit(
         if slow:
             time.sleep(slow)
 
+    launched = previous = None
     try:
-        previous = None
         for chunk in prefetch(chunks):
             # the model starts on this chunk before the previous one is decoded and written (on a GPU
-            # they overlap; on a CPU it only changes the order of the work)
+            # and in CPU lanes they overlap; on a CPU without lanes it only changes the order of the work)
             launched = (chunk, tagger.launch(chunk.documents()))
             if previous:
                 finish(*previous)
@@ -216,6 +216,8 @@ def annotate_unit(
         if previous:
             finish(*previous)
     except BaseException:
+        for _, flight in filter(None, (launched, previous)):
+            flight.cancel()
         writer.abandon()
         raise
     writer.publish()
@@ -245,7 +247,7 @@ def exit_if_asked(unit: Unit, attempt: int) -> None:
 def load_tagger(options: Options, device: str | None = None, choice: Choice | None = None) -> Tagger:
     """The checked model and tokenizer of `options.model` with the windowing/batching options, at
     the precision `choice` (default: `options.precision` as given)."""
-    from nerbatch.inference import Tagger
+    from nerbatch.inference import Tagger, cpu_lanes
     from nerbatch.modeling import load_token_classifier
     from nerbatch.precision import cast_bf16, quantize_int8, resolve_precision
 
@@ -268,6 +270,7 @@ def load_tagger(options: Options, device: str | None = None, choice: Choice | No
         options.segment,
         precision,
         options.max_segment,
+        lanes=cpu_lanes(model.device),
     )
     tagger.choice = choice
     return tagger

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 
 import numpy as np
@@ -12,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForTokenClassification, BertConfig, BertForTokenClassification, pipeline
 
+from nerbatch.demo import DEMO_DATA
 from nerbatch.errors import OptionError
 from nerbatch.inference import Tagger, plan_windows, tag_texts
 from nerbatch.modeling import load_tokenizer
@@ -265,3 +268,60 @@ def test_batches_hold_at_most_the_window_cap_of_the_device(tiny, reuters_texts):
     assert max(map(len, default.batches(docs))) == 64
     wide = Tagger(model, tokenizer, segment="sentences", batch_size=1024, max_batch_tokens=1 << 20)
     assert max(map(len, wide.batches(docs))) > 64
+
+
+@pytest.fixture(scope="module")
+def demo_texts() -> list[str]:
+    """The demo's shipped articles (a few paragraphs each), without its rows of bad text."""
+    lines = (DEMO_DATA / "documents.jsonl").read_text(encoding="utf-8").splitlines()
+    texts = [json.loads(line)["text"] for line in lines]
+    return [t for t in texts if isinstance(t, str) and len(t) > 100]
+
+
+def test_cpu_lanes_give_the_same_probabilities_and_spans(tiny, demo_texts):
+    model, tokenizer = tiny
+    texts = demo_texts
+    serial = Tagger(model, tokenizer, aggregation="simple", segment="sentences", max_batch_tokens=256)
+    lanes = Tagger(model, tokenizer, aggregation="simple", segment="sentences", max_batch_tokens=256, lanes=2)
+    threads = torch.get_num_threads()
+    try:
+        assert (serial.lane_count, lanes.lane_count) == (1, 2)
+        one, two = serial.encode(texts), lanes.encode(texts)
+        serial.forward(one)
+        flight = lanes.launch(two)
+        assert len(flight.batches) > 4  # several batches queued to the lanes at once
+        lanes.collect(flight)
+        for a, b in zip(one, two):
+            np.testing.assert_array_equal(a.probs, b.probs)
+        spans = lanes.annotate(texts)
+        assert spans == serial.annotate(texts)
+        assert sum(map(len, spans)) > 40  # the comparison is not vacuous
+    finally:
+        lanes.close()
+    assert lanes.lanes is None and torch.get_num_threads() == 2  # the lanes' threads handed back
+    torch.set_num_threads(threads)
+
+
+def test_a_lane_error_reaches_the_caller_and_cancel_drops_queued_batches(tiny, demo_texts):
+    model, tokenizer = tiny
+    tagger = Tagger(model, tokenizer, segment="sentences", max_batch_tokens=64, lanes=2)
+    threads = torch.get_num_threads()
+    ran, gate = [], threading.Event()
+
+    def slow_then_fail(ids, mask):
+        ran.append(len(ids))
+        gate.wait(5)
+        raise RuntimeError("model broke")
+
+    tagger.run_batch = slow_then_fail  # every lane blocks on the gate, then fails
+    try:
+        flight = tagger.launch(tagger.encode(demo_texts[:10]))
+        assert len(flight.batches) > 4
+        flight.cancel()  # the two running batches finish; the queued ones never start
+        gate.set()
+        with pytest.raises(RuntimeError, match="model broke"):
+            tagger.collect(flight)
+        assert len(ran) == 2
+    finally:
+        tagger.close()
+        torch.set_num_threads(threads)

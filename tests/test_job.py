@@ -319,3 +319,44 @@ def test_a_directory_holding_other_files_is_refused_and_left_alone(tiny_model_di
     )
     assert ("--overwrite only replaces" in result.output) == overwrite
     assert sorted(p.name for p in out.iterdir()) == [".DS_Store", "data.parquet"]
+
+
+@pytest.mark.slow
+def test_cpu_lanes_write_the_same_output_and_a_lane_failure_fails_its_unit(
+    tiny_model_dir, corpus, tmp_path, monkeypatch
+):
+    import nerbatch.inference
+    from nerbatch.inference import Tagger
+
+    launch, ran = Tagger.launch, set()
+
+    def noting_lanes(self, documents):
+        ran.add((self.lane_count, self.lanes is not None))
+        return launch(self, documents)
+
+    monkeypatch.setattr(Tagger, "launch", noting_lanes)
+    tables = {}
+    for lanes in (1, 2):
+        monkeypatch.setattr(nerbatch.inference, "cpu_lanes", lambda device, n=lanes: n)
+        out = tmp_path / f"lanes-{lanes}"
+        result = annotate(tiny_model_dir, corpus, "--output", out, "--max-length", 48, "--read-rows", 16)
+        assert result.exit_code == 0, result.output
+        tables[lanes] = read_output(out)
+    assert ran == {(1, False), (2, True)}
+    assert tables[1].num_rows == 164 and tables[2].equals(tables[1])
+
+    run_batch, calls = Tagger.run_batch, []
+
+    def fails_once(self, ids, mask):
+        calls.append(len(calls))
+        if len(calls) == 3:  # a batch of the first unit, in a lane
+            raise RuntimeError("a lane broke")
+        return run_batch(self, ids, mask)
+
+    monkeypatch.setattr(Tagger, "run_batch", fails_once)
+    out = tmp_path / "failing"
+    result = annotate(tiny_model_dir, corpus, "--output", out, "--max-length", 48, "--read-rows", 16)
+    assert result.exit_code != 0 and "1 unit(s) failed" in result.output
+    stats = collect_stats(out)
+    assert stats["units"] == {"total": 4, "done": 3, "failed": 1, "missing": 0}
+    assert "RuntimeError: a lane broke" in stats["failed_units"][0]["error"]

@@ -79,6 +79,7 @@ def annotate_units(
     todo = plan.todo([u for u in plan.units if u in mine])
     work_started_at = time.time()  # the first document: start-up is the time before it
     tally, failed = annotate_all(todo, tagger, plan, schema, rank) if todo else (Tally(), [])
+    tagger.close()  # the model's work is done: its CPU lanes stop here
     figures = {**vars(tally), "units": len(todo), "failed": [m for _, m in failed], "work_started_at": work_started_at}
     figures = {**figures, "wall_seconds": time.time() - started, "peak_rss_mb": peak_rss_mb()}
     out.write_worker_stats("rank", rank, world, figures)
