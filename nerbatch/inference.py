@@ -14,6 +14,7 @@ config (`config.nerbatch`); models without that record (hub checkpoints) are tak
 
 from __future__ import annotations
 
+import os
 from bisect import bisect_left
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from nerbatch.precision import (
 from nerbatch.segment import cap_segments, sentence_bounds
 from nerbatch.spans import AGGREGATIONS, Span, decode_spans
 
+LANES_ENV = "NERBATCH_CPU_LANES"
 CPU_BATCH_TOKENS = 1024  # padded tokens per forward on CPU: bigger batches don't run faster there
 GPU_BATCH_TOKENS = 32768
 CPU_BATCH_WINDOWS = 64
@@ -130,8 +132,16 @@ class LaneBatch:
 
 
 def cpu_lanes(device) -> int:
-    """How many lanes a process runs its CPU batches in: one per torch thread (1 on a GPU)."""
-    return torch.get_num_threads() if torch.device(device).type == "cpu" else 1
+    """How many lanes a process runs its CPU batches in (1 on a GPU): `NERBATCH_CPU_LANES`, else one
+    per torch thread. 1 means none: each batch runs in turn, its operations split over the threads."""
+    if torch.device(device).type != "cpu":
+        return 1
+    value = os.environ.get(LANES_ENV)
+    if value is None:
+        return torch.get_num_threads()
+    if not value.isdigit() or int(value) < 1:
+        raise OptionError(f"{LANES_ENV}={value!r}: expected a whole number of lanes, at least 1")
+    return int(value)
 
 
 def _one_torch_thread() -> None:

@@ -325,3 +325,18 @@ def test_a_lane_error_reaches_the_caller_and_cancel_drops_queued_batches(tiny, d
     finally:
         tagger.close()
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(("value", "lanes"), [(None, "threads"), ("1", 1), ("3", 3), ("0", None), ("two", None)])
+def test_cpu_lanes_follow_the_torch_threads_or_the_environment(monkeypatch, value, lanes):
+    from nerbatch.inference import LANES_ENV, cpu_lanes
+
+    monkeypatch.delenv(LANES_ENV, raising=False)
+    if value is not None:
+        monkeypatch.setenv(LANES_ENV, value)
+    if lanes is None:
+        with pytest.raises(OptionError, match=f"{LANES_ENV}={value!r}"):
+            cpu_lanes("cpu")
+        return
+    assert cpu_lanes("cpu") == (torch.get_num_threads() if lanes == "threads" else lanes)
+    assert cpu_lanes("cuda") == 1  # a GPU queues its batches itself
