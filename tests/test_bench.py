@@ -133,3 +133,16 @@ def test_cpu_side_times_two_source_trees_with_a_model_without_layers(tiny_model_
     for figures in report["best"].values():
         assert figures["docs"] == 80 and figures["work_docs_per_s"] > 0 and figures["process_seconds"] > 0
         assert figures["steady_docs_per_s"] > 0
+
+
+def test_cpu_lanes_times_lanes_against_batches_in_turn(tiny_model_dir, tmp_path):
+    """benchmarks/cpu_lanes.py: whole annotate processes, each precision with and without lanes."""
+    need(REUTERS)
+    out = tmp_path / "lanes.json"
+    done = run_benchmark(
+        "cpu_lanes", tiny_model_dir, REUTERS, "--docs", 30, "--precisions", "fp32", "--rounds", 1, "--json-out", out
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    [(precision, row)] = json.loads(out.read_text())["precisions"].items()
+    assert precision == "fp32" and len(row["seconds"]["lanes"]) == len(row["seconds"]["in turn"]) == 1
+    assert row["lanes_seconds"] > row["lanes_in_job_seconds"] > 0 and row["lanes_faster_by"] > 0
