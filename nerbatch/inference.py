@@ -139,14 +139,14 @@ def cpu_lanes(device) -> int:
     value = os.environ.get(LANES_ENV)
     if value is None:
         return torch.get_num_threads()
-    if not value.isdigit() or int(value) < 1:
+    if not value.isascii() or not value.isdigit() or int(value) < 1:
         raise OptionError(f"{LANES_ENV}={value!r}: expected a whole number of lanes, at least 1")
     return int(value)
 
 
 def _one_torch_thread() -> None:
     # Run in each lane as it starts: its own OpenMP team becomes one thread. torch also stores 1 as
-    # the process's default for threads made later (and MKL's), which `Tagger.close` gives back.
+    # the process's default for threads that use it later, which `Tagger.close` sets back.
     torch.set_num_threads(1)
 
 
@@ -278,6 +278,7 @@ class Tagger:
         self.lane_count = lanes if lanes > 1 and self.device.type == "cpu" else 1
         self.lanes = None
         if self.lane_count > 1:
+            self.threads = torch.get_num_threads()  # this thread's count, fixed before the lanes change the default
             self.lanes = ThreadPoolExecutor(lanes, thread_name_prefix="nerbatch-lane", initializer=_one_torch_thread)
 
     def settings(self) -> dict:
@@ -353,10 +354,16 @@ class Tagger:
         CPU's span decoding. On a CPU with lanes the batches are queued to them in the same way;
         without, the passes simply run here, in turn."""
         batches = self.batches(docs)
-        if self.lanes is not None:
-            results = [LaneBatch(self.lanes.submit(self._lane, *self._tensors(docs, b))) for b in batches]
-            return InFlight(docs, batches, results)
-        return InFlight(docs, batches, [self.run_batch(*self._tensors(docs, batch)) for batch in batches])
+        if self.lanes is None:
+            return InFlight(docs, batches, [self.run_batch(*self._tensors(docs, batch)) for batch in batches])
+        flight = InFlight(docs, batches, [])
+        try:
+            for batch in batches:
+                flight.results.append(LaneBatch(self.lanes.submit(self._lane, *self._tensors(docs, batch))))
+        except BaseException:  # e.g. SIGTERM while queuing: what was queued is nobody's, so drop it
+            flight.cancel()
+            raise
+        return flight
 
     def _lane(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[np.ndarray, bool]:
         return self.run_batch(ids, mask).result()
@@ -365,7 +372,7 @@ class Tagger:
         """Stop the CPU lanes (dropping queued batches) and give the process its torch threads back."""
         if self.lanes is not None:
             self.lanes.shutdown(wait=True, cancel_futures=True)
-            torch.set_num_threads(self.lane_count)
+            torch.set_num_threads(self.threads)
             self.lanes, self.lane_count = None, 1
 
     def collect(self, flight: InFlight) -> int:

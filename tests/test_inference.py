@@ -281,11 +281,12 @@ def demo_texts() -> list[str]:
 def test_cpu_lanes_give_the_same_probabilities_and_spans(tiny, demo_texts):
     model, tokenizer = tiny
     texts = demo_texts
+    threads = torch.get_num_threads()
     serial = Tagger(model, tokenizer, aggregation="simple", segment="sentences", max_batch_tokens=256)
     lanes = Tagger(model, tokenizer, aggregation="simple", segment="sentences", max_batch_tokens=256, lanes=2)
-    threads = torch.get_num_threads()
     try:
         assert (serial.lane_count, lanes.lane_count) == (1, 2)
+        assert lanes.lanes.submit(torch.get_num_threads).result() == 1  # a lane runs on one torch thread
         one, two = serial.encode(texts), lanes.encode(texts)
         serial.forward(one)
         flight = lanes.launch(two)
@@ -298,8 +299,12 @@ def test_cpu_lanes_give_the_same_probabilities_and_spans(tiny, demo_texts):
         assert sum(map(len, spans)) > 40  # the comparison is not vacuous
     finally:
         lanes.close()
-    assert lanes.lanes is None and torch.get_num_threads() == 2  # the lanes' threads handed back
-    torch.set_num_threads(threads)
+    assert lanes.lanes is None and lanes.lane_count == 1
+    seen = []
+    later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    later.start()
+    later.join()
+    assert torch.get_num_threads() == threads and seen == [threads]  # set back, for later threads too
 
 
 def test_a_lane_error_reaches_the_caller_and_cancel_drops_queued_batches(tiny, demo_texts):
@@ -317,6 +322,9 @@ def test_a_lane_error_reaches_the_caller_and_cancel_drops_queued_batches(tiny, d
     try:
         flight = tagger.launch(tagger.encode(demo_texts[:10]))
         assert len(flight.batches) > 4
+        deadline = time.monotonic() + 10
+        while len(ran) < 2 and time.monotonic() < deadline:  # both lanes hold a batch
+            time.sleep(0.01)
         flight.cancel()  # the two running batches finish; the queued ones never start
         gate.set()
         with pytest.raises(RuntimeError, match="model broke"):

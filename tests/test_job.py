@@ -325,9 +325,14 @@ def test_a_directory_holding_other_files_is_refused_and_left_alone(tiny_model_di
 def test_cpu_lanes_write_the_same_output_and_a_lane_failure_fails_its_unit(
     tiny_model_dir, corpus, tmp_path, monkeypatch
 ):
-    import nerbatch.inference
-    from nerbatch.inference import Tagger
+    import threading
 
+    import torch
+
+    import nerbatch.inference
+    from nerbatch.inference import InFlight, Tagger
+
+    threads = torch.get_num_threads()
     launch, ran = Tagger.launch, set()
 
     def noting_lanes(self, documents):
@@ -345,18 +350,30 @@ def test_cpu_lanes_write_the_same_output_and_a_lane_failure_fails_its_unit(
     assert ran == {(1, False), (2, True)}
     assert tables[1].num_rows == 164 and tables[2].equals(tables[1])
 
-    run_batch, calls = Tagger.run_batch, []
+    run_batch, calls, lock = Tagger.run_batch, [], threading.Lock()
+    cancel, cancelled = InFlight.cancel, []
 
     def fails_once(self, ids, mask):
-        calls.append(len(calls))
-        if len(calls) == 3:  # a batch of the first unit, in a lane
+        with lock:  # two lanes count at once
+            calls.append(len(calls))
+            third = len(calls) == 3
+        if third:  # a batch of the first unit, in a lane
             raise RuntimeError("a lane broke")
         return run_batch(self, ids, mask)
 
+    def noting_cancel(flight):
+        cancelled.append(len(flight.batches))
+        cancel(flight)
+
     monkeypatch.setattr(Tagger, "run_batch", fails_once)
+    monkeypatch.setattr(InFlight, "cancel", noting_cancel)
     out = tmp_path / "failing"
-    result = annotate(tiny_model_dir, corpus, "--output", out, "--max-length", 48, "--read-rows", 16)
+    try:
+        result = annotate(tiny_model_dir, corpus, "--output", out, "--max-length", 48, "--read-rows", 16)
+    finally:
+        torch.set_num_threads(threads)
     assert result.exit_code != 0 and "1 unit(s) failed" in result.output
     stats = collect_stats(out)
     assert stats["units"] == {"total": 4, "done": 3, "failed": 1, "missing": 0}
     assert "RuntimeError: a lane broke" in stats["failed_units"][0]["error"]
+    assert len(cancelled) == 2  # the failed unit's chunk and the one queued after it stop their batches

@@ -78,8 +78,10 @@ def annotate_units(
     mine = set(units_for_rank(plan.units, rank, world))
     todo = plan.todo([u for u in plan.units if u in mine])
     work_started_at = time.time()  # the first document: start-up is the time before it
-    tally, failed = annotate_all(todo, tagger, plan, schema, rank) if todo else (Tally(), [])
-    tagger.close()  # the model's work is done: its CPU lanes stop here
+    try:
+        tally, failed = annotate_all(todo, tagger, plan, schema, rank) if todo else (Tally(), [])
+    finally:
+        tagger.close()  # the model's work is done (or stopped): its CPU lanes drop what is queued
     figures = {**vars(tally), "units": len(todo), "failed": [m for _, m in failed], "work_started_at": work_started_at}
     figures = {**figures, "wall_seconds": time.time() - started, "peak_rss_mb": peak_rss_mb()}
     out.write_worker_stats("rank", rank, world, figures)
