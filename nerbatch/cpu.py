@@ -60,7 +60,7 @@ CPU_KINDS = (
         int8=True,
         bf16_kernel="oneDNN AVX512-BF16",
         int8_kernel="fbgemm AVX512-VNNI",
-        measured="cpu-precision-epyc-zen4.json",
+        measured="cpu-precision-lanes-epyc-zen4.json",
     ),
     # Intel Cascade Lake / Ice Lake: int8 VNNI, no bf16 arithmetic.
     CpuKind(

@@ -726,7 +726,7 @@ _H100 = "benchmarks/results/gpu-h100.json"
 _H100_GLOO = "benchmarks/results/gpu-h100-gloo-barrier.json"
 _ENGINES = "benchmarks/results/engines-epyc.json"
 _BERT_RUNS = "annotation/bert_base_random/annotate"
-_CPU_PRECISION = "benchmarks/results/cpu-precision-tcmalloc-epyc-zen4.json"
+_CPU_PRECISION = "benchmarks/results/cpu-precision-lanes-epyc-zen4.json"
 _STARTUP = "benchmarks/results/startup-epyc-zen4.json"
 _TRAIN_MEMORY = "benchmarks/results/train-memory-epyc-zen4.json"
 _TRAIN_ALLOCATOR = "benchmarks/results/train-allocator-epyc-zen4.json"
@@ -735,33 +735,31 @@ _SEGMENT_CAP = "benchmarks/results/segment-cap-epyc.json"
 _RECIPES = "benchmarks/results/recipes-epyc-zen4.json"
 _RECIPES_THREADS = "benchmarks/results/recipes-threads-epyc-zen4.json"
 _LONE_SHARE = "benchmarks/results/lone-share-epyc-zen4.json"
-_CPU_PRECISION_RERUN = "benchmarks/results/cpu-precision-attention-epyc-zen4.json"
-_MEMORY = "benchmarks/results/memory-arrays-epyc-zen4.json"
 # annotate, CPU, peak RSS for ten times the corpus: ratios at each precision and allocator
 _MEMORY_FIGURES = [
-    Figure(text, _MEMORY, f"memory/{path}", fmt)
+    Figure(text, _CPU_PRECISION, f"memory/{path}", fmt)
     for path, fmt, text in [
-        ("fp32/ratio", "{:.2f}x", "1.06x"),
-        ("bf16/ratio", "{:.2f}x", "1.14x"),
-        ("int8/ratio", "{:.2f}x", "1.08x"),
-        ("fp32/glibc/ratio", "{:.2f}x", "1.28x"),
-        ("int8/glibc/ratio", "{:.2f}x", "1.26x"),
-        ("fp32/10x_mb", "{:.0f} MiB", "499 MiB"),
-        ("fp32/glibc/10x_mb", "{:.0f} MiB", "897 MiB"),
+        ("fp32/ratio", "{:.2f}x", "1.07x"),
+        ("bf16/ratio", "{:.2f}x", "1.18x"),
+        ("int8/ratio", "{:.2f}x", "1.14x"),
+        ("fp32/glibc/ratio", "{:.2f}x", "1.11x"),
+        ("int8/glibc/ratio", "{:.2f}x", "1.06x"),
+        ("fp32/10x_mb", "{:.0f} MiB", "550 MiB"),
+        ("fp32/glibc/10x_mb", "{:.0f} MiB", "795 MiB"),
     ]
 ]
 # annotate, CPU, per precision: in the README's table and in docs/annotate.md
 _CPU_PRECISION_FIGURES = [
     Figure(text, _CPU_PRECISION, f"sizes/{size}/{method}/{key}", fmt)
     for size, method, key, fmt, text in [
-        ("800", "pipeline batch 1", "median_seconds", "{:.1f} s", "35.3 s"),
-        ("800", "annotate auto", "median_seconds", "{:.1f} s", "10.6 s"),
-        ("800", "annotate auto", "over_pipeline", "{:.2f}x", "3.22x"),
-        ("800", "annotate fp32", "over_pipeline", "{:.2f}x", "1.63x"),
-        ("4000", "pipeline batch 1", "median_seconds", "{:.1f} s", "148.7 s"),
-        ("4000", "annotate auto", "median_seconds", "{:.1f} s", "39.5 s"),
-        ("4000", "annotate auto", "over_pipeline", "{:.2f}x", "3.72x"),
-        ("4000", "annotate fp32", "over_pipeline", "{:.2f}x", "1.61x"),
+        ("800", "pipeline batch 1", "median_seconds", "{:.1f} s", "34.8 s"),
+        ("800", "annotate auto", "median_seconds", "{:.1f} s", "8.9 s"),
+        ("800", "annotate auto", "over_pipeline", "{:.2f}x", "3.98x"),
+        ("800", "annotate fp32", "over_pipeline", "{:.2f}x", "1.70x"),
+        ("4000", "pipeline batch 1", "median_seconds", "{:.1f} s", "165.9 s"),
+        ("4000", "annotate auto", "median_seconds", "{:.1f} s", "39.0 s"),
+        ("4000", "annotate auto", "over_pipeline", "{:.2f}x", "4.27x"),
+        ("4000", "annotate fp32", "over_pipeline", "{:.2f}x", "1.68x"),
     ]
 ]
 # annotate, Ray vs torchrun ranks: in the README's table and in docs/running-at-scale.md
@@ -816,22 +814,22 @@ FIGURES = [
 PAGE_FIGURES = {
     "docs/annotate.md": [
         *_CPU_PRECISION_FIGURES,
-        Figure("2.58x", _CPU_PRECISION, "sizes/800/annotate bf16/over_pipeline", "{:.2f}x"),
-        Figure("3.33x", _CPU_PRECISION, "sizes/800/annotate int8/over_pipeline", "{:.2f}x"),
-        Figure("2.74x", _CPU_PRECISION, "sizes/4000/annotate bf16/over_pipeline", "{:.2f}x"),
-        Figure("3.42x", _CPU_PRECISION, "sizes/4000/annotate int8/over_pipeline", "{:.2f}x"),
-        Figure("3.16x", _CPU_PRECISION, "sizes/800/annotate auto, glibc malloc/over_pipeline", "{:.2f}x"),
-        Figure("3.83x", _CPU_PRECISION, "sizes/4000/annotate auto, glibc malloc/over_pipeline", "{:.2f}x"),
         *[
-            Figure(text, _CPU_PRECISION_RERUN, f"sizes/{size}/annotate {method}/over_pipeline", "{:.2f}x")
+            Figure(text, _CPU_PRECISION, f"sizes/{size}/{method}/over_pipeline", "{:.2f}x")
             for size, method, text in [
-                ("800", "auto", "3.84x"),
-                ("4000", "auto", "3.47x"),
-                ("800", "bf16", "2.85x"),
-                ("4000", "bf16", "2.87x"),
+                ("800", "annotate bf16", "2.93x"),
+                ("800", "annotate int8", "4.02x"),
+                ("4000", "annotate bf16", "3.22x"),
+                ("4000", "annotate int8", "4.26x"),
+                ("800", "annotate auto, glibc malloc", "3.69x"),
+                ("4000", "annotate auto, glibc malloc", "4.02x"),
             ]
         ],
         *_MEMORY_FIGURES,
+        *[
+            Figure(text, "benchmarks/results/cpu-lanes-epyc-zen4.json", f"precisions/{p}/lanes_faster_by", "{:.2f}x")
+            for p, text in [("int8", "1.18x"), ("bf16", "1.08x"), ("fp32", "1.09x")]
+        ],
         Figure("1.68 s", _STARTUP, "variants/plain torch, auto/start_up_seconds", "{:.2f} s"),
         Figure("3.97 s", _STARTUP, "variants/transformers, auto/start_up_seconds", "{:.2f} s"),
         Figure("1.39 s", _STARTUP, "variants/plain torch, fp32/start_up_seconds", "{:.2f} s"),
