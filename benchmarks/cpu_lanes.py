@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import datetime
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 import click
 
-from benchmarks.common import machine, window_documents, write_documents, write_report
+from benchmarks.common import report_header, window_documents, write_documents, write_report
 from benchmarks.cpu_precision import annotate_command, time_rounds
 from benchmarks.engines import commit
 from nerbatch import __version__
-from nerbatch.cpu import cpu_kind, describe_cpu
+from nerbatch.cpu import describe_cpu
 from nerbatch.inference import LANES_ENV
 
 
@@ -77,15 +76,8 @@ def main(model_dir, corpus, docs, precisions, rounds, json_out) -> None:
             f"{precision:<10}{row['lanes_seconds']:>9.1f}s{row['in_turn_seconds']:>9.1f}s{row['lanes_faster_by']:>16.2f}x"
         )
     report = {
-        "recorded": {
-            "nerbatch": __version__,
-            "date": datetime.date.today().isoformat(),
-            "commit": commit(),
-            "machine": machine(),
-        },
-        "command": " ".join(["python -m benchmarks.cpu_lanes", *sys.argv[1:]]),
-        "cpu": describe_cpu(),
-        "cpu_kind": cpu_kind().name,
+        "recorded": {"nerbatch": __version__, "date": datetime.date.today().isoformat(), "commit": commit()},
+        **report_header("cpu_lanes"),
         "model": model_dir,
         "docs": docs,
         "rounds": rounds,
