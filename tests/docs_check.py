@@ -735,33 +735,38 @@ _SEGMENT_CAP = "benchmarks/results/segment-cap-epyc.json"
 _RECIPES = "benchmarks/results/recipes-epyc-zen4.json"
 _RECIPES_THREADS = "benchmarks/results/recipes-threads-epyc-zen4.json"
 _LONE_SHARE = "benchmarks/results/lone-share-epyc-zen4.json"
+
+
 # annotate, CPU, peak RSS for ten times the corpus: ratios at each precision and allocator
-_MEMORY_FIGURES = [
-    Figure(text, _CPU_PRECISION, f"memory/{path}", fmt)
-    for path, fmt, text in [
-        ("fp32/ratio", "{:.2f}x", "1.07x"),
-        ("bf16/ratio", "{:.2f}x", "1.18x"),
-        ("int8/ratio", "{:.2f}x", "1.14x"),
-        ("fp32/glibc/ratio", "{:.2f}x", "1.11x"),
-        ("int8/glibc/ratio", "{:.2f}x", "1.06x"),
-        ("fp32/10x_mb", "{:.0f} MiB", "550 MiB"),
-        ("fp32/glibc/10x_mb", "{:.0f} MiB", "795 MiB"),
+def _cpu_precision(rows: list[tuple[str, str, str]]) -> list[Figure]:
+    """Figures of the CPU precision run: (path in its result file, format, text shown)."""
+    return [Figure(text, _CPU_PRECISION, path, fmt) for path, fmt, text in rows]
+
+
+_MEMORY_FIGURES = _cpu_precision(
+    [
+        ("memory/fp32/ratio", "{:.2f}x", "1.07x"),
+        ("memory/bf16/ratio", "{:.2f}x", "1.18x"),
+        ("memory/int8/ratio", "{:.2f}x", "1.14x"),
+        ("memory/fp32/glibc/ratio", "{:.2f}x", "1.11x"),
+        ("memory/int8/glibc/ratio", "{:.2f}x", "1.06x"),
+        ("memory/fp32/10x_mb", "{:.0f} MiB", "550 MiB"),
+        ("memory/fp32/glibc/10x_mb", "{:.0f} MiB", "795 MiB"),
     ]
-]
+)
 # annotate, CPU, per precision: in the README's table and in docs/annotate.md
-_CPU_PRECISION_FIGURES = [
-    Figure(text, _CPU_PRECISION, f"sizes/{size}/{method}/{key}", fmt)
-    for size, method, key, fmt, text in [
-        ("800", "pipeline batch 1", "median_seconds", "{:.1f} s", "34.8 s"),
-        ("800", "annotate auto", "median_seconds", "{:.1f} s", "8.9 s"),
-        ("800", "annotate auto", "over_pipeline", "{:.2f}x", "3.98x"),
-        ("800", "annotate fp32", "over_pipeline", "{:.2f}x", "1.70x"),
-        ("4000", "pipeline batch 1", "median_seconds", "{:.1f} s", "165.9 s"),
-        ("4000", "annotate auto", "median_seconds", "{:.1f} s", "39.0 s"),
-        ("4000", "annotate auto", "over_pipeline", "{:.2f}x", "4.27x"),
-        ("4000", "annotate fp32", "over_pipeline", "{:.2f}x", "1.68x"),
+_CPU_PRECISION_FIGURES = _cpu_precision(
+    [
+        ("sizes/800/pipeline batch 1/median_seconds", "{:.1f} s", "34.8 s"),
+        ("sizes/800/annotate auto/median_seconds", "{:.1f} s", "8.9 s"),
+        ("sizes/800/annotate auto/over_pipeline", "{:.2f}x", "3.98x"),
+        ("sizes/800/annotate fp32/over_pipeline", "{:.2f}x", "1.70x"),
+        ("sizes/4000/pipeline batch 1/median_seconds", "{:.1f} s", "165.9 s"),
+        ("sizes/4000/annotate auto/median_seconds", "{:.1f} s", "39.0 s"),
+        ("sizes/4000/annotate auto/over_pipeline", "{:.2f}x", "4.27x"),
+        ("sizes/4000/annotate fp32/over_pipeline", "{:.2f}x", "1.68x"),
     ]
-]
+)
 # annotate, Ray vs torchrun ranks: in the README's table and in docs/running-at-scale.md
 _ENGINE_FIGURES = [
     Figure("1.33x", _ENGINES, "stragglers/ray_sooner_by", "{:.2f}x"),
@@ -814,17 +819,16 @@ FIGURES = [
 PAGE_FIGURES = {
     "docs/annotate.md": [
         *_CPU_PRECISION_FIGURES,
-        *[
-            Figure(text, _CPU_PRECISION, f"sizes/{size}/{method}/over_pipeline", "{:.2f}x")
-            for size, method, text in [
-                ("800", "annotate bf16", "2.93x"),
-                ("800", "annotate int8", "4.02x"),
-                ("4000", "annotate bf16", "3.22x"),
-                ("4000", "annotate int8", "4.26x"),
-                ("800", "annotate auto, glibc malloc", "3.69x"),
-                ("4000", "annotate auto, glibc malloc", "4.02x"),
+        *_cpu_precision(
+            [
+                ("sizes/800/annotate bf16/over_pipeline", "{:.2f}x", "2.93x"),
+                ("sizes/800/annotate int8/over_pipeline", "{:.2f}x", "4.02x"),
+                ("sizes/4000/annotate bf16/over_pipeline", "{:.2f}x", "3.22x"),
+                ("sizes/4000/annotate int8/over_pipeline", "{:.2f}x", "4.26x"),
+                ("sizes/800/annotate auto, glibc malloc/over_pipeline", "{:.2f}x", "3.69x"),
+                ("sizes/4000/annotate auto, glibc malloc/over_pipeline", "{:.2f}x", "4.02x"),
             ]
-        ],
+        ),
         *_MEMORY_FIGURES,
         *[
             Figure(text, "benchmarks/results/cpu-lanes-epyc-zen4.json", f"precisions/{p}/lanes_faster_by", "{:.2f}x")
